@@ -1,0 +1,60 @@
+"""`cellsam-triton` console script: one entry point, one subcommand per job.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so the client
+commands never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import UserError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("cellsam_triton.export.command", "export a checkpoint to ONNX and a Triton model repository"),
+    "serve": ("cellsam_triton.server", "run the embedded tritonserver on a model repository"),
+    "segment": ("cellsam_triton.client.command", "segment images through a running server"),
+    "eval": ("cellsam_triton.client.evaluate", "measure accuracy on a DSB-layout data set"),
+    "train-detector": ("cellsam_triton.export.train_detector", "train CellFinder-lite on DSB-layout data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellsam-triton", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user-facing failures print one line on stderr and exit non-zero."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_load(args._module).run(args) or 0)
+    except UserError as exc:
+        print(f"cellsam-triton {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"cellsam-triton {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The one place where every served model's name, tensors and numeric defaults are defined.
+
+Both sides read this module: `export` renders Triton configs from it and the client builds
+requests from it. Shapes use -1 for a dynamic axis. Models with ``max_batch_size > 0`` have an
+implicit leading batch axis (Triton convention), which is not listed in ``dims``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+# Triton data type names (config.pbtxt spells them TYPE_<name>).
+FP32, FP16, INT32, INT64, UINT8 = "FP32", "FP16", "INT32", "INT64", "UINT8"
+
+NUMPY_DTYPES = {FP32: "float32", FP16: "float16", INT32: "int32", INT64: "int64", UINT8: "uint8"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output of a Triton model."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Contract of one Triton model: its name, tensors and batching."""
+
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch_size: int = 0
+
+    def input(self, name: str) -> Tensor:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> Tensor:
+        return next(t for t in self.outputs if t.name == name)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A SAM-family model served as one pipeline: encoder, detector and prompt decoder.
+
+    ``preprocess`` names the client's pre-processing rule set (see client/preprocess.py);
+    ``detector`` is "cellfinder" (CellSAM's Anchor-DETR on its own ViT trunk, reads the image)
+    or "cellfinder_lite" (reads the SAM image embedding).
+    """
+
+    name: str
+    input_size: int  # square side the encoder sees
+    embed_dim: int = 256
+    embed_size: int = 64  # side of the image embedding grid
+    low_res_size: int = 256  # side of the decoder's low-resolution mask logits
+    detector: str = "cellfinder"
+    preprocess: str = "cellsam"
+    encoder_batch: int = 8
+    decoder_chunk: int = 16  # boxes per decoder call inside the pipeline
+    bbox_threshold: float = 0.4
+    iou_threshold: float = 0.5
+    mask_threshold: float = 0.4  # on sigmoid(logit)
+    min_cell_area: int = 25
+    extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    # --- model names in the repository -------------------------------------------------
+    @property
+    def pipeline_name(self) -> str:
+        return self.name
+
+    @property
+    def encoder_name(self) -> str:
+        return f"{self.name}_encoder"
+
+    @property
+    def detector_name(self) -> str:
+        return f"{self.name}_detector"
+
+    @property
+    def decoder_name(self) -> str:
+        return f"{self.name}_decoder"
+
+    # --- tensor contracts ----------------------------------------------------------------
+    def encoder(self) -> ModelSpec:
+        s = self.input_size
+        return ModelSpec(
+            self.encoder_name,
+            inputs=(Tensor("image", FP32, (3, s, s)),),
+            outputs=(Tensor("image_embeddings", FP32, (self.embed_dim, self.embed_size, self.embed_size)),),
+            max_batch_size=self.encoder_batch,
+        )
+
+    def detector_model(self) -> ModelSpec:
+        s, e = self.input_size, self.embed_size
+        if self.detector == "cellfinder":
+            inputs = (Tensor("image", FP32, (3, s, s)),)
+            outputs = (Tensor("pred_logits", FP32, (-1, 2)), Tensor("pred_boxes", FP32, (-1, 4)))
+        else:  # cellfinder_lite: reads the embedding, dense per-cell outputs
+            inputs = (Tensor("image_embeddings", FP32, (self.embed_dim, e, e)),)
+            outputs = (Tensor("pred_scores", FP32, (-1,)), Tensor("pred_boxes", FP32, (-1, 4)))
+        return ModelSpec(self.detector_name, inputs, outputs, max_batch_size=self.encoder_batch)
+
+    def decoder(self) -> ModelSpec:
+        e, m = self.embed_size, self.low_res_size
+        return ModelSpec(
+            self.decoder_name,
+            inputs=(
+                Tensor("image_embeddings", FP32, (1, self.embed_dim, e, e)),
+                Tensor("boxes", FP32, (-1, 4)),  # xyxy in the encoder frame, boxes on axis 0
+            ),
+            outputs=(
+                Tensor("low_res_masks", FP32, (-1, 1, m, m)),  # mask logits
+                Tensor("iou_predictions", FP32, (-1, 1)),
+            ),
+        )
+
+    def pipeline(self) -> ModelSpec:
+        s, m = self.input_size, self.low_res_size
+        inputs = [Tensor("image", FP32, (1, 3, s, s))]
+        if self.detector == "cellfinder":
+            inputs.append(Tensor("detector_image", FP32, (1, 3, s, s), optional=True))
+        inputs += [
+            Tensor("boxes", FP32, (-1, 4), optional=True),  # prompts: skip the detector
+            Tensor("bbox_threshold", FP32, (1,), optional=True),
+            Tensor("iou_threshold", FP32, (1,), optional=True),
+        ]
+        outputs = (
+            Tensor("boxes", FP32, (-1, 4)),  # kept boxes, xyxy, encoder frame, label order
+            Tensor("scores", FP32, (-1,)),  # detector score (1.0 for given prompts)
+            Tensor("iou_predictions", FP32, (-1,)),
+            Tensor("masks", FP16, (-1, m, m)),  # low-resolution mask logits (compact wire form)
+            Tensor("prompt_index", INT32, (-1,)),  # index of each kept mask among the prompts
+        )
+        return ModelSpec(self.pipeline_name, tuple(inputs), outputs)
+
+    def models(self) -> tuple[ModelSpec, ...]:
+        return (self.encoder(), self.detector_model(), self.decoder(), self.pipeline())
+
+    # --- serialisation: the pipeline config carries its family, so clients learn it ------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Family":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+CELLSAM = Family(name="cellsam", input_size=1024, detector="cellfinder", preprocess="cellsam")
+LITE = Family(
+    name="cellsam_lite",
+    input_size=256,
+    detector="cellfinder_lite",
+    preprocess="litemedsam",
+    encoder_batch=16,
+    low_res_size=256,
+)
+
+FAMILIES = {f.name: f for f in (CELLSAM, LITE)}
+DEFAULT_FAMILY = LITE.name
+
+
+def family(name: str) -> Family:
+    """The family called ``name``; a clear error names the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        from .errors import UserError
+
+        raise UserError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}") from None

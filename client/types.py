@@ -1,0 +1,62 @@
+"""Plain data passed between the client's transport, rule sets and writers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class PipelineResult:
+    """What the pipeline model returns for one request (encoder frame, label order)."""
+
+    boxes: np.ndarray  # [N,4] float32 xyxy in the encoder frame
+    scores: np.ndarray  # [N] float32 detector scores (1.0 for given prompts)
+    iou_predictions: np.ndarray  # [N] float32
+    masks: np.ndarray  # [N,m,m] float16 low-resolution mask logits
+    prompt_index: np.ndarray  # [N] int32 index of each mask among the request's prompts
+
+    @classmethod
+    def empty(cls, low_res_size: int) -> "PipelineResult":
+        return cls(
+            np.zeros((0, 4), np.float32),
+            np.zeros((0,), np.float32),
+            np.zeros((0,), np.float32),
+            np.zeros((0, low_res_size, low_res_size), np.float16),
+            np.zeros((0,), np.int32),
+        )
+
+
+@dataclass
+class SegmentOptions:
+    """User-facing thresholds; None means the model family's default."""
+
+    bbox_threshold: float | None = None
+    iou_threshold: float | None = None  # -1 keeps every mask
+    mask_threshold: float | None = None  # on sigmoid(logit)
+    min_cell_area: int | None = None
+
+
+CELL_COLUMNS = ("label", "x0", "y0", "x1", "y1", "score", "area")
+
+
+@dataclass
+class Segmentation:
+    """A label image and its per-cell table (one row per label, input pixels).
+
+    Table boxes are the extent of each cell's pixels: x0,y0 inclusive, x1,y1 exclusive.
+    """
+
+    labels: np.ndarray  # [H,W] uint32, 0 = background, 1..N sequential
+    cells: list[dict] = field(default_factory=list)  # rows keyed by CELL_COLUMNS
+
+    @property
+    def count(self) -> int:
+        return len(self.cells)
+
+
+# A rule set sends its requests through this: a list of pipeline input dicts in, results out
+# in the same order (the transport may run them concurrently).
+RunRequests = Callable[[Sequence[dict[str, np.ndarray]]], list[PipelineResult]]
