@@ -1,0 +1,40 @@
+# The two commands a new machine needs: `make demo` (segment a real image with the default
+# model) and `make test` (the test suite). Everything else installs itself through `setup`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+REPO   ?= build/repository
+DATA   ?= ../shared/data/dsb2018
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup export demo test test-fast bench-accuracy clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH) "numpy<2"
+	$(BIN)/python -m pip install -q -e ".[export,server,dev]"
+	touch $@
+
+$(REPO)/.exported: $(VENV)/.installed export/weights/cellfinder_lite.pt
+	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
+	touch $@
+
+export: $(REPO)/.exported
+
+demo: export
+	$(BIN)/python -m cellsam_triton.demo --repository $(REPO) --data $(DATA) --out out/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench-accuracy: export
+	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA)
+
+clean:
+	rm -rf build out .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Benchmarks run from the repository root by `make bench-*` (not part of the installed package)."""

@@ -1,0 +1,152 @@
+"""`make bench-accuracy`: accuracy on the DSB2018 validation split, three methods in one run.
+
+1. the served default model with its own detector boxes,
+2. the classical baseline (Otsu + watershed, bench/baseline.py), no server,
+3. the same served model prompted with the ground-truth boxes (the detector's ceiling).
+
+Starts an embedded tritonserver on an exported repository (or uses ``--url``), writes
+``accuracy.json`` (summaries and per-image rows), ``accuracy.md`` (table) and ``accuracy.png``
+(bar plot) into ``--out`` and prints the table.
+
+    python -m bench.accuracy --repository build/repository --data ../shared/data/dsb2018 [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary, write_json
+from cellsam_triton.errors import UserError
+
+SPLIT = "val"
+HERE = Path(__file__).resolve().parent
+# (column title, summary key) of the table and the plot
+COLUMNS = (
+    ("F1@0.5 (per-image mean)", "f1_mean"),
+    ("pooled F1", "f1_pooled"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("mean IoU", "mean_iou"),
+    ("PQ", "pq_mean"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=Path("build/repository"), help="exported model repository")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), help="DSB-layout folder")
+    parser.add_argument("--url", default=None, help="use this running server instead of starting one")
+    parser.add_argument("--model", default=None, help="pipeline model name (default: the default model)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N validation images only")
+    parser.add_argument("--out", type=Path, default=HERE, metavar="DIR", help="output folder (default bench/)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def server_url(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
+    """The gRPC url of ``--url``, or of an embedded server started on ``--repository``."""
+    if args.url:
+        return contextlib.nullcontext(args.url)
+    if not args.repository.is_dir():
+        raise UserError(f"model repository {args.repository} not found; run `make export` first")
+    return _embedded(args.repository)
+
+
+@contextlib.contextmanager
+def _embedded(repository: Path):
+    from cellsam_triton.server import EmbeddedServer
+
+    with EmbeddedServer(repository) as server:
+        yield server.grpc_url
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run the three methods; summaries (with a label each) and per-image rows."""
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.datasets import data_checksum
+
+    from .baseline import segment_classical
+
+    records = select(args.data, SPLIT, args.limit)
+    runs = {}
+    with server_url(args) as url, Segmenter(url, args.model, timeout_s=args.timeout) as segmenter:
+        model = args.model or segmenter.family.pipeline_name
+        runs[f"{model} (detector boxes)"] = evaluate(args.data, records, served_predict(segmenter, None), model)
+        classical = evaluate(args.data, records, lambda image, labels: segment_classical(image), "classical")
+        runs["classical (Otsu + watershed)"] = classical
+        runs[f"{model} (ground-truth boxes)"] = evaluate(args.data, records, served_predict(segmenter, "gt"), f"{model} gt")
+    return {
+        "split": SPLIT,
+        "images": len(records),
+        "data_checksum": data_checksum(args.data, [r.id for r in records]),
+        "model": model,
+        "methods": {name: summary(scores) for name, scores in runs.items()},
+        "per_image": {name: [s.as_dict() for s in scores] for name, scores in runs.items()},
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown_table(result: dict) -> str:
+    """One row per method: the COLUMNS, F1 by kind (with image counts) and seconds per image."""
+    header = ["method", *(title for title, _ in COLUMNS), "F1 by kind", "s/image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, s in result["methods"].items():
+        kinds = ", ".join(f"{k} {_fmt(v['f1_mean'])} ({v['images']})" for k, v in s["by_kind"].items())
+        cells = [name, *(_fmt(s[key]) for _, key in COLUMNS), kinds, f"{s['seconds_per_image']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(result: dict, path: Path) -> None:
+    """Grouped bars: one group per metric, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(result["methods"])
+    x = np.arange(len(COLUMNS))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, name in enumerate(methods):
+        values = [result["methods"][name][key] or 0.0 for _, key in COLUMNS]
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, [title for title, _ in COLUMNS], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(f"DSB2018 {result['split']} split, {result['images']} images (IoU 0.5 matching)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(methods), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = measure(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "accuracy.json", result)
+        table = markdown_table(result)
+        (args.out / "accuracy.md").write_text(
+            f"# Accuracy, DSB2018 {result['split']} split ({result['images']} images)\n\n{table}"
+        )
+        bar_plot(result, args.out / "accuracy.png")
+    except UserError as exc:
+        print(f"bench-accuracy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(table)
+    print(f"wrote {args.out / 'accuracy.json'}, accuracy.md, accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Embedded tritonserver: the real server shipped in the `nvidia-pytriton` wheel, run as a child process.
+
+`EmbeddedServer` prepares a runtime folder once (server binary, Python backend and the stub that
+matches this interpreter), launches `tritonserver` on loopback ports, waits for readiness and turns
+every start-up failure (port taken, empty repository, model that fails to load, early exit) into a
+one-line `ServerError`. The module is also the `cellsam-triton serve` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import ServerError, UserError
+
+log = logging.getLogger(__name__)
+
+PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
+# Python backend shared memory per model instance: room for a 1024x1024x3 FP32 image (12 MB)
+# and a chunk of 256x256 masks without a growth step on every request.
+SHM_DEFAULT_BYTES = 32 * 1024 * 1024
+SHM_GROWTH_BYTES = 32 * 1024 * 1024
+DEFAULT_START_TIMEOUT_S = 300.0  # ViT-B sessions take a while to build on a small CPU
+_FAILED_LOAD = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
+_BIND_ERROR = re.compile(r"(already in use|Address already in use|failed to (start|bind)[^\n]*)", re.I)
+
+
+# --- locating and preparing the server ---------------------------------------------------------
+def _wheel_dirs() -> tuple[Path, Path]:
+    """(pytriton/tritonserver, nvidia_pytriton.libs) of the installed wheel."""
+    try:
+        import pytriton
+    except ImportError:
+        raise ServerError("nvidia-pytriton is not installed; install the server extra: pip install 'cellsam-triton[server]'") from None
+    package = Path(pytriton.__file__).resolve().parent
+    server, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+    if not (server / "bin" / "tritonserver").is_file():
+        raise ServerError(f"no tritonserver binary in {server}; reinstall nvidia-pytriton")
+    return server, libs
+
+
+def runtime_dir() -> Path:
+    """Where the prepared server lives: $CELLSAM_TRITON_HOME (default ~/.cache/cellsam-triton)/tritonserver-<ver>-py3.X."""
+    home = Path(os.environ.get("CELLSAM_TRITON_HOME") or Path.home() / ".cache" / "cellsam-triton")
+    version = importlib.metadata.version("nvidia-pytriton")
+    return home / f"tritonserver-{version}-py{PY_TAG}"
+
+
+def prepare_runtime() -> Path:
+    """Copy the wheel's server and put this interpreter's backend stub in place (once, atomically)."""
+    target = runtime_dir()
+    if (target / ".complete").is_file():
+        return target
+    source, _ = _wheel_dirs()
+    stub = source / "python_backend_stubs" / PY_TAG / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {PY_TAG} ({stub})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging / "server", ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+        shutil.copy2(stub, staging / "server" / "backends" / "python" / stub.name)
+        (staging / "server" / ".complete").write_text(f"python {PY_TAG}\n")
+        try:
+            os.rename(staging / "server", target)
+        except OSError:  # another process prepared it first
+            if not (target / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def repository_models(repository: Path) -> list[str]:
+    """Names of the model folders (those holding a config.pbtxt) in a repository."""
+    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()) if repository.is_dir() else []
+
+
+# --- the server process --------------------------------------------------------------------------
+class EmbeddedServer:
+    """A tritonserver child process on a model repository; use as a context manager.
+
+    Ports given as 0 or None are chosen free. ``start`` returns once ``/v2/health/ready`` is true
+    (strict readiness: every model loaded) and raises ``ServerError`` with one line otherwise.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        host: str = "127.0.0.1",
+        grpc_port: int | None = 0,
+        http_port: int | None = 0,
+        metrics_port: int | None = 0,
+        log_path: str | os.PathLike | None = None,
+        exit_timeout_s: int = 5,
+        extra_args: tuple[str, ...] | list[str] = (),
+        log_verbose: int = 0,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self._requested = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.ports: dict[str, int] = {}
+        self.log_path = Path(log_path) if log_path else None
+        self.exit_timeout_s = int(exit_timeout_s)
+        self.extra_args = tuple(extra_args)
+        self.log_verbose = int(log_verbose)
+        self.models: list[str] = []
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    # urls ------------------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.host}:{self.ports['metrics']}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # lifecycle -------------------------------------------------------------------------------
+    def command(self, runtime: Path) -> list[str]:
+        """The tritonserver command line."""
+        return [
+            str(runtime / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={runtime / 'backends'}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports['http']}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports['grpc']}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports['metrics']}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            *self.extra_args,
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        _, libs = _wheel_dirs()
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        # The backend stub runs models with the first `python3` environment on PATH: this venv's.
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def _assign_ports(self) -> None:
+        taken: set[int] = set()
+        for name, port in self._requested.items():
+            if port:
+                if port_in_use(self.host, port):
+                    raise ServerError(f"{name} port {self.host}:{port} is already in use; pick another with --{name}-port")
+            else:
+                port = free_port(self.host)
+                while port in taken:
+                    port = free_port(self.host)
+            taken.add(port)
+            self.ports[name] = port
+
+    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> "EmbeddedServer":
+        """Launch the server and wait (bounded) until every model is ready."""
+        with self._lock:
+            if self.running:
+                return self
+            self.models = repository_models(self.repository)
+            if not self.models:
+                raise ServerError(f"no models in repository {self.repository} (no <name>/config.pbtxt); run `cellsam-triton export` first")
+            self._assign_ports()
+            runtime = prepare_runtime()
+            if self.log_path is None:
+                fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+                os.close(fd)
+                self.log_path = Path(name)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "wb") as log_file:
+                self._process = subprocess.Popen(
+                    self.command(runtime), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=self._environment(), start_new_session=True,
+                )
+            log.debug("tritonserver pid %d, log %s", self._process.pid, self.log_path)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        url = f"http://{self.http_url}/v2/health/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            problem = self._log_problem()
+            if problem:
+                raise ServerError(f"{problem} (log: {self.log_path})")
+            if self._process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up: {self.last_error_line()} (log: {self.log_path})")
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s: {self.last_error_line()} (log: {self.log_path})")
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
+
+    def _log_problem(self) -> str | None:
+        """A one-line reason from the log when a model failed to load or a port could not be bound."""
+        text = self._log_text()
+        failed = _FAILED_LOAD.search(text)
+        if failed:
+            reason = failed.group(2).split("\\n")[0].strip().rstrip('"').strip()
+            return f"model '{failed.group(1)}' failed to load: {reason}"
+        for line in text.splitlines():
+            if _BIND_ERROR.search(line) and ("port" in line.lower() or "socket" in line.lower() or "address" in line.lower()):
+                return f"tritonserver could not bind a port: {_strip_log_prefix(line)}"
+        return None
+
+    def last_error_line(self) -> str:
+        lines = [_strip_log_prefix(x) for x in self._log_text().splitlines() if x.strip()]
+        errors = [x for x in lines if "error" in x.lower() or "failed" in x.lower()]
+        return (errors or lines or ["(empty log)"])[-1]
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after a bounded wait; always reaps the process."""
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(process)
+                process.wait(timeout=10)
+        # the backend stubs live in the server's session; none may outlive it
+        _kill_group(process)
+
+    def restart(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> "EmbeddedServer":
+        """Stop and start again on the same ports."""
+        self.stop()
+        self._requested = dict(self.ports) or self._requested
+        return self.start(timeout_s)
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _strip_log_prefix(line: str) -> str:
+    """Drop Triton's 'E1122 05:10:00.123 123 file.cc:45] ' prefix."""
+    return re.sub(r"^[IWE]\d{4} [\d:.]+ +\d+ [^\]]+\] ", "", line.strip()).strip('" ')
+
+
+# --- `cellsam-triton serve` ------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", required=True, type=Path, metavar="DIR", help="Triton model repository")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="default %(default)s")
+    parser.add_argument("--http-port", type=int, default=8000, help="default %(default)s")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="default %(default)s")
+    parser.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="server log (default: a temp file)")
+    parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="tritonserver log verbosity (default 0)")
+    parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.repository.is_dir():
+        raise UserError(f"repository not found: {args.repository}")
+    server = EmbeddedServer(
+        args.repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+        metrics_port=args.metrics_port, log_path=args.log_file, log_verbose=args.log_verbose,
+    )
+    stop, ready = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if not ready.is_set():  # still starting: abort the start (the server is stopped below)
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start(args.start_timeout)
+        ready.set()
+        print(
+            f"cellsam-triton serve: ready grpc={server.grpc_url} http={server.http_url} "
+            f"metrics={server.metrics_url} models={','.join(server.models)}",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if not server.running:
+                raise ServerError(f"tritonserver exited unexpectedly: {server.last_error_line()} (log: {server.log_path})")
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

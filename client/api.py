@@ -1,0 +1,92 @@
+"""Python API: one call from an image array to a label image and a per-cell table.
+
+    with Segmenter("127.0.0.1:8001") as seg:
+        result = seg.segment(image)          # numpy array, HxW or HxWxC (C <= 3)
+        result.labels, result.cells
+
+The model family (and so the pre/post-processing rule set) is read from the server's pipeline
+config; the client needs no local model files and no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from cellsam_triton.contracts import Family
+
+from .transport import TritonTransport
+from .types import Segmentation, SegmentOptions
+
+# Family.preprocess -> module holding that family's `segment(image, run, family, boxes, options)`.
+RULE_SETS = {
+    "cellsam": "cellsam_triton.client.cellsam_rules",
+    "litemedsam": "cellsam_triton.client.lite_rules",
+}
+
+
+def rule_set(family: Family) -> ModuleType:
+    """The client-side rule module for a model family."""
+    return importlib.import_module(RULE_SETS[family.preprocess])
+
+
+class Segmenter:
+    """Synchronous client: pre-process, call the served pipeline, post-process."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str | None = None, **transport_options: Any) -> None:
+        self.transport = TritonTransport(url, model, **transport_options)
+        self.family: Family = self.transport.family
+        self._rules = rule_set(self.family)
+
+    def segment(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray | None = None,
+        options: SegmentOptions | None = None,
+    ) -> Segmentation:
+        """Segment one image. ``boxes``: [N,4] xyxy in input pixels; when given, no detector runs."""
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        return self._rules.segment(image, self.transport.run, self.family, boxes, options or SegmentOptions())
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSegmenter:
+    """asyncio client with the same behaviour as `Segmenter`.
+
+    Pre/post-processing is CPU-bound numpy and the transport already overlaps requests, so each
+    call runs in a worker thread: the event loop is never blocked.
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str | None = None, **transport_options: Any) -> None:
+        self._sync = Segmenter(url, model, **transport_options)
+        self.family = self._sync.family
+
+    async def segment(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray | None = None,
+        options: SegmentOptions | None = None,
+    ) -> Segmentation:
+        return await asyncio.to_thread(self._sync.segment, image, boxes, options)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._sync.close)
+
+    async def __aenter__(self) -> "AsyncSegmenter":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,123 @@
+"""Bilinear resizing as PyTorch does it, written as per-axis weight matrices (numpy only).
+
+Two kernels, both with ``align_corners=False`` geometry (pixel centres at ``i + 0.5``):
+
+- plain bilinear (``F.interpolate(mode="bilinear")``): two taps, the source coordinate clamped
+  at 0 and the last pixel repeated past the end; it aliases when shrinking.
+- antialiased bilinear (``antialias=True``, torchvision v2 ``Resize``' default on tensors, and
+  PIL's): a triangle filter whose support grows with the shrink factor, taps normalised to sum
+  to 1. When enlarging it equals plain bilinear.
+
+A resize is a product ``Wy @ image @ Wx.T``; composing two resizes multiplies their matrices,
+which is how SAM's two-step mask up-sampling becomes one small matrix per axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+
+from cellsam_triton.errors import UserError
+
+
+def resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """Weights [n_out, n_in] (float64, rows sum to 1) of a 1-D bilinear resize n_in -> n_out."""
+    if n_in < 1 or n_out < 1:
+        raise UserError(f"cannot resize {n_in} pixels to {n_out}")
+    scale = n_in / n_out
+    weights = np.zeros((n_out, n_in), np.float64)
+    if antialias:
+        support = scale if scale >= 1.0 else 1.0
+        inv = 1.0 / scale if scale >= 1.0 else 1.0
+        for i in range(n_out):
+            centre = scale * (i + 0.5)
+            lo = max(int(centre - support + 0.5), 0)
+            hi = min(int(centre + support + 0.5), n_in)
+            taps = np.arange(lo, hi)
+            row = np.maximum(0.0, 1.0 - np.abs((taps - centre + 0.5) * inv))
+            total = row.sum()
+            weights[i, lo:hi] = row / total if total != 0.0 else row
+        return weights
+    source = np.maximum(scale * (np.arange(n_out) + 0.5) - 0.5, 0.0)
+    left = np.minimum(source.astype(np.int64), n_in - 1)
+    right = np.minimum(left + 1, n_in - 1)
+    frac = source - left
+    rows = np.arange(n_out)
+    np.add.at(weights, (rows, left), 1.0 - frac)
+    np.add.at(weights, (rows, right), frac)
+    return weights
+
+
+def resize(image: np.ndarray, size: tuple[int, int], antialias: bool, channels_last: bool = False) -> np.ndarray:
+    """Resize the last two axes (or H,W of an HWC array with ``channels_last``) to ``size``.
+
+    Float32 input stays float32 (as PyTorch computes it); anything else is computed in float64.
+    An axis whose length does not change is left untouched, as torchvision does.
+    """
+    array = np.asarray(image)
+    if channels_last:
+        return np.moveaxis(resize(np.moveaxis(array, -1, 0), size, antialias), 0, -1)
+    dtype = np.float32 if array.dtype == np.float32 else np.float64
+    out = array.astype(dtype, copy=False)
+    height, width = out.shape[-2:]
+    if width != size[1]:  # along W first, then H: PyTorch's order
+        out = out @ resize_weights(width, size[1], antialias).T.astype(dtype)
+    if height != size[0]:
+        out = resize_weights(height, size[0], antialias).astype(dtype) @ out
+    return out
+
+
+def mask_upsample_weights(low_res: int, input_size: int, n_out: int) -> np.ndarray:
+    """SAM's postprocess_masks along one axis: bilinear low_res -> input_size -> n_out, [n_out, low_res].
+
+    The frame is square and unpadded (the whole image was stretched to ``input_size``), so the
+    crop between the two steps keeps everything.
+    """
+    first = resize_weights(low_res, input_size, antialias=False)
+    second = resize_weights(input_size, n_out, antialias=False)
+    return second @ first
+
+
+def mask_logits_to_image(low_res: np.ndarray, input_size: int, out_hw: tuple[int, int]) -> np.ndarray:
+    """Low-resolution mask logits [N,m,m] -> [N,H,W] float32 logits at image size (all at once)."""
+    masks = np.asarray(low_res, np.float32)
+    wy = mask_upsample_weights(masks.shape[-2], input_size, out_hw[0]).astype(np.float32)
+    wx = mask_upsample_weights(masks.shape[-1], input_size, out_hw[1]).astype(np.float32)
+    return wy @ masks @ wx.T
+
+
+MaskBlock = tuple[slice, slice, np.ndarray]
+
+
+def iter_mask_logits(
+    low_res: np.ndarray, input_size: int, out_hw: tuple[int, int], above: float = -math.inf
+) -> Iterator[MaskBlock]:
+    """Memory-light `mask_logits_to_image`: one ``(rows, cols, logits)`` block per mask, in order.
+
+    The block covers every pixel whose logit may exceed ``above``; every pixel outside it is
+    <= ``above`` (up-sampled values are convex combinations of low-resolution ones). With the
+    default every block is the whole image. A mask with nothing above gives an empty block.
+    """
+    masks = np.asarray(low_res)
+    wy = mask_upsample_weights(masks.shape[-2], input_size, out_hw[0]).astype(np.float32)
+    wx = mask_upsample_weights(masks.shape[-1], input_size, out_hw[1]).astype(np.float32)
+    reach_y, reach_x = wy != 0, wx != 0
+    for mask in masks:
+        mask = mask.astype(np.float32)
+        hot = mask > above
+        rows = _reach(hot.any(axis=1), reach_y)
+        cols = _reach(hot.any(axis=0), reach_x)
+        if rows.stop <= rows.start or cols.stop <= cols.start:
+            yield rows, cols, np.zeros((0, 0), np.float32)
+            continue
+        yield rows, cols, wy[rows] @ mask @ wx[cols].T
+
+
+def _reach(hot: np.ndarray, reach: np.ndarray) -> slice:
+    """Output rows [start, stop) that take any weight from the low-resolution rows marked ``hot``."""
+    touched = np.flatnonzero(reach[:, hot].any(axis=1)) if hot.any() else np.zeros(0, np.int64)
+    if touched.size == 0:
+        return slice(0, 0)
+    return slice(int(touched[0]), int(touched[-1]) + 1)

