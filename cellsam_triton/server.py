@@ -9,6 +9,7 @@ one-line `ServerError`. The module is also the `cellsam-triton serve` subcommand
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.metadata
 import logging
 import os
@@ -34,6 +35,7 @@ PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 # and a chunk of 256x256 masks without a growth step on every request.
 SHM_DEFAULT_BYTES = 32 * 1024 * 1024
 SHM_GROWTH_BYTES = 32 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
 DEFAULT_START_TIMEOUT_S = 300.0  # ViT-B sessions take a while to build on a small CPU
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
 _BIND_ERROR = re.compile(r"(already in use|Address already in use|failed to (start|bind)[^\n]*)", re.I)
@@ -219,7 +221,7 @@ class EmbeddedServer:
             with open(self.log_path, "wb") as log_file:
                 self._process = subprocess.Popen(
                     self.command(runtime), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=self._environment(), start_new_session=True,
+                    env=self._environment(), preexec_fn=_session_tied_to_parent(),
                 )
             log.debug("tritonserver pid %d, log %s", self._process.pid, self.log_path)
         try:
@@ -297,6 +299,24 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _session_tied_to_parent():
+    """preexec_fn: own process group (stubs included) that gets SIGTERM if this process dies.
+
+    The parent-death signal follows the forking *thread*, so it is only armed from the main thread.
+    """
+    arm = threading.current_thread() is threading.main_thread() and sys.platform.startswith("linux")
+
+    def setup() -> None:
+        os.setsid()
+        if arm:
+            try:
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            except OSError:
+                pass
+
+    return setup
 
 
 def _kill_group(process: subprocess.Popen) -> None:

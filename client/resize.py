@@ -15,6 +15,7 @@ which is how SAM's two-step mask up-sampling becomes one small matrix per axis.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
@@ -22,50 +23,103 @@ import numpy as np
 from cellsam_triton.errors import UserError
 
 
-def resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
-    """Weights [n_out, n_in] (float64, rows sum to 1) of a 1-D bilinear resize n_in -> n_out."""
-    if n_in < 1 or n_out < 1:
-        raise UserError(f"cannot resize {n_in} pixels to {n_out}")
-    scale = n_in / n_out
-    weights = np.zeros((n_out, n_in), np.float64)
-    if antialias:
-        support = scale if scale >= 1.0 else 1.0
-        inv = 1.0 / scale if scale >= 1.0 else 1.0
-        for i in range(n_out):
-            centre = scale * (i + 0.5)
-            lo = max(int(centre - support + 0.5), 0)
-            hi = min(int(centre + support + 0.5), n_in)
-            taps = np.arange(lo, hi)
-            row = np.maximum(0.0, 1.0 - np.abs((taps - centre + 0.5) * inv))
-            total = row.sum()
-            weights[i, lo:hi] = row / total if total != 0.0 else row
-        return weights
-    source = np.maximum(scale * (np.arange(n_out) + 0.5) - 0.5, 0.0)
+@lru_cache(maxsize=32)
+def _antialias_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of PyTorch's antialiased bilinear kernel: first index [n_out,K], float32 weights [n_out,K].
+
+    Computed with PyTorch's float32/float64 mix step for step, so the weights are bit-identical.
+    """
+    f32 = np.float32
+    scale = f32(f32(n_in) / f32(n_out))
+    support = scale if scale >= 1.0 else f32(1.0)
+    inv = f32(f32(1.0) / scale) if scale >= 1.0 else f32(1.0)
+    rows = []
+    for i in range(n_out):
+        centre = f32(float(scale) * (i + 0.5))
+        lo = max(int(float(f32(centre - support)) + 0.5), 0)
+        hi = min(int(float(f32(centre + support)) + 0.5), n_in)
+        distance = [abs(f32((float(f32(f32(lo + j) - centre)) + 0.5) * float(inv))) for j in range(hi - lo)]
+        weights = [f32(1.0) - d if d < 1.0 else f32(0.0) for d in distance]
+        total = f32(0.0)
+        for w in weights:
+            total = f32(total + w)
+        rows.append((lo, [w / total if total != 0.0 else w for w in weights]))
+    width = max(len(w) for _, w in rows)
+    first = np.array([lo for lo, _ in rows], np.int64)
+    table = np.zeros((n_out, width), np.float32)
+    for i, (_, w) in enumerate(rows):
+        table[i, : len(w)] = w
+    return first, table
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plain bilinear: left tap, right tap (repeats the last pixel at the end), float32 right weight."""
+    # source coordinates in float32, as PyTorch computes them for float32 tensors: far from
+    # the origin their rounding moves the taps by up to ~1e-4 of a pixel, which shows in logits
+    half = np.float32(0.5)
+    source = np.float32(n_in) / np.float32(n_out) * (np.arange(n_out, dtype=np.float32) + half) - half
+    source = np.maximum(source, np.float32(0))
     left = np.minimum(source.astype(np.int64), n_in - 1)
     right = np.minimum(left + 1, n_in - 1)
-    frac = source - left
+    return left, right, np.clip(source - left.astype(np.float32), 0, 1)
+
+
+def resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """Weights [n_out, n_in] (float64 holding PyTorch's float32 weights) of a 1-D resize n_in -> n_out."""
+    if n_in < 1 or n_out < 1:
+        raise UserError(f"cannot resize {n_in} pixels to {n_out}")
+    weights = np.zeros((n_out, n_in), np.float64)
     rows = np.arange(n_out)
-    np.add.at(weights, (rows, left), 1.0 - frac)
+    if antialias:
+        first, table = _antialias_taps(n_in, n_out)
+        for k in range(table.shape[1]):
+            np.add.at(weights, (rows, np.minimum(first + k, n_in - 1)), table[:, k])
+        return weights
+    left, right, frac = _linear_taps(n_in, n_out)
+    np.add.at(weights, (rows, left), np.float32(1) - frac)
     np.add.at(weights, (rows, right), frac)
     return weights
+
+
+def _antialias_last_axis(x: np.ndarray, n_out: int) -> np.ndarray:
+    """PyTorch's float32 antialiased pass along the last axis, bit for bit.
+
+    Taps are summed in order with fused multiply-adds (PyTorch's compiled CPU kernel); a float64
+    product and sum rounded to float32 after each tap gives the same result.
+    """
+    first, table = _antialias_taps(x.shape[-1], n_out)
+    last = x.shape[-1] - 1
+    total = (x[..., first] * table[:, 0]).astype(np.float64)  # first tap: a plain float32 product
+    for k in range(1, table.shape[1]):
+        total += x[..., np.minimum(first + k, last)].astype(np.float64) * table[:, k]
+        total = total.astype(np.float32).astype(np.float64)
+    return total.astype(np.float32)
 
 
 def resize(image: np.ndarray, size: tuple[int, int], antialias: bool, channels_last: bool = False) -> np.ndarray:
     """Resize the last two axes (or H,W of an HWC array with ``channels_last``) to ``size``.
 
-    Float32 input stays float32 (as PyTorch computes it); anything else is computed in float64.
-    An axis whose length does not change is left untouched, as torchvision does.
+    Float32 input gives float32 (antialiased: bit-identical to PyTorch on CPU); anything else
+    is computed in float64. An axis whose length does not change is left untouched, as
+    torchvision does. Width is resized first, then height: PyTorch's order.
     """
     array = np.asarray(image)
     if channels_last:
         return np.moveaxis(resize(np.moveaxis(array, -1, 0), size, antialias), 0, -1)
+    exact = antialias and array.dtype == np.float32
     dtype = np.float32 if array.dtype == np.float32 else np.float64
     out = array.astype(dtype, copy=False)
     height, width = out.shape[-2:]
-    if width != size[1]:  # along W first, then H: PyTorch's order
-        out = out @ resize_weights(width, size[1], antialias).T.astype(dtype)
+    if width != size[1]:
+        if exact:
+            out = _antialias_last_axis(out, size[1])
+        else:
+            out = out @ resize_weights(width, size[1], antialias).T.astype(dtype)
     if height != size[0]:
-        out = resize_weights(height, size[0], antialias).astype(dtype) @ out
+        if exact:
+            out = np.moveaxis(_antialias_last_axis(np.moveaxis(out, -1, -2), size[0]), -1, -2)
+        else:
+            out = resize_weights(height, size[0], antialias).astype(dtype) @ out
     return out
 
 

@@ -98,6 +98,12 @@ def family_from_config(config: Any, url: str, model: str) -> Family:
     return Family.from_json(param.string_value)
 
 
+def sole_pipeline(served: list[str]) -> str | None:
+    """The only pipeline a server serves, if it serves exactly one (used when no model was named)."""
+    pipelines = sorted(n for n in set(served) if not n.endswith(COMPOSING_SUFFIXES))
+    return pipelines[0] if len(pipelines) == 1 else None
+
+
 def unknown_model_message(url: str, model: str, served: list[str]) -> str:
     """One line naming the pipelines a server does serve (composing models left out)."""
     pipelines = sorted(n for n in set(served) if not n.endswith(COMPOSING_SUFFIXES))
@@ -134,6 +140,7 @@ class TritonTransport:
         max_in_flight: int = 4,
     ) -> None:
         self.url = url
+        self.requested = model  # None: the default model, or the only pipeline served
         self.model = model or DEFAULT_FAMILY
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
@@ -185,7 +192,11 @@ class TritonTransport:
             if "not found" not in str(exc).lower() and "unknown model" not in str(exc).lower():
                 raise
             index = self._call(self.model, "index of", lambda c: c.get_model_repository_index(client_timeout=self.timeout_s))
-            raise ServerError(unknown_model_message(self.url, self.model, [m.name for m in index.models])) from None
+            served = [m.name for m in index.models]
+            if self.requested is None and sole_pipeline(served):
+                self.model = self.requested = sole_pipeline(served)
+                return self._read_family()
+            raise ServerError(unknown_model_message(self.url, self.model, served)) from None
         return family_from_config(response.config, self.url, self.model)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -265,6 +276,7 @@ class AsyncTritonTransport:
         import tritonclient.grpc.aio as aioclient
 
         self.url = url
+        self.requested = model  # None: the default model, or the only pipeline served
         self.model = model or DEFAULT_FAMILY
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
@@ -302,7 +314,11 @@ class AsyncTritonTransport:
                 index = await self._call(
                     self.model, "index of", lambda: self._client.get_model_repository_index(client_timeout=self.timeout_s)
                 )
-                raise ServerError(unknown_model_message(self.url, self.model, [m.name for m in index.models])) from None
+                served = [m.name for m in index.models]
+                if self.requested is None and sole_pipeline(served):
+                    self.model = self.requested = sole_pipeline(served)
+                    return await self.open()
+                raise ServerError(unknown_model_message(self.url, self.model, served)) from None
             self.family = family_from_config(response.config, self.url, self.model)
         return self
 

@@ -10,6 +10,7 @@ ONNX files are written separately by the exporters into ``DIR/<name>/1/model.onn
 
 from __future__ import annotations
 
+import importlib.resources
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,9 @@ from typing import Callable
 from cellsam_triton.contracts import Family, ModelSpec, Tensor
 from cellsam_triton.errors import UserError
 
-GLUE_DIR = Path(__file__).resolve().parent.parent / "model_repository"
+# The glue ships inside the package (cellsam_triton.model_repository = model_repository/), so
+# editable and regular installs (the Docker image) find it the same way.
+GLUE_DIR = Path(str(importlib.resources.files("cellsam_triton.model_repository")))
 RUNNER_GLUE = ("onnx_runner.py",)
 PIPELINE_GLUE = ("pipeline.py", "selection.py")
 ONNX_FILE = "model.onnx"

@@ -168,64 +168,54 @@ def tile_targets(labels: np.ndarray, tile: Tile) -> np.ndarray:
     return label_boxes(labels[tile.window], MIN_VISIBLE_AREA)
 
 
-def assign(centers, gt):
-    """FCOS assignment: (positive [Q] bool, index of the assigned box [Q]) for GT boxes [N,4].
+def assign(centers: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FCOS assignment: (indices of positive locations [P], their GT boxes [P,4]).
 
     A location is positive for a box when it lies inside the box and within CENTER_RADIUS grid
     cells of its centre; the location nearest each centre is always positive (tiny cells).
     Ties go to the smallest box.
     """
-    import torch
-
-    q = centers.shape[0]
     if gt.shape[0] == 0:
-        return torch.zeros(q, dtype=torch.bool), torch.zeros(q, dtype=torch.long)
+        return np.zeros(0, np.int64), np.zeros((0, 4), np.float32)
     px, py = centers[:, 0:1], centers[:, 1:2]
     x0, y0, x1, y1 = gt.T
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    stride = float(centers[1, 0] - centers[0, 0])
-    radius = CENTER_RADIUS * stride
-    inside = (px >= x0) & (px <= x1) & (py >= y0) & (py <= y1)
-    near = ((px - cx).abs() <= radius) & ((py - cy).abs() <= radius)
-    pos = inside & near
-    nearest = ((px - cx) ** 2 + (py - cy) ** 2).argmin(dim=0)
-    pos[nearest, torch.arange(gt.shape[0])] = True
-    area = (x1 - x0 + 1) * (y1 - y0 + 1)
-    cost = torch.where(pos, area.expand(q, -1), torch.full_like(pos, float("inf"), dtype=area.dtype))
-    best_cost, best = cost.min(dim=1)
-    return torch.isfinite(best_cost), best
+    radius = CENTER_RADIUS * float(centers[1, 0] - centers[0, 0])
+    pos = (px >= x0) & (px <= x1) & (py >= y0) & (py <= y1)
+    pos &= (np.abs(px - cx) <= radius) & (np.abs(py - cy) <= radius)
+    nearest = ((px - cx) ** 2 + (py - cy) ** 2).argmin(axis=0)
+    pos[nearest, np.arange(gt.shape[0])] = True
+    cost = np.where(pos, (x1 - x0 + 1) * (y1 - y0 + 1), np.inf)
+    index = np.flatnonzero(np.isfinite(cost.min(axis=1)))
+    return index.astype(np.int64), gt[cost[index].argmin(axis=1)]
 
 
-def detection_loss(model, embeddings, targets: list):
-    """Focal class loss + centerness BCE + GIoU box loss (FCOS), normalised by the positives."""
+def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarray]]):
+    """Focal class loss + centerness BCE + centerness-weighted GIoU box loss (FCOS), per positive."""
     import torch
     import torch.nn.functional as F
     from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
     cls, ctr, dist = model.raw(embeddings)
-    boxes = model.boxes(dist)
-    centers = model.centers
+    batch = torch.from_numpy(np.concatenate([np.full(len(i), b) for b, (i, _) in enumerate(assigned)]).astype(np.int64))
+    loc = torch.from_numpy(np.concatenate([i for i, _ in assigned]))
+    gt = torch.from_numpy(np.concatenate([g for _, g in assigned]))
     cls_targets = torch.zeros_like(cls)
-    ctr_terms, box_terms, n_pos = [], [], 0
-    for i, gt in enumerate(targets):
-        pos, which = assign(centers, gt)
-        if not pos.any():
-            continue
-        cls_targets[i, pos] = 1.0
-        g = gt[which[pos]]
-        p = centers[pos]
-        lr = torch.stack([p[:, 0] - g[:, 0], g[:, 2] - p[:, 0]], -1).clamp(min=0.5)
-        tb = torch.stack([p[:, 1] - g[:, 1], g[:, 3] - p[:, 1]], -1).clamp(min=0.5)
-        centerness = torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
-        ctr_terms.append(F.binary_cross_entropy_with_logits(ctr[i, pos], centerness, reduction="sum"))
-        giou = generalized_box_iou_loss(boxes[i, pos], g, reduction="none")
-        box_terms.append((giou * centerness).sum() / centerness.sum().clamp(min=1e-6) * pos.sum())
-        n_pos += int(pos.sum())
-    norm = max(n_pos, 1)
+    cls_targets[batch, loc] = 1.0
+    norm = max(len(loc), 1)
     loss_cls = sigmoid_focal_loss(cls, cls_targets, reduction="sum") / norm
-    loss_ctr = torch.stack(ctr_terms).sum() / norm if ctr_terms else cls.sum() * 0
-    loss_box = torch.stack(box_terms).sum() / norm if box_terms else cls.sum() * 0
-    return loss_cls + loss_ctr + 2.0 * loss_box, {"cls": float(loss_cls), "ctr": float(loss_ctr), "box": float(loss_box)}
+    if len(loc) == 0:
+        zero = cls.sum() * 0
+        return loss_cls + zero, {"cls": float(loss_cls), "ctr": 0.0, "box": 0.0}
+    p = model.centers[loc]
+    lr = torch.stack([p[:, 0] - gt[:, 0], gt[:, 2] - p[:, 0]], -1).clamp(min=0.5)
+    tb = torch.stack([p[:, 1] - gt[:, 1], gt[:, 3] - p[:, 1]], -1).clamp(min=0.5)
+    centerness = torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr[batch, loc], centerness)
+    giou = generalized_box_iou_loss(model.boxes(dist)[batch, loc], gt, reduction="none")
+    loss_box = (giou * centerness).sum() / centerness.sum().clamp(min=1e-6)
+    loss = loss_cls + loss_ctr + 2.0 * loss_box
+    return loss, {"cls": float(loss_cls), "ctr": float(loss_ctr), "box": float(loss_box)}
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -236,7 +226,7 @@ def detect_image(model, embeddings: np.ndarray, tiles: list[Tile], threshold: fl
     import torch
 
     with torch.no_grad():
-        scores, boxes = model(torch.from_numpy(np.asarray(embeddings, np.float32)))
+        scores, boxes = model(torch.from_numpy(np.asarray(embeddings)).float())
     return select_owned(scores.numpy(), boxes.numpy(), tiles, threshold, nms_iou)
 
 
@@ -276,12 +266,12 @@ def box_matches(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) -> i
 
 def evaluate(model, samples: list[dict], thresholds=THRESHOLDS) -> dict:
     """Box F1@0.5 on whole images for each score threshold: per-image mean and pooled P/R/F1."""
+    import torch
+
     raw = []
     for s in samples:
-        import torch
-
         with torch.no_grad():
-            scores, boxes = model(torch.from_numpy(np.asarray(s["embeddings"], np.float32)))
+            scores, boxes = model(torch.from_numpy(np.asarray(s["embeddings"])).float())
         raw.append((scores.numpy(), boxes.numpy()))
     result = {}
     for thr in thresholds:
@@ -305,12 +295,15 @@ def evaluate(model, samples: list[dict], thresholds=THRESHOLDS) -> dict:
 
 
 def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: bool) -> list[dict]:
+    from .models.detector_lite import DetectorConfig, grid_centers
+
+    centers = grid_centers(DetectorConfig())
     samples = []
     for sample_id in ids:
         _, labels = load_sample(root, sample_id)
         tiles = tile_grid(labels.shape[0], labels.shape[1], TILE, OVERLAP)
         sample = {"id": sample_id, "tiles": tiles, "embeddings": load_embeddings(cache_dir, sample_id)}
-        sample["targets"] = [tile_targets(labels, t) for t in tiles]
+        sample["assigned"] = [assign(centers, tile_targets(labels, t)) for t in tiles]
         if with_image_boxes:
             sample["boxes"] = label_boxes(labels)
         samples.append(sample)
@@ -336,9 +329,8 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
         totals, started = [], time.perf_counter()
         for b in range(0, len(order), batch_size):
             batch = [items[k] for k in order[b : b + batch_size]]
-            x = torch.from_numpy(np.stack([np.asarray(samples[i]["embeddings"][t], np.float32) for i, t in batch]))
-            targets = [torch.from_numpy(samples[i]["targets"][t]) for i, t in batch]
-            loss, parts = detection_loss(model, x, targets)
+            x = torch.from_numpy(np.stack([samples[i]["embeddings"][t] for i, t in batch])).float()
+            loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -53,6 +53,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{self.name}: ONNX inputs {sorted(graph_inputs)} lack config inputs {sorted(wanted_in - graph_inputs)}"
             )
+        unfed = graph_inputs - {n for n, _, _, _ in self.inputs}
+        if unfed:
+            raise pb_utils.TritonModelException(f"{self.name}: ONNX inputs {sorted(unfed)} are not in the config")
         missing_out = {n for n, _, _, _ in self.outputs} - graph_outputs
         if missing_out:
             raise pb_utils.TritonModelException(f"{self.name}: ONNX outputs {sorted(graph_outputs)} lack {sorted(missing_out)}")

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_family import tiny_family, write_tiny_repository  # noqa: E402
+from tiny_family import full_size_family, tiny_family, write_tiny_repository  # noqa: E402
 
 from cellsam_triton.contracts import Family  # noqa: E402
 from cellsam_triton.server import EmbeddedServer  # noqa: E402
@@ -34,8 +34,9 @@ def tiny_lite() -> Family:
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny: Family, tiny_lite: Family) -> Path:
-    """A cpu-target repository holding both tiny families (8 models)."""
-    return write_tiny_repository(tmp_path_factory.mktemp("tiny_repository"), [tiny, tiny_lite])
+    """A cpu-target repository holding both tiny families and a full-size one (12 models)."""
+    families = [tiny, tiny_lite, full_size_family()]
+    return write_tiny_repository(tmp_path_factory.mktemp("tiny_repository"), families)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,7 @@ def broken_repository(tmp_path: Path, single_repository: Path, tiny: Family) -> 
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    """One real tritonserver on free loopback ports serving both tiny families."""
+    """One real tritonserver on free loopback ports serving the tiny families."""
     log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
     server = EmbeddedServer(tiny_repository, log_path=log, exit_timeout_s=TEST_EXIT_TIMEOUT_S)
     try:

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tiny_family import GRID, PATCH, grid_boxes_xyxy, image_with_cells
+from tiny_family import GRID, PATCH, full_size_family, grid_boxes_xyxy, image_with_cells
 from tritonclient.utils import InferenceServerException
 
 from cellsam_triton.client.transport import AsyncTritonTransport, TritonTransport
@@ -166,14 +166,14 @@ def test_malformed_requests_get_an_error_and_the_server_stays_up(raw, tiny_serve
 
 
 def test_unknown_model_names_the_served_pipelines(tiny_server) -> None:
-    with pytest.raises(ServerError, match=r"'nope' is not served at .*served pipelines: tiny, tiny_lite"):
+    with pytest.raises(ServerError, match=r"'nope' is not served at .*served pipelines: tiny, tiny_full, tiny_lite"):
         TritonTransport(tiny_server.grpc_url, "nope")
 
     async def go():
         async with AsyncTritonTransport(tiny_server.grpc_url, "nope"):
             pass
 
-    with pytest.raises(ServerError, match="served pipelines: tiny, tiny_lite"):
+    with pytest.raises(ServerError, match="served pipelines: tiny, tiny_full, tiny_lite"):
         asyncio.run(go())
 
 
@@ -188,3 +188,23 @@ def test_one_structured_debug_line_per_request(transport: TritonTransport, caplo
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("infer ")]
     assert len(lines) == 2
     assert all(f"model={transport.model} " in x and "image=[1, 3, 64, 64]" in x and " ms=" in x and "bytes_sent=" in x for x in lines)
+
+
+def test_production_sized_tensors_pass_through(tiny_server) -> None:
+    """1024x1024 images, 4096 queries and 256x256 masks: Python-backend shared memory must grow."""
+    family = full_size_family()
+    cells = list(range(0, 4096, 97))  # 43 detections
+    image = image_with_cells(cells, family=family)
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 900, (300, 2))
+    prompts = np.concatenate([xy, xy + rng.uniform(20, 120, (300, 2))], 1).astype(np.float32)
+    with TritonTransport(tiny_server.grpc_url, family.name, timeout_s=60) as t:
+        detected, prompted = t.run([
+            {"image": image, "detector_image": image},
+            {"image": image, "boxes": prompts, "iou_threshold": np.array([-1], np.float32)},
+        ])
+        assert sorted_rows(detected.boxes) == sorted_rows(grid_boxes_xyxy(family)[cells])
+        masks, _ = t.decode(t.embed(image[0]), detected.boxes)
+    assert detected.masks.shape == (len(cells), 256, 256)
+    np.testing.assert_array_equal(detected.masks, masks[:, 0].astype(np.float16))
+    assert prompted.masks.shape == (300, 256, 256) and prompted.prompt_index.tolist() == list(range(300))

