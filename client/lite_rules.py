@@ -1,0 +1,131 @@
+"""The "litemedsam" rule set: native-resolution 256x256 tiles through a served LITE pipeline.
+
+The image is min-max normalised once (``tiles.lite_normalize``), cut into overlapping tiles
+(``tiles.tile_grid``) and every tile is one pipeline request; all requests go to ``run`` in one
+call (the transport runs them concurrently). A tile keeps only the cells whose box centre lies
+in its core, so each cell comes from exactly one tile, segmented with at least half the
+overlap of context around it. The 256x256 low-resolution logits are the tile's pixels: they
+are pasted at native resolution, thresholded and painted with the shared label helpers.
+
+Prompt boxes given by the user (image pixels, x1/y1 exclusive like the cells table) go to one
+tile each: the one whose core holds the box centre when its window holds the whole box, else
+the tile whose window holds it with the most margin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cellsam_triton.contracts import Family
+
+from .images import validate_image
+from .labels import cells_table, fill_holes_and_remove_small, logit_threshold, paint_labels
+from .tiles import OVERLAP, Tile, lite_normalize, tile_grid, tile_input
+from .types import PipelineResult, RunRequests, Segmentation, SegmentOptions
+
+
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """[H,W] as is; a 3-D image with its smallest axis (channels) moved last."""
+    return image if image.ndim == 2 else np.moveaxis(image, int(np.argmin(image.shape)), -1)
+
+
+def _margin(tile: Tile, box: np.ndarray) -> float:
+    """Smallest distance from the box to the tile window's border (negative: box sticks out)."""
+    x0, y0, x1, y1 = box
+    return min(x0 - tile.x0, y0 - tile.y0, tile.x0 + tile.size - x1, tile.y0 + tile.size - y1)
+
+
+def assign_boxes(boxes: np.ndarray, tiles: list[Tile]) -> list[list[int]]:
+    """For each tile, the indices of the boxes (xyxy, image pixels) it segments; each box once."""
+    per_tile: list[list[int]] = [[] for _ in tiles]
+    for index, box in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4)):
+        cy, cx = (box[1] + box[3]) / 2, (box[0] + box[2]) / 2
+        margins = [_margin(t, box) for t in tiles]
+        owners = [k for k, t in enumerate(tiles) if t.owns(cy, cx)]
+        owner = owners[0] if owners and margins[owners[0]] >= 0 else int(np.argmax(margins))
+        per_tile[owner].append(index)
+    return per_tile
+
+
+def build_requests(
+    norm: np.ndarray, tiles: list[Tile], boxes: np.ndarray | None, bbox_threshold: float, iou_threshold: float
+) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """Pipeline requests and the index of the tile each one is for (tiles without prompts skipped)."""
+    thresholds = {
+        "bbox_threshold": np.array([bbox_threshold], np.float32),
+        "iou_threshold": np.array([iou_threshold], np.float32),
+    }
+    if boxes is None:
+        return [{"image": tile_input(norm, t), **thresholds} for t in tiles], list(range(len(tiles)))
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    requests, used = [], []
+    for k, indices in enumerate(assign_boxes(boxes, tiles)):
+        if not indices:
+            continue
+        t = tiles[k]
+        # image pixel extent (x1/y1 exclusive) -> inclusive corners in the tile frame
+        prompt = boxes[indices] - np.array([t.x0, t.y0, t.x0 + 1, t.y0 + 1], np.float32)
+        requests.append({"image": tile_input(norm, t), "boxes": prompt, **thresholds})
+        used.append(k)
+    return requests, used
+
+
+def owned(result: PipelineResult, tile: Tile) -> np.ndarray:
+    """Indices of the masks whose box centre lies in the tile's core."""
+    b = np.asarray(result.boxes, np.float64).reshape(-1, 4)
+    cy = tile.y0 + (b[:, 1] + b[:, 3]) / 2
+    cx = tile.x0 + (b[:, 0] + b[:, 2]) / 2
+    return np.array([k for k in range(len(b)) if tile.owns(cy[k], cx[k])], np.int64)
+
+
+def mask_block(logits: np.ndarray, tile: Tile, shape: tuple[int, int], above: float) -> tuple[slice, slice, np.ndarray]:
+    """A tile mask's logits as a ``(rows, cols, logits)`` block in the image, cropped to its hot part."""
+    h = min(tile.size, shape[0] - tile.y0)
+    w = min(tile.size, shape[1] - tile.x0)
+    mask = np.asarray(logits[:h, :w], np.float32)
+    hot = mask > above
+    rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return slice(tile.y0 + r0, tile.y0 + r1), slice(tile.x0 + c0, tile.x0 + c1), mask[r0:r1, c0:c1]
+
+
+def segment(
+    image: np.ndarray,
+    run: RunRequests,
+    family: Family,
+    boxes: np.ndarray | None,
+    options: SegmentOptions,
+) -> Segmentation:
+    """Segment one image with a served LITE pipeline; ``boxes`` xyxy in input pixels or None.
+
+    Overlaps follow CellSAM's rule (later masks win) with masks ordered by decreasing score
+    over the whole image, so where two cells' masks overlap the lower-scored one wins, as in
+    the reference.
+    """
+    image = channels_last(validate_image(image, "image"))
+    norm = lite_normalize(image)
+    height, width = norm.shape[:2]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    requests, used = build_requests(
+        norm,
+        tiles,
+        boxes,
+        pick(options.bbox_threshold, family.bbox_threshold),
+        pick(options.iou_threshold, family.iou_threshold),
+    )
+    results = run(requests) if requests else []
+    cut = logit_threshold(pick(options.mask_threshold, family.mask_threshold))
+    kept = []  # (score, tile, result, mask index)
+    for k, result in zip(used, results):
+        tile = tiles[k]
+        indices = np.arange(len(result.scores)) if boxes is not None else owned(result, tile)
+        kept += [(float(result.scores[i]), tile, result, int(i)) for i in indices]
+    kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile and prompt order
+    blocks = (mask_block(r.masks[i], t, (height, width), cut) for _, t, r, i in kept)
+    labels = paint_labels(blocks, (height, width), cut)
+    labels, origin = fill_holes_and_remove_small(labels, pick(options.min_cell_area, family.min_cell_area))
+    scores = np.array([kept[o - 1][0] for o in origin], np.float64)
+    return Segmentation(labels, cells_table(labels, scores))
