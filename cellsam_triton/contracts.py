@@ -137,6 +137,46 @@ class Family:
         )
         return ModelSpec(self.pipeline_name, tuple(inputs), outputs)
 
+    # --- detector-free point-grid segmentation (issue 7) ---------------------------------
+    @property
+    def point_decoder_name(self) -> str:
+        return f"{self.name}_point_decoder"
+
+    @property
+    def grid_name(self) -> str:
+        return f"{self.name}_grid"
+
+    def point_decoder(self) -> ModelSpec:
+        """One image embedding, N single-point prompts on axis 0 (SAM's point rule, no mask input)."""
+        e, m = self.embed_size, self.low_res_size
+        return ModelSpec(
+            self.point_decoder_name,
+            inputs=(
+                Tensor("image_embeddings", FP32, (1, self.embed_dim, e, e)),
+                Tensor("point_coords", FP32, (-1, 1, 2)),  # xy in the encoder frame
+                Tensor("point_labels", FP32, (-1, 1)),  # 1 foreground, 0 background
+            ),
+            outputs=(
+                Tensor("low_res_masks", FP32, (-1, 1, m, m)),
+                Tensor("iou_predictions", FP32, (-1, 1)),
+            ),
+        )
+
+    def grid_pipeline(self) -> ModelSpec:
+        """Detector-free pipeline: a point grid as prompts; same outputs as :meth:`pipeline`.
+
+        Masks come out decided (logit > 0 after clean-up), sorted by area, largest first.
+        """
+        s = self.input_size
+        inputs = (
+            Tensor("image", FP32, (1, 3, s, s)),
+            Tensor("valid_size", INT32, (2,), optional=True),  # (h, w) of the image part of the frame
+            Tensor("points_per_side", INT32, (1,), optional=True),
+            Tensor("pred_iou_threshold", FP32, (1,), optional=True),
+            Tensor("stability_threshold", FP32, (1,), optional=True),
+        )
+        return ModelSpec(self.grid_name, inputs, self.pipeline().outputs)
+
     def models(self) -> tuple[ModelSpec, ...]:
         return (self.encoder(), self.detector_model(), self.decoder(), self.pipeline())
 
@@ -159,6 +199,19 @@ LITE = Family(
     preprocess="litemedsam",
     encoder_batch=16,
     low_res_size=256,
+)
+
+# CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in
+# FAMILIES because its pipeline has no detector (box prompts or `<name>_grid` only).
+CELLSEG1 = Family(
+    name="cellseg1",
+    input_size=512,
+    embed_size=32,
+    low_res_size=128,
+    detector="none",
+    preprocess="sam",
+    encoder_batch=1,
+    extra={"pred_iou_threshold": 0.8, "stability_threshold": 0.6},
 )
 
 FAMILIES = {f.name: f for f in (CELLSAM, LITE)}

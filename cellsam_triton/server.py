@@ -4,6 +4,10 @@
 matches this interpreter), launches `tritonserver` on loopback ports, waits for readiness and turns
 every start-up failure (port taken, empty repository, model that fails to load, early exit) into a
 one-line `ServerError`. The module is also the `cellsam-triton serve` subcommand.
+
+Security defaults: loopback addresses, model control mode NONE (no repository API that could load
+code), optional gRPC TLS (`TlsConfig`) and an optional admin key (`admin_key`) that Triton's
+restricted-protocol options demand on the administrative endpoints; inference stays open.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ServerError, UserError
@@ -38,6 +43,13 @@ SHM_GROWTH_BYTES = 32 * 1024 * 1024
 PR_SET_PDEATHSIG = 1
 DEFAULT_START_TIMEOUT_S = 300.0  # ViT-B sessions take a while to build on a small CPU
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
+# Endpoints an admin key protects. Health, metadata, inference and model-config stay open: clients
+# read the pipeline's family from its config.
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "cellsam-admin-key"  # HTTP header name
+ADMIN_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # gRPC metadata key (Triton adds the prefix)
+_ADMIN_KEY = re.compile(r"^[A-Za-z0-9._~+/-]{16,256}$")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _BIND_ERROR = re.compile(r"(already in use|Address already in use|failed to (start|bind)[^\n]*)", re.I)
 
 
@@ -109,6 +121,50 @@ def repository_models(repository: Path) -> list[str]:
     return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()) if repository.is_dir() else []
 
 
+# --- security options ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TlsConfig:
+    """gRPC TLS: server certificate and key (PEM files); ``root_ca`` turns on mutual TLS (client certificates)."""
+
+    cert: Path
+    key: Path
+    root_ca: Path | None = None
+
+    def check(self) -> None:
+        for what, path in (("certificate", self.cert), ("key", self.key), ("CA certificate", self.root_ca)):
+            if path is not None and not Path(path).is_file():
+                raise UserError(f"TLS {what} not found: {path}")
+
+    def args(self) -> list[str]:
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.cert).resolve()}", f"--grpc-server-key={Path(self.key).resolve()}"]
+        if self.root_ca is not None:
+            args += [f"--grpc-root-cert={Path(self.root_ca).resolve()}", "--grpc-use-ssl-mutual=true"]
+        return args
+
+
+def read_admin_key(path: str | os.PathLike) -> str:
+    """The admin key in a file (first line, stripped): 16-256 characters of [A-Za-z0-9._~+/-]."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read admin key file {path}: {exc.strerror or exc}") from None
+    key = lines[0].strip() if lines else ""
+    check_admin_key(key, f"admin key in {path}")
+    return key
+
+
+def check_admin_key(key: str, what: str = "admin key") -> None:
+    """Refuse keys Triton's option syntax or an HTTP header could not carry (the key is never shown)."""
+    if not _ADMIN_KEY.match(key):
+        raise UserError(f"{what} must be 16-256 characters of letters, digits and ._~+/-")
+
+
+def admin_args(key: str) -> list[str]:
+    """tritonserver options that demand the key on the admin endpoints: HTTP header ``ADMIN_HEADER``, gRPC ``ADMIN_GRPC_HEADER``."""
+    apis = ",".join(ADMIN_PROTOCOLS)
+    return [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}", f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}"]
+
+
 # --- the server process --------------------------------------------------------------------------
 class EmbeddedServer:
     """A tritonserver child process on a model repository; use as a context manager.
@@ -128,6 +184,8 @@ class EmbeddedServer:
         exit_timeout_s: int = 5,
         extra_args: tuple[str, ...] | list[str] = (),
         log_verbose: int = 0,
+        tls: TlsConfig | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.host = host
@@ -137,6 +195,12 @@ class EmbeddedServer:
         self.exit_timeout_s = int(exit_timeout_s)
         self.extra_args = tuple(extra_args)
         self.log_verbose = int(log_verbose)
+        if tls is not None:
+            tls.check()
+        if admin_key is not None:
+            check_admin_key(admin_key)
+        self.tls = tls
+        self._admin_key = admin_key
         self.models: list[str] = []
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -153,6 +217,11 @@ class EmbeddedServer:
     @property
     def metrics_url(self) -> str:
         return f"{self.host}:{self.ports['metrics']}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running tritonserver (its process group holds the backend stubs)."""
+        return self._process.pid if self.running else None
 
     @property
     def running(self) -> bool:
@@ -179,6 +248,8 @@ class EmbeddedServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            *(self.tls.args() if self.tls else []),
+            *(admin_args(self._admin_key) if self._admin_key else []),
             *self.extra_args,
         ]
 
@@ -250,10 +321,12 @@ class EmbeddedServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s: {self.last_error_line()} (log: {self.log_path})")
 
     def _log_text(self) -> str:
+        """The server log, with the admin key (should Triton ever echo it) masked."""
         try:
-            return self.log_path.read_text(errors="replace") if self.log_path else ""
+            text = self.log_path.read_text(errors="replace") if self.log_path else ""
         except OSError:
             return ""
+        return text.replace(self._admin_key, "***") if self._admin_key else text
 
     def _log_problem(self) -> str | None:
         """A one-line reason from the log when a model failed to load or a port could not be bound."""
@@ -341,14 +414,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="server log (default: a temp file)")
     parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="tritonserver log verbosity (default 0)")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default %(default)s)")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this server certificate (needs --tls-key)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="also demand client certificates signed by this CA (mutual TLS)")
+    parser.add_argument(
+        "--admin-key-file", type=Path, metavar="PATH",
+        help=f"protect the admin endpoints ({', '.join(ADMIN_PROTOCOLS)}) with the key in this file; "
+             f"callers send it in the HTTP header '{ADMIN_HEADER}' or gRPC metadata '{ADMIN_GRPC_HEADER}'; "
+             "inference, health, metadata and model config stay open",
+    )
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The TlsConfig the serve options ask for (None: plain gRPC)."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_ca is not None:
+            raise UserError("--tls-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise UserError("--tls-cert and --tls-key go together")
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.repository.is_dir():
         raise UserError(f"repository not found: {args.repository}")
+    tls = tls_config(args)
+    admin_key = read_admin_key(args.admin_key_file) if args.admin_key_file is not None else None
+    if args.host not in LOOPBACK_HOSTS:
+        log.warning("serving on %s: reachable from other machines%s; HTTP and metrics are never encrypted",
+                    args.host, "" if tls else " over plain gRPC (add --tls-cert/--tls-key)")
     server = EmbeddedServer(
         args.repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, log_path=args.log_file, log_verbose=args.log_verbose,
+        tls=tls, admin_key=admin_key,
     )
     stop, ready = threading.Event(), threading.Event()
 
@@ -363,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
         ready.set()
         print(
             f"cellsam-triton serve: ready grpc={server.grpc_url} http={server.http_url} "
-            f"metrics={server.metrics_url} models={','.join(server.models)}",
+            f"metrics={server.metrics_url} models={','.join(server.models)}"
+            f"{' tls=on' if tls else ''}{' admin-key=on' if admin_key else ''}",
             flush=True,
         )
         while not stop.wait(0.5):

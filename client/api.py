@@ -13,19 +13,24 @@ from __future__ import annotations
 import asyncio
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellsam_triton.contracts import Family
+from cellsam_triton.errors import UserError
 
 from .transport import TritonTransport
 from .types import Segmentation, SegmentOptions
+
+if TYPE_CHECKING:
+    from .grid_rules import GridOptions
 
 # Family.preprocess -> module holding that family's `segment(image, run, family, boxes, options)`.
 RULE_SETS = {
     "cellsam": "cellsam_triton.client.cellsam_rules",
     "litemedsam": "cellsam_triton.client.lite_rules",
+    "sam": "cellsam_triton.client.grid_rules",  # CellSeg1: no detector, grid prompts only
 }
 
 
@@ -47,8 +52,22 @@ class Segmenter:
         image: np.ndarray,
         boxes: np.ndarray | None = None,
         options: SegmentOptions | None = None,
+        prompts: str = "detector",
+        grid: "GridOptions | None" = None,
     ) -> Segmentation:
-        """Segment one image. ``boxes``: [N,4] xyxy in input pixels; when given, no detector runs."""
+        """Segment one image. ``boxes``: [N,4] xyxy in input pixels; when given, no detector runs.
+
+        ``prompts="grid"``: no detector either; a point grid through ``<family>_grid`` (``grid``
+        sets its options, see client/grid_rules.py).
+        """
+        if prompts == "grid":
+            from .grid_rules import GridOptions, segment_grid
+
+            if boxes is not None:
+                raise UserError("give either prompt boxes or grid prompts, not both")
+            return segment_grid(image, self.transport.infer, self.family, options or SegmentOptions(), grid or GridOptions())
+        if prompts != "detector":
+            raise UserError(f"unknown prompts {prompts!r}; choose 'detector' or 'grid'")
         if boxes is not None:
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         return self._rules.segment(image, self.transport.run, self.family, boxes, options or SegmentOptions())
@@ -79,8 +98,10 @@ class AsyncSegmenter:
         image: np.ndarray,
         boxes: np.ndarray | None = None,
         options: SegmentOptions | None = None,
+        prompts: str = "detector",
+        grid: "GridOptions | None" = None,
     ) -> Segmentation:
-        return await asyncio.to_thread(self._sync.segment, image, boxes, options)
+        return await asyncio.to_thread(self._sync.segment, image, boxes, options, prompts, grid)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._sync.close)

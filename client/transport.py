@@ -27,6 +27,18 @@ PIPELINE_OUTPUTS = ("boxes", "scores", "iou_predictions", "masks", "prompt_index
 RETRY_BACKOFF_S = 0.2
 COMPOSING_SUFFIXES = ("_encoder", "_detector", "_decoder")
 SERVE_HINT = "is the server running? start it with `cellsam-triton serve --repository DIR`"
+# A restarted server is reconnected to within about a second (gRPC's default backoff grows to 120 s).
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+# Answers that say nothing about the request itself: the same request may succeed later or elsewhere
+# ("no available versions": the model is known but being unloaded or loaded, e.g. a restart).
+TRANSIENT_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+TRANSIENT_MESSAGES = ("not ready", "no available versions", "shutting down", "stopping", "socket closed", "connection reset")
 _TRITON_DTYPE = {np.dtype(v): k for k, v in NUMPY_DTYPES.items()}
 
 
@@ -41,14 +53,25 @@ def _first_line(exc: Exception) -> str:
     return (str(message).strip().splitlines() or [type(exc).__name__])[0]
 
 
+class TransientServerError(ServerError):
+    """A failure that says nothing about the request (server down, restarting, too slow): worth retrying."""
+
+
+def is_transient(exc: Exception) -> bool:
+    """Whether a tritonclient exception may go away if the same request is sent again later."""
+    status, message = _status(exc), _first_line(exc).lower()
+    return any(s in status for s in TRANSIENT_STATUSES) or any(m in message for m in TRANSIENT_MESSAGES)
+
+
 def server_error(url: str, model: str, exc: Exception) -> ServerError:
-    """A one-line ServerError for a failed call to ``model`` at ``url``."""
+    """A one-line ServerError (a TransientServerError when retrying may help) for a failed call."""
     status = _status(exc)
+    kind = TransientServerError if is_transient(exc) else ServerError
     if "UNAVAILABLE" in status:
-        return ServerError(f"cannot reach Triton at {url}: {_first_line(exc)}; {SERVE_HINT}")
+        return kind(f"cannot reach Triton at {url}: {_first_line(exc)}; {SERVE_HINT}")
     if "DEADLINE_EXCEEDED" in status:
-        return ServerError(f"request to {model} at {url} timed out; raise --timeout or check the server load")
-    return ServerError(f"{model} at {url} failed: {_first_line(exc)}")
+        return kind(f"request to {model} at {url} timed out; raise --timeout or check the server load")
+    return kind(f"{model} at {url} failed: {_first_line(exc)}")
 
 
 def _retryable(exc: Exception) -> bool:
@@ -164,7 +187,7 @@ class TritonTransport:
             import tritonclient.grpc as grpcclient
 
             try:
-                client = grpcclient.InferenceServerClient(self.url, **self._client_options)
+                client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS, **self._client_options)
             except Exception as exc:  # bad URL or certificates
                 raise ServerError(f"cannot connect to Triton at {self.url}: {_first_line(exc)}") from None
             self._local.client = client
@@ -283,7 +306,7 @@ class AsyncTritonTransport:
         self.max_in_flight = max(1, max_in_flight)
         try:
             self._client = aioclient.InferenceServerClient(
-                url, ssl=ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+                url, channel_args=CHANNEL_ARGS, ssl=ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
             )
         except Exception as exc:
             raise ServerError(f"cannot connect to Triton at {url}: {_first_line(exc)}") from None

@@ -15,6 +15,9 @@ from pathlib import Path
 from cellsam_triton.contracts import CELLSAM, LITE, Family
 from cellsam_triton.errors import UserError
 
+# Literal copies of export.repository's choices would drift; that module is light (no torch).
+from .repository import DEFAULT_TRT_CACHE, PRECISIONS
+
 # --model value -> family; the default model needs no checkpoint (weights ship with the project).
 MODEL_CHOICES: dict[str, Family] = {
     "default": LITE,
@@ -31,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model on cpu (default: all cores)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="gpu: TensorRT precision; fp16 keeps LayerNorm in FP32 (default %(default)s)")
+    parser.add_argument("--trt-cache", default=DEFAULT_TRT_CACHE, metavar="DIR", help="gpu: TensorRT engine and timing cache folder inside the server (default %(default)s)")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max abs error ONNX vs PyTorch (default %(default)s)")
 
 
@@ -66,7 +71,7 @@ def install(staging: Path, repository: Path, family: Family) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .repository import write_family
+    from .repository import GpuOptions, write_family
 
     family = MODEL_CHOICES[args.model]
     if args.checkpoint is not None and not args.checkpoint.is_file():
@@ -76,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix=".export-", dir=args.repository.parent) as tmp:
         staging = Path(tmp)
         reports = export_family(family, staging, args)
-        write_family(staging, family, args.target, threads=args.threads)
+        gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)
+        write_family(staging, family, args.target, threads=args.threads, gpu=gpu)
         installed = install(staging, args.repository, family)
     for report in reports:
         print(report)
     names = ", ".join(p.name for p in installed)
-    print(f"exported {family.name} ({args.target}) to {args.repository}: {names} in {time.perf_counter() - started:.0f} s")
+    target = f"gpu, {args.precision}" if args.target == "gpu" else args.target
+    print(f"exported {family.name} ({target}) to {args.repository}: {names} in {time.perf_counter() - started:.0f} s")
     return 0

@@ -17,10 +17,6 @@ from cellsam_triton.errors import UserError
 DEFAULT_DETECTOR_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cellfinder_lite.pt"
 
 
-def _onnx_path(repository_dir: Path, model_name: str) -> Path:
-    return Path(repository_dir) / model_name / "1" / "model.onnx"
-
-
 def export_encoder(encoder, examples: list, path: Path, tolerance: float):
     """Dynamo export of the encoder (batch axis dynamic), checked like ``export_onnx`` does."""
     import time
@@ -65,8 +61,16 @@ def export_encoder(encoder, examples: list, path: Path, tolerance: float):
     return report
 
 
-def export_lite(repository_dir: str | Path, detector_weights: str | Path = DEFAULT_DETECTOR_WEIGHTS, tolerance: float = 1e-3) -> list:
-    """Export encoder, detector and decoder of LITE under ``repository_dir``; the parity reports."""
+PARTS = ("encoder", "detector", "decoder")
+
+
+def export_lite(
+    repository_dir: str | Path,
+    detector_weights: str | Path = DEFAULT_DETECTOR_WEIGHTS,
+    tolerance: float = 1e-3,
+    parts: tuple[str, ...] = PARTS,
+) -> list:
+    """Export the LITE models named in ``parts`` under ``repository_dir``; their parity reports."""
     import torch
 
     from .models.detector_lite import load_detector
@@ -74,9 +78,8 @@ def export_lite(repository_dir: str | Path, detector_weights: str | Path = DEFAU
     from .onnx_export import export_onnx
 
     weights = Path(detector_weights)
-    if not weights.is_file():
+    if "detector" in parts and not weights.is_file():
         raise UserError(f"CellFinder-lite weights not found: {weights} (train them with `cellsam-triton train-detector`)")
-    detector = load_detector(weights)
     lite = load_litemedsam()
     generator = torch.Generator().manual_seed(0)
     s, c, e = LITE.input_size, LITE.embed_dim, LITE.embed_size
@@ -92,26 +95,35 @@ def export_lite(repository_dir: str | Path, detector_weights: str | Path = DEFAU
         wh = 8 + torch.rand(n, 2, generator=generator) * 56
         return torch.cat([xy, xy + wh], dim=1)
 
-    repository_dir = Path(repository_dir)
-    enc, det, dec = LITE.encoder(), LITE.detector_model(), LITE.decoder()
-    return [
-        export_encoder(lite.encoder, [image(2), image(1)], _onnx_path(repository_dir, enc.name), tolerance),
-        export_onnx(
-            detector,
-            {"image_embeddings": embeddings(2)},
-            ["pred_scores", "pred_boxes"],
-            {"image_embeddings": {0: "batch"}, "pred_scores": {0: "batch"}, "pred_boxes": {0: "batch"}},
-            _onnx_path(repository_dir, det.name),
-            tolerance,
-            check_inputs=[{"image_embeddings": embeddings(3)}],
-        ),
-        export_onnx(
-            lite.decoder,
-            {"image_embeddings": embeddings(1), "boxes": boxes(3)},
-            ["low_res_masks", "iou_predictions"],
-            {"boxes": {0: "boxes"}, "low_res_masks": {0: "boxes"}, "iou_predictions": {0: "boxes"}},
-            _onnx_path(repository_dir, dec.name),
-            tolerance,
-            check_inputs=[{"image_embeddings": embeddings(1), "boxes": boxes(1)}, {"image_embeddings": embeddings(1), "boxes": boxes(7)}],
-        ),
-    ]
+    def path(spec) -> Path:
+        return Path(repository_dir) / spec.name / "1" / "model.onnx"
+
+    reports = []
+    if "encoder" in parts:
+        reports.append(export_encoder(lite.encoder, [image(2), image(1)], path(LITE.encoder()), tolerance))
+    if "detector" in parts:
+        reports.append(
+            export_onnx(
+                load_detector(weights),
+                {"image_embeddings": embeddings(2)},
+                ["pred_scores", "pred_boxes"],
+                {"image_embeddings": {0: "batch"}, "pred_scores": {0: "batch"}, "pred_boxes": {0: "batch"}},
+                path(LITE.detector_model()),
+                tolerance,
+                check_inputs=[{"image_embeddings": embeddings(3)}],
+            )
+        )
+    if "decoder" in parts:
+        one = embeddings(1)
+        reports.append(
+            export_onnx(
+                lite.decoder,
+                {"image_embeddings": one, "boxes": boxes(3)},
+                ["low_res_masks", "iou_predictions"],
+                {"boxes": {0: "boxes"}, "low_res_masks": {0: "boxes"}, "iou_predictions": {0: "boxes"}},
+                path(LITE.decoder()),
+                tolerance,
+                check_inputs=[{"image_embeddings": one, "boxes": boxes(1)}, {"image_embeddings": embeddings(1), "boxes": boxes(7)}],
+            )
+        )
+    return reports

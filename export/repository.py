@@ -3,7 +3,9 @@
 Targets:
   cpu  every ONNX model runs in the Python-backend runner (model_repository/onnx_runner.py) on
        KIND_CPU: works with the embedded tritonserver of the nvidia-pytriton wheel.
-  gpu  native `onnxruntime_onnx` on KIND_GPU (NGC Triton container).
+  gpu  native `onnxruntime_onnx` on KIND_GPU (NGC Triton container) with ONNX Runtime's TensorRT
+       execution provider (FP32 or FP16 with LayerNorm kept in FP32), explicit TensorRT
+       optimisation profiles, engine/timing caches, dynamic batching and warm-up (`GpuOptions`).
 The pipeline is a Python BLS model (model_repository/pipeline.py + selection.py) in both targets.
 ONNX files are written separately by the exporters into ``DIR/<name>/1/model.onnx``.
 """
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 import importlib.resources
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cellsam_triton.contracts import Family, ModelSpec, Tensor
 from cellsam_triton.errors import UserError
@@ -31,6 +33,33 @@ DEFAULT_MAX_DETECTIONS = 1000
 # Concurrent pipeline requests overlap (one in the decoder while the next is in the encoder),
 # which also lets the encoder's dynamic batcher see more than one image at a time.
 PIPELINE_INSTANCES = 2
+
+# --- gpu target ---------------------------------------------------------------------------------
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_TRT_CACHE = "/var/cache/cellsam-triton/trt"
+GPU_QUEUE_DELAY_US = 5000  # a ViT-B batch of 8 takes tens of ms: waiting 5 ms to fill it pays
+TRT_WORKSPACE_BYTES = 4 << 30
+# Largest box count one decoder call may carry (TensorRT profile max). The pipeline sends
+# decoder_chunk boxes per call; direct decoder callers must chunk to at most this many.
+DECODER_MAX_BOXES = 256
+# Instances per role on the GPU: the encoder and detector scale by dynamic batching (one
+# instance, big batches); the decoder is small and latency-bound, so two instances let two
+# pipeline requests decode at once. The pipeline (Python BLS on CPU) needs as many instances as
+# requests in flight, or the encoder's batcher never sees a full batch: encoder_batch of them.
+GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2}
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    """TensorRT settings of the gpu target (see README, "GPU deployment")."""
+
+    precision: str = "fp32"
+    trt_cache: str = DEFAULT_TRT_CACHE
+    workspace_bytes: int = TRT_WORKSPACE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
 # --- pbtxt building blocks ---------------------------------------------------------------------
@@ -58,10 +87,38 @@ def _instances(kind: str, count: int = 1) -> str:
     return f"instance_group [ {{ kind: {kind} count: {count} }} ]"
 
 
-def _dynamic_batching(spec: ModelSpec) -> str:
+def _dynamic_batching(spec: ModelSpec, delay_us: int = MAX_QUEUE_DELAY_US, preferred: tuple[int, ...] = ()) -> str:
     if spec.max_batch_size <= 0:
         return ""
-    return f"dynamic_batching {{ max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}"
+    sizes = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ] " if preferred else ""
+    return f"dynamic_batching {{ {sizes}max_queue_delay_microseconds: {delay_us} }}"
+
+
+def _concrete_dims(tensor: Tensor, boxes: int) -> tuple[int, ...]:
+    """The tensor's dims with every dynamic axis made concrete (``boxes`` for the box axis)."""
+    return tuple(boxes if d < 0 else d for d in tensor.dims)
+
+
+def _profile_shape(spec: ModelSpec, batch: int, boxes: int) -> str:
+    """TensorRT profile string "name:AxBxC,..." of every input (batch axis first when batched)."""
+    shapes = []
+    for t in spec.inputs:
+        dims = ((batch,) if spec.max_batch_size > 0 else ()) + _concrete_dims(t, boxes)
+        shapes.append(f"{t.name}:{'x'.join(map(str, dims))}")
+    return ",".join(shapes)
+
+
+def _warmup(spec: ModelSpec, batch_sizes: tuple[int, ...], boxes: int) -> str:
+    """`model_warmup`: one random-data request per batch size, so engines exist before traffic."""
+    entries = []
+    for batch in batch_sizes:
+        inputs = " ".join(
+            f"inputs {{ key: {_quote(t.name)} value: {{ data_type: TYPE_{t.dtype} "
+            f"dims: [ {', '.join(map(str, _concrete_dims(t, boxes)))} ] random_data: true }} }}"
+            for t in spec.inputs
+        )
+        entries.append(f"  {{ name: {_quote(f'warmup_batch_{batch}')} batch_size: {batch} {inputs} }}")
+    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
 
 
 # --- per-target runtime sections ---------------------------------------------------------------
@@ -71,17 +128,53 @@ def _cpu_runner(spec: ModelSpec, threads: int | None) -> list[str]:
     return ['backend: "python"', _instances("KIND_CPU"), _dynamic_batching(spec), _parameters(params)]
 
 
-def _gpu_runner(spec: ModelSpec, threads: int | None) -> list[str]:
-    """ONNX model on GPU: Triton's native onnxruntime backend (extend here: TensorRT accelerator)."""
+def tensorrt_parameters(spec: ModelSpec, gpu: GpuOptions, decoder_chunk: int) -> dict[str, str]:
+    """Parameters of the "tensorrt" execution accelerator of Triton's onnxruntime backend.
+
+    Key names are the backend's (precision_mode, max_workspace_size_bytes) or ONNX Runtime's
+    TensorRT EP options it passes through (trt_*). Explicit profiles: batch 1..max_batch_size
+    (optimised for the full batch) for encoder/detector, 1..DECODER_MAX_BOXES boxes (optimised
+    for one pipeline chunk) for the decoder, so no engine is rebuilt under traffic.
+    """
+    if spec.max_batch_size > 0:
+        low, opt, high = (_profile_shape(spec, b, 1) for b in (1, spec.max_batch_size, spec.max_batch_size))
+    else:
+        low, opt, high = (_profile_shape(spec, 1, n) for n in (1, decoder_chunk, DECODER_MAX_BOXES))
+    params = {
+        "precision_mode": gpu.precision.upper(),
+        "max_workspace_size_bytes": str(gpu.workspace_bytes),
+        "trt_engine_cache_enable": "true",
+        "trt_engine_cache_path": f"{gpu.trt_cache.rstrip('/')}/{spec.name}",
+        "trt_timing_cache_enable": "true",
+        "trt_timing_cache_path": gpu.trt_cache,
+        "trt_profile_min_shapes": low,
+        "trt_profile_opt_shapes": opt,
+        "trt_profile_max_shapes": high,
+    }
+    if gpu.precision == "fp16":
+        # ViT LayerNorms (ONNX LayerNormalization at opset 17) overflow in FP16: keep them FP32.
+        params["trt_layer_norm_fp32_fallback"] = "true"
+    return params
+
+
+def _accelerator(params: dict[str, str]) -> str:
+    body = " ".join(f"parameters {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in params.items())
+    return f'optimization {{ execution_accelerators {{ gpu_execution_accelerator: [ {{ name: "tensorrt" {body} }} ] }} }}'
+
+
+def _gpu_runner(spec: ModelSpec, role: str, gpu: GpuOptions, decoder_chunk: int) -> list[str]:
+    """ONNX model on GPU: Triton's native onnxruntime backend with the TensorRT accelerator."""
+    batched = spec.max_batch_size > 0
+    preferred = tuple(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})) if batched else ()
+    warm = (1, spec.max_batch_size) if batched and spec.max_batch_size > 1 else (1,)
     return [
         'platform: "onnxruntime_onnx"',
         f'default_model_filename: "{ONNX_FILE}"',
-        _instances("KIND_GPU"),
-        _dynamic_batching(spec),
+        _instances("KIND_GPU", GPU_INSTANCES[role]),
+        _dynamic_batching(spec, GPU_QUEUE_DELAY_US, preferred),
+        _accelerator(tensorrt_parameters(spec, gpu, decoder_chunk)),
+        _warmup(spec, warm, decoder_chunk),
     ]
-
-
-RUNNERS: dict[str, Callable[[ModelSpec, int | None], list[str]]] = {"cpu": _cpu_runner, "gpu": _gpu_runner}
 
 
 def pipeline_parameters(family: Family) -> dict[str, object]:
@@ -93,21 +186,34 @@ def pipeline_parameters(family: Family) -> dict[str, object]:
     }
 
 
+TARGETS = ("cpu", "gpu")
+
+
 def render_config(
-    spec: ModelSpec, target: str, role: str, threads: int | None = None, family: Family | None = None
+    spec: ModelSpec,
+    target: str,
+    role: str,
+    threads: int | None = None,
+    family: Family | None = None,
+    gpu: GpuOptions | None = None,
 ) -> str:
-    """The config.pbtxt text of one model. ``role`` is one of ROLES; the pipeline needs ``family``."""
-    if target not in RUNNERS:
-        raise UserError(f"unknown target {target!r}; choose from {', '.join(RUNNERS)}")
+    """The config.pbtxt text of one model. ``role`` is one of ROLES; the pipeline needs ``family``;
+    ``gpu`` (default `GpuOptions()`) applies to the gpu target only."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if role not in ROLES:
         raise UserError(f"unknown model role {role!r}; choose from {', '.join(ROLES)}")
     head = [f"name: {_quote(spec.name)}", f"max_batch_size: {spec.max_batch_size}"]
     if role == "pipeline":
         if family is None:
             raise ValueError("the pipeline config needs its family")
-        body = ['backend: "python"', _instances("KIND_CPU", PIPELINE_INSTANCES), _parameters(pipeline_parameters(family))]
+        instances = family.encoder_batch if target == "gpu" else PIPELINE_INSTANCES
+        body = ['backend: "python"', _instances("KIND_CPU", instances), _parameters(pipeline_parameters(family))]
+    elif target == "cpu":
+        body = _cpu_runner(spec, threads)
     else:
-        body = RUNNERS[target](spec, threads)
+        chunk = family.decoder_chunk if family is not None else Family.decoder_chunk
+        body = _gpu_runner(spec, role, gpu or GpuOptions(), chunk)
     sections = head + [_tensors("input", spec.inputs), _tensors("output", spec.outputs)] + body
     return "\n".join(s for s in sections if s) + "\n"
 
@@ -123,7 +229,9 @@ def _glue_files(role: str, target: str) -> tuple[str, ...]:
     return RUNNER_GLUE if target == "cpu" else ()
 
 
-def write_family(repo_dir: str | Path, family: Family, target: str, threads: int | None = None) -> list[Path]:
+def write_family(
+    repo_dir: str | Path, family: Family, target: str, threads: int | None = None, gpu: GpuOptions | None = None
+) -> list[Path]:
     """Write every model's config.pbtxt and backend glue under ``repo_dir``; returns the written files."""
     repo_dir = Path(repo_dir)
     written: list[Path] = []
@@ -131,7 +239,7 @@ def write_family(repo_dir: str | Path, family: Family, target: str, threads: int
         model_dir = repo_dir / spec.name
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         config = model_dir / "config.pbtxt"
-        config.write_text(render_config(spec, target, role, threads=threads, family=family))
+        config.write_text(render_config(spec, target, role, threads=threads, family=family, gpu=gpu))
         written.append(config)
         for i, glue in enumerate(_glue_files(role, target)):
             dest = model_dir / "1" / ("model.py" if i == 0 else glue)

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO / ".cache" / "lite_embeddings"
 DEFAULT_OUT = REPO / "export" / "weights" / "cellfinder_lite.pt"
 NORMALIZATION = "lite_normalize:image-minmax-v1"
-NMS_IOU = 0.5  # the served pipeline's default greedy-NMS IoU
+NMS_IOU = 0.5  # greedy-NMS IoU of validation (the served pipeline's family.extra["nms_iou"])
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 MIN_VISIBLE_AREA = 10  # pixels of a cell inside a tile for it to be a target there
 CENTER_RADIUS = 1.5  # FCOS centre sampling, in grid cells
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="encoder processes for the cache, 1 thread each (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training (default %(default)s)")
+    parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="greedy-NMS IoU used in validation (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (default %(default)s)")
     parser.add_argument("--encoder-onnx", type=Path, default=None, help="encoder ONNX to cache with (default: LiteMedSAM's, exported once)")
@@ -206,7 +207,7 @@ def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarra
     loss_cls = sigmoid_focal_loss(cls, cls_targets, reduction="sum") / norm
     if len(loc) == 0:
         zero = cls.sum() * 0
-        return loss_cls + zero, {"cls": float(loss_cls), "ctr": 0.0, "box": 0.0}
+        return loss_cls + zero, {"cls": loss_cls.item(), "ctr": 0.0, "box": 0.0}
     p = model.centers[loc]
     lr = torch.stack([p[:, 0] - gt[:, 0], gt[:, 2] - p[:, 0]], -1).clamp(min=0.5)
     tb = torch.stack([p[:, 1] - gt[:, 1], gt[:, 3] - p[:, 1]], -1).clamp(min=0.5)
@@ -215,19 +216,11 @@ def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarra
     giou = generalized_box_iou_loss(model.boxes(dist)[batch, loc], gt, reduction="none")
     loss_box = (giou * centerness).sum() / centerness.sum().clamp(min=1e-6)
     loss = loss_cls + loss_ctr + 2.0 * loss_box
-    return loss, {"cls": float(loss_cls), "ctr": float(loss_ctr), "box": float(loss_box)}
+    parts = {"cls": loss_cls.item(), "ctr": loss_ctr.item(), "box": loss_box.item()}
+    return loss, parts
 
 
 # --- validation ------------------------------------------------------------------------------
-
-
-def detect_image(model, embeddings: np.ndarray, tiles: list[Tile], threshold: float, nms_iou: float = NMS_IOU) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes [N,4] image pixels, scores [N]) of one image, as the served pipeline keeps them."""
-    import torch
-
-    with torch.no_grad():
-        scores, boxes = model(torch.from_numpy(np.asarray(embeddings)).float())
-    return select_owned(scores.numpy(), boxes.numpy(), tiles, threshold, nms_iou)
 
 
 def select_owned(scores: np.ndarray, boxes: np.ndarray, tiles: list[Tile], threshold: float, nms_iou: float) -> tuple[np.ndarray, np.ndarray]:
@@ -264,20 +257,20 @@ def box_matches(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) -> i
     return int((weight[rows, cols] > 0).sum())
 
 
-def evaluate(model, samples: list[dict], thresholds=THRESHOLDS) -> dict:
+def evaluate(model, samples: list[dict], nms_iou: float = NMS_IOU, thresholds=THRESHOLDS) -> dict:
     """Box F1@0.5 on whole images for each score threshold: per-image mean and pooled P/R/F1."""
     import torch
 
     raw = []
     for s in samples:
         with torch.no_grad():
-            scores, boxes = model(torch.from_numpy(np.asarray(s["embeddings"])).float())
+            scores, boxes = model(torch.from_numpy(np.array(s["embeddings"])).float())
         raw.append((scores.numpy(), boxes.numpy()))
     result = {}
     for thr in thresholds:
         f1s, tp, n_pred, n_true = [], 0, 0, 0
         for s, (scores, boxes) in zip(samples, raw):
-            pred, _ = select_owned(scores, boxes, s["tiles"], thr, NMS_IOU)
+            pred, _ = select_owned(scores, boxes, s["tiles"], thr, nms_iou)
             m = box_matches(pred, s["boxes"])
             denom = m + 0.5 * (len(pred) - m + len(s["boxes"]) - m)
             f1s.append(m / denom if denom else 1.0)
@@ -336,7 +329,7 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             sched.step()
-            totals.append([float(loss), parts["cls"], parts["ctr"], parts["box"]])
+            totals.append([loss.item(), parts["cls"], parts["ctr"], parts["box"]])
         mean = np.mean(totals, axis=0)
         log.warning(
             "epoch %d/%d: loss %.3f (cls %.3f ctr %.3f box %.3f), %.0f s",
@@ -383,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed)
     train_seconds = time.perf_counter() - started
-    metrics = evaluate(model, val_set)
+    metrics = evaluate(model, val_set, args.nms_iou)
     best = metrics["by_threshold"][f"{metrics['best_threshold']:g}"]
     print(
         f"val box F1@0.5 {metrics['best_box_f1_mean']:.3f} at score > {metrics['best_threshold']:g} "
@@ -407,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         "overlap": OVERLAP,
         "normalization": NORMALIZATION,
         "encoder_sha256": encoder_sha,
-        "nms_iou": NMS_IOU,
+        "nms_iou": args.nms_iou,
         "val_metrics": metrics,
         "cache_seconds": round(cache_seconds, 1),
         "train_seconds": round(train_seconds, 1),

@@ -94,8 +94,11 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, a) for n, a in outputs.items()])
 
     @staticmethod
-    def _error(message):
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    def _error(message, invalid_argument=False):
+        """An error response; the caller's mistakes carry INVALID_ARGUMENT where this backend knows the code."""
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
+        error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -104,7 +107,7 @@ class TritonPythonModel:
             try:
                 valid.append((i, self._request_arrays(request)))
             except RequestError as exc:
-                responses[i] = self._error(str(exc))
+                responses[i] = self._error(str(exc), invalid_argument=True)
         if self.max_batch > 0 and len(valid) > 1:
             groups = [valid]  # one session call for the whole dynamic batch
         else:

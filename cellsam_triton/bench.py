@@ -1,0 +1,457 @@
+"""`cellsam-triton bench`: the served CellSAM pipeline vs in-process PyTorch vs raw ONNX Runtime.
+
+One run, same images, same weights, same box selection, so that every figure is a ratio from
+one machine at one time:
+
+- reference: CellSAM's published way, in-process PyTorch: encoder, CellFinder, CellSAM's box
+  selection, then SAM's prompt encoder + mask decoder once per box; up-sampling in PyTorch.
+- onnxruntime: the exported ONNX files in plain ONNX Runtime sessions in this process, the
+  pipeline's steps (decoder in chunks of ``decoder_chunk`` boxes), the client's pre/post-processing.
+- served: the same ONNX files behind a real tritonserver (embedded, CPU) through the client.
+
+End to end uses the detector. Random-weight detectors keep arbitrary box counts, so each image's
+``bbox_threshold`` is set (from the reference detector's output, the same value for all three
+methods) to keep about as many boxes as the image has cells. The decode comparison uses a fixed
+set of prompts: the ground-truth cell boxes. Outputs ``results.json`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .bench_measure import (
+    BenchImage,
+    bench_images,
+    closed_loop,
+    latency_summary,
+    peak_rss_mb,
+    reset_peak_rss,
+    server_peak_mb,
+    statistics_delta,
+    triton_statistics,
+    tritonserver_pids,
+)
+from .contracts import CELLSAM, Family
+from .errors import UserError
+
+QUICK = {"images": 1, "cells": "5,15", "levels": "1,2", "level_seconds": 0.0}
+TARGETS = {"speedup_end_to_end": (">=", 1.0), "speedup_decode": (">=", 1.5), "triton_overhead": ("<=", 0.10)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="CellSAM checkpoint (official layout) the reference loads")
+    parser.add_argument("--repository", type=Path, default=Path("build/bench/repository"), metavar="DIR",
+                        help="cpu-target repository of that checkpoint; exported first when it holds no cellsam model")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), metavar="DIR", help="DSB-layout data")
+    parser.add_argument("--images", type=int, default=3, help="512x512 crops to use (default %(default)s)")
+    parser.add_argument("--size", type=int, default=512, help="crop side (default %(default)s)")
+    parser.add_argument("--cells", default="20,60", metavar="MIN,MAX", help="ground-truth cells per crop (default %(default)s)")
+    parser.add_argument("--levels", default="1,2,4,8", help="client concurrency levels (default %(default)s)")
+    parser.add_argument("--level-seconds", type=float, default=60.0,
+                        help="time budget per concurrency level above 1; every worker finishes at least one request (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("bench"), metavar="DIR", help="writes results.json and results.png (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per served request (default %(default)s)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+
+
+# --- the three methods -------------------------------------------------------------------------
+def loop_decode(decoder, embeddings, boxes) -> tuple[np.ndarray, np.ndarray]:
+    """CellSAM's decoding: SAM's prompt encoder + mask decoder once per box (multimask off)."""
+    import torch
+
+    pe, md = decoder.prompt_encoder, decoder.mask_decoder
+    masks, ious = [], []
+    with torch.no_grad():
+        for box in torch.as_tensor(boxes).reshape(-1, 4):
+            sparse, dense = pe(points=None, boxes=box.reshape(1, 1, 4), masks=None)
+            mask, iou = md(image_embeddings=embeddings, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                           dense_prompt_embeddings=dense, multimask_output=False)
+            masks.append(mask[0].numpy())
+            ious.append(iou[0].numpy())
+    if not masks:
+        return np.zeros((0, 1, 256, 256), np.float32), np.zeros((0, 1), np.float32)
+    return np.stack(masks), np.stack(ious)
+
+
+def calibrate_threshold(logits: np.ndarray, boxes: np.ndarray, target: int, size: int) -> tuple[float, int]:
+    """The bbox_threshold for which CellSAM's selection keeps about ``target`` boxes, and the count.
+
+    The selection keeps scores above BBOX_WEIGHT * bbox_threshold + (k-means term), so the
+    threshold that puts the cut between the target-th and the next score is solved for directly
+    (it may be negative: random detectors score every query alike).
+    """
+    from .model_repository import selection
+
+    _, scores = selection.top_pairs(logits, boxes, size)  # best first
+    k = int(np.clip(target, 1, len(scores)))
+    cut = (scores[k - 1] + scores[k]) / 2 if k < len(scores) else scores[-1] / 2
+    threshold = float((cut - selection.kmeans_threshold(scores, 0.0)) / selection.BBOX_WEIGHT)
+    return threshold, len(selection.select_cellfinder(logits, boxes, size, threshold)[0])
+
+
+@dataclass
+class Reference:
+    """CellSAM's published path in PyTorch; ``run`` returns labels and per-stage seconds."""
+
+    modules: object
+    family: Family = CELLSAM
+
+    def run(self, item: BenchImage, threshold: float | None) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        from .client.cellsam_rules import detector_input, normalize, segmenter_input
+        from .client.images import to_channels_last3
+        from .client.labels import fill_holes_and_remove_small
+        from .model_repository import selection
+
+        t = [time.perf_counter()]
+        norm = normalize(to_channels_last3(item.image))
+        x, d = torch.from_numpy(segmenter_input(norm)), torch.from_numpy(detector_input(norm))
+        t.append(time.perf_counter())
+        with torch.no_grad():
+            embeddings = self.modules.encoder(x)
+            t.append(time.perf_counter())
+            logits, raw_boxes = self.modules.cellfinder(d)
+        t.append(time.perf_counter())
+        logits, raw_boxes = logits.numpy()[0], raw_boxes.numpy()[0]
+        if threshold is None:  # not timed: picks the threshold all three methods then use
+            threshold, _ = calibrate_threshold(logits, raw_boxes, len(item.boxes), self.family.input_size)
+        t_select = time.perf_counter()
+        boxes, _ = selection.select_cellfinder(logits, raw_boxes, self.family.input_size, threshold)
+        low_res, _ = loop_decode(self.modules.decoder, embeddings, boxes)
+        t.append(time.perf_counter())
+        masks = torch.from_numpy(low_res).reshape(-1, 1, *low_res.shape[-2:])
+        size = self.family.input_size
+        masks = F.interpolate(F.interpolate(masks, (size, size), mode="bilinear", align_corners=False),
+                              item.image.shape[:2], mode="bilinear", align_corners=False)
+        binary = (torch.sigmoid(masks[:, 0]) > self.family.mask_threshold).numpy()
+        labels = (binary * np.arange(1, len(binary) + 1)[:, None, None]).max(axis=0) if len(binary) else np.zeros(item.image.shape[:2], np.int64)
+        labels, _ = fill_holes_and_remove_small(labels.astype(np.int64), self.family.min_cell_area)
+        t.append(time.perf_counter())
+        calibration_s = t_select - t[3]
+        stages = {"pre_s": t[1] - t[0], "encoder_s": t[2] - t[1], "detector_s": t[3] - t[2],
+                  "select_and_decode_s": t[4] - t_select, "post_s": t[5] - t[4]}
+        return {"labels": labels, "boxes": len(boxes), "threshold": threshold,
+                "embeddings": embeddings, "stages": stages, "seconds": t[5] - t[0] - calibration_s}
+
+
+@dataclass
+class OrtPipeline:
+    """The pipeline's steps on plain ONNX Runtime sessions: a `RunRequests` for the client rules."""
+
+    repository: Path
+    family: Family = CELLSAM
+    threads: int = 0
+    stage_s: dict = field(default_factory=lambda: defaultdict(float))
+    last_embeddings: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        path = lambda name: str(self.repository / name / "1" / "model.onnx")  # noqa: E731
+        f = self.family
+        self.encoder, self.detector, self.decoder = (
+            ort.InferenceSession(path(n), options, providers=["CPUExecutionProvider"])
+            for n in (f.encoder_name, f.detector_name, f.decoder_name)
+        )
+
+    def _timed(self, stage: str, session, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        started = time.perf_counter()
+        result = session.run(outputs, feeds)
+        self.stage_s[stage] += time.perf_counter() - started
+        return result
+
+    def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mask logits [N,m,m] and IoUs [N], ``decoder_chunk`` boxes per session call."""
+        masks, ious = [], []
+        for start in range(0, len(boxes), self.family.decoder_chunk):
+            low, iou = self._timed("decoder_s", self.decoder, ["low_res_masks", "iou_predictions"],
+                                   {"image_embeddings": embeddings, "boxes": boxes[start:start + self.family.decoder_chunk]})
+            masks.append(low[:, 0])
+            ious.append(iou[:, 0])
+        m = self.family.low_res_size
+        return (np.concatenate(masks), np.concatenate(ious)) if masks else (np.zeros((0, m, m), np.float32), np.zeros(0, np.float32))
+
+    def __call__(self, requests):
+        from .client.types import PipelineResult
+        from .model_repository import selection
+
+        results = []
+        for r in requests:
+            (embeddings,) = self._timed("encoder_s", self.encoder, ["image_embeddings"], {"image": r["image"]})
+            self.last_embeddings = embeddings
+            if "boxes" in r:
+                boxes, scores = r["boxes"], np.ones(len(r["boxes"]), np.float32)
+            else:
+                logits, raw = self._timed("detector_s", self.detector, ["pred_logits", "pred_boxes"], {"image": r["detector_image"]})
+                boxes, scores = selection.select_cellfinder(logits[0], raw[0], self.family.input_size, float(r["bbox_threshold"][0]))
+            boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+            masks, ious = self.decode(embeddings, boxes)
+            keep = np.ones(len(ious), bool) if r["iou_threshold"][0] < 0 else ious >= r["iou_threshold"][0]
+            results.append(PipelineResult(boxes[keep], np.asarray(scores, np.float32)[keep], ious[keep],
+                                          masks[keep].astype(np.float16), np.flatnonzero(keep).astype(np.int32)))
+        return results
+
+
+class WireCounter:
+    """Wraps a `RunRequests` and counts payload bytes each way (tensor bytes; gRPC framing excluded)."""
+
+    def __init__(self, run) -> None:
+        self._run, self.sent, self.received, self.requests, self.last_boxes = run, 0, 0, 0, 0
+
+    def __call__(self, requests):
+        results = self._run(requests)
+        self.requests += len(requests)
+        self.last_boxes = sum(len(res.boxes) for res in results)
+        self.sent += sum(a.nbytes for r in requests for a in r.values())
+        self.received += sum(getattr(res, f).nbytes for res in results for f in ("boxes", "scores", "iou_predictions", "masks", "prompt_index"))
+        return results
+
+
+def segment_with(run, item: BenchImage, threshold: float, boxes: np.ndarray | None = None):
+    """The client's CellSAM rules (pre-processing, request, post-processing) over ``run``."""
+    from .client import cellsam_rules
+    from .client.types import SegmentOptions
+
+    options = SegmentOptions(bbox_threshold=threshold, iou_threshold=-1.0)
+    return cellsam_rules.segment(item.image, run, CELLSAM, boxes, options)
+
+
+# --- phases ------------------------------------------------------------------------------------
+def reference_phase(checkpoint: Path, images: list[BenchImage]) -> dict:
+    import torch
+
+    from .client.cellsam_rules import boxes_to_model
+    from .export.models.cellsam import build_cellsam, load_checkpoint
+
+    reference = Reference(build_cellsam(load_checkpoint(checkpoint)))
+    rows = []
+    for item in images:
+        out = reference.run(item, None)
+        prompts = torch.from_numpy(boxes_to_model(item.boxes, item.image.shape[:2]))
+        started = time.perf_counter()
+        loop_decode(reference.modules.decoder, out.pop("embeddings"), prompts)
+        out["gt_decode_s"] = time.perf_counter() - started
+        rows.append(out)
+    del reference
+    gc.collect()
+    return {"rows": rows, "torch_threads": torch.get_num_threads()}
+
+
+def ort_phase(repository: Path, images: list[BenchImage], thresholds: list[float]) -> dict:
+    from .client.cellsam_rules import boxes_to_model
+
+    pipeline = OrtPipeline(repository)
+    counter = WireCounter(pipeline)
+    rows = []
+    for item, threshold in zip(images, thresholds):
+        pipeline.stage_s.clear()
+        started = time.perf_counter()
+        result = segment_with(counter, item, threshold)
+        seconds = time.perf_counter() - started
+        stages = dict(pipeline.stage_s)
+        pipeline.stage_s.clear()
+        pipeline.decode(pipeline.last_embeddings, boxes_to_model(item.boxes, item.image.shape[:2]))
+        rows.append({"labels": result.labels, "boxes": counter.last_boxes, "seconds": seconds, "stages": stages,
+                     "gt_decode_s": pipeline.stage_s["decoder_s"]})
+    del pipeline
+    gc.collect()
+    return {"rows": rows}
+
+
+def served_phase(url: str, images: list[BenchImage], thresholds: list[float], levels: list[int], budget_s: float, timeout_s: float) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from .client.transport import TritonTransport
+
+    family = CELLSAM
+    models = [family.pipeline_name, family.encoder_name, family.detector_name, family.decoder_name]
+    stats_client = grpcclient.InferenceServerClient(url)
+    transports = [TritonTransport(url, family.name, timeout_s=timeout_s, max_in_flight=1) for _ in range(max(levels))]
+    try:
+        wire = WireCounter(transports[0].run)
+        segment_with(transports[0].run, images[0], thresholds[0])  # warm-up: lazy imports, first allocations
+        before = triton_statistics(stats_client, models)
+        rows, latencies = [], []
+        for item, threshold in zip(images, thresholds):  # concurrency 1: one pass, paired with the others
+            started = time.perf_counter()
+            result = segment_with(wire, item, threshold)
+            latencies.append(time.perf_counter() - started)
+            rows.append({"labels": result.labels, "boxes": wire.last_boxes, "seconds": latencies[-1]})
+        middle = triton_statistics(stats_client, models)
+        for item in images:  # fixed prompts: the ground-truth boxes
+            segment_with(transports[0].run, item, 0.0, boxes=item.boxes)
+        after = triton_statistics(stats_client, models)
+        level_rows = [{"concurrency": 1, "wall_s": sum(latencies), "requests": len(latencies),
+                       "throughput_per_s": len(latencies) / sum(latencies), "latency": latency_summary(latencies)}]
+        for level in (c for c in levels if c > 1):
+            work = lambda w, i: segment_with(transports[w].run, images[(w + i) % len(images)], thresholds[(w + i) % len(images)])  # noqa: E731
+            level_rows.append(closed_loop(work, level, budget_s))
+        return {"rows": rows, "stages": statistics_delta(before, middle), "gt_stages": statistics_delta(middle, after),
+                "levels": level_rows, "wire": {"request_bytes_per_image": wire.sent / wire.requests,
+                                               "response_bytes_per_image": wire.received / wire.requests}}
+    finally:
+        for transport in transports:
+            transport.close()
+        stats_client.close()
+
+
+# --- orchestration -----------------------------------------------------------------------------
+def ensure_repository(checkpoint: Path, repository: Path) -> None:
+    """Export ``checkpoint`` into ``repository`` (cpu target) unless it already holds CellSAM."""
+    if (repository / CELLSAM.pipeline_name / "config.pbtxt").is_file():
+        return
+    from .cli import main
+
+    if main(["export", "--model", "cellsam", "--checkpoint", str(checkpoint), "--repository", str(repository)]) != 0:
+        raise UserError(f"export of {checkpoint} failed")
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of pixels on which two label images agree about cell vs background."""
+    return float(((a > 0) == (b > 0)).mean())
+
+
+def summarize(images, ref: dict, ort: dict, served: dict, memory: dict, setup: dict) -> dict:
+    """results.json: headline ratios, then every measurement they come from."""
+    seconds = {name: [r["seconds"] for r in phase["rows"]] for name, phase in (("reference_pytorch", ref), ("onnxruntime", ort), ("served", served))}
+    total = {name: sum(v) for name, v in seconds.items()}
+    boxes_gt = [len(i.boxes) for i in images]
+    decode = {
+        "prompts": "ground-truth cell boxes (fixed count per image)",
+        "boxes_per_image": boxes_gt,
+        "reference_loop_s": sum(r["gt_decode_s"] for r in ref["rows"]),
+        "onnxruntime_chunked_s": sum(r["gt_decode_s"] for r in ort["rows"]),
+        "served_decoder_stage_s": served["gt_stages"][CELLSAM.decoder_name]["total_ms"] / 1e3,
+    }
+    decode["ms_per_box"] = {k[:-2]: v * 1e3 / max(sum(boxes_gt), 1) for k, v in decode.items() if k.endswith("_s")}
+    ref_stages = {k: sum(r["stages"][k] for r in ref["rows"]) for k in ref["rows"][0]["stages"]}
+    ort_stages = {k: sum(r["stages"].get(k, 0.0) for r in ort["rows"]) for k in ("encoder_s", "detector_s", "decoder_s")}
+    results = {
+        "speedup_end_to_end": total["reference_pytorch"] / total["served"],
+        "speedup_decode": decode["reference_loop_s"] / max(decode["served_decoder_stage_s"], 1e-9),
+        "triton_overhead": total["served"] / total["onnxruntime"] - 1.0,
+        "setup": setup,
+        "end_to_end": {name: {"per_image_s": v, "total_s": total[name], "latency": latency_summary(v)} for name, v in seconds.items()},
+        "boxes_decoded": {"reference_pytorch": [r["boxes"] for r in ref["rows"]],
+                          "onnxruntime": [r["boxes"] for r in ort["rows"]], "served": [r["boxes"] for r in served["rows"]],
+                          "bbox_threshold": [r["threshold"] for r in ref["rows"]], "ground_truth_cells": boxes_gt},
+        "stages": {"reference_pytorch_s": ref_stages, "onnxruntime_s": ort_stages, "served_triton_statistics": served["stages"]},
+        "decode": decode,
+        "concurrency": served["levels"],
+        "wire": served["wire"],
+        "memory": memory,
+        "checks": {
+            "cell_pixels_agree_served_vs_onnxruntime": [agreement(a["labels"], b["labels"]) for a, b in zip(served["rows"], ort["rows"])],
+            "cell_pixels_agree_served_vs_reference": [agreement(a["labels"], b["labels"]) for a, b in zip(served["rows"], ref["rows"])],
+        },
+    }
+    results["targets_met"] = {
+        f"{key} {op} {bound}": bool(results[key] >= bound if op == ">=" else results[key] <= bound) for key, (op, bound) in TARGETS.items()
+    }
+    return results
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "load_average_start": os.getloadavg()[0]}
+
+
+def plot(results: dict, path: Path) -> None:
+    """Four panels: end to end per method, decode ms per box, latency and throughput vs concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    e2e = results["end_to_end"]
+    axes[0].bar(list(e2e), [v["total_s"] / len(v["per_image_s"]) for v in e2e.values()], color=["grey", "tab:blue", "tab:green"])
+    axes[0].set(title="end to end, s per image", ylabel="s")
+    per_box = results["decode"]["ms_per_box"]
+    axes[1].bar(list(per_box), list(per_box.values()), color=["grey", "tab:blue", "tab:green"])
+    axes[1].set(title="decode (ground-truth boxes), ms per box", ylabel="ms")
+    levels = results["concurrency"]
+    c = [lv["concurrency"] for lv in levels]
+    for key in ("p50_ms", "p95_ms", "p99_ms"):
+        axes[2].plot(c, [lv["latency"][key] / 1e3 for lv in levels], marker="o", label=key[:3])
+    axes[2].set(title="served latency", xlabel="concurrency", ylabel="s", xscale="log", xticks=c, xticklabels=c)
+    axes[2].legend()
+    axes[3].plot(c, [lv["throughput_per_s"] * 60 for lv in levels], marker="o", color="tab:green")
+    axes[3].set(title="served throughput", xlabel="concurrency", ylabel="images per minute", xscale="log", xticks=c, xticklabels=c)
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(f"{results['setup']['machine']['cpu']} ({results['setup']['machine']['cores']} cores, no GPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    """Run everything; returns the results dict (also written to ``args.out``)."""
+    from .server import EmbeddedServer
+
+    levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()} | {1})
+    if min(levels) < 1:
+        raise UserError(f"--levels must be positive integers, got {args.levels!r}")
+    cells = tuple(int(x) for x in str(args.cells).split(","))
+    if len(cells) != 2 or not 0 < cells[0] <= cells[1]:
+        raise UserError(f"--cells must be MIN,MAX with 0 < MIN <= MAX, got {args.cells!r}")
+    images = bench_images(args.data, args.images, args.size, cells)
+    ensure_repository(args.checkpoint, args.repository)
+    setup = {"machine": machine(), "images": [i.id for i in images], "size": args.size, "checkpoint": str(args.checkpoint),
+             "levels": levels, "level_seconds": args.level_seconds, "decoder_chunk": CELLSAM.decoder_chunk,
+             "note": "bbox_threshold per image chosen from the reference detector so the random detector keeps about "
+                     "as many boxes as the image has cells; the same value for all three methods. One untimed "
+                     "warm-up request to the server before its timed pass (first-call imports and allocations)."}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cellsam-bench-") as tmp, EmbeddedServer(args.repository, log_path=Path(tmp) / "triton.log") as server:
+        pids = tritonserver_pids()
+        ref = reference_phase(args.checkpoint, images)
+        thresholds = [r["threshold"] for r in ref["rows"]]
+        ort = ort_phase(args.repository, images, thresholds)
+        baseline = reset_peak_rss()
+        served = served_phase(server.grpc_url, images, thresholds, levels, args.level_seconds, args.timeout)
+        memory = {"client_peak_mb": peak_rss_mb(), "client_before_served_phase_mb": baseline,
+                  "client_note": "peak RSS of this process during the served phase only (VmHWM reset before it)",
+                  "server": server_peak_mb(pids),
+                  "server_note": "VmHWM of tritonserver and of its Python-backend stubs (sum of per-process peaks)"}
+    setup["machine"]["load_average_end"] = os.getloadavg()[0]
+    setup["wall_s"] = time.perf_counter() - started
+    setup["torch_threads"] = ref["torch_threads"]
+    results = summarize(images, ref, ort, served, memory, setup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "results.png")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if not args.checkpoint.is_file():
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    results = bench(args)
+    print(f"speedup_end_to_end {results['speedup_end_to_end']:.2f}  speedup_decode {results['speedup_decode']:.2f}  "
+          f"triton_overhead {results['triton_overhead']:+.1%}  -> {args.out / 'results.json'}")
+    for target, met in results["targets_met"].items():
+        print(f"  {'ok  ' if met else 'MISS'} {target}")
+    return 0

@@ -1,0 +1,148 @@
+"""Client side of ``segment --prompts grid``: detector-free segmentation through ``<family>_grid``.
+
+The served grid pipeline does the point grid, filtering, NMS and clean-up of one frame and
+returns decided masks (logit > 0) largest first. Here the image becomes frames and the
+frames' masks one label image, painted large-to-small (small cells win where masks overlap):
+  litemedsam  native-resolution tiles (as lite_rules); a tile keeps the masks whose box
+              centre lies in its core.
+  sam         CellSeg1's frame: min-max to 0..255, longest side resized to the input size,
+              SAM pixel mean/std, zero-padded; masks up-sampled back like SAM's postprocessing.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from cellsam_triton.contracts import Family
+from cellsam_triton.errors import UserError
+
+from .images import validate_image
+from .labels import cells_table, fill_holes_and_remove_small, paint_labels
+from .lite_rules import channels_last, mask_block, owned
+from .resize import resize, resize_weights
+from .tiles import OVERLAP, Tile, lite_normalize, tile_grid, tile_input
+from .types import PipelineResult, Segmentation, SegmentOptions
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+DECIDED = 0.0  # the grid pipeline's masks are decided at logit 0
+MAX_IN_FLIGHT = 2
+
+Infer = Callable[[str, dict, object], dict]  # TritonTransport.infer(model, arrays, spec)
+
+
+@dataclass
+class GridOptions:
+    """Point-grid settings; None means the served model's default (CellSeg1's: 32, 0.8, 0.6)."""
+
+    points_per_side: int | None = None
+    pred_iou_threshold: float | None = None
+    stability_threshold: float | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The optional request inputs these settings fill in."""
+        out: dict[str, np.ndarray] = {}
+        if self.points_per_side is not None:
+            if not 1 <= self.points_per_side <= 128:
+                raise UserError(f"points per side must be in [1, 128], got {self.points_per_side}")
+            out["points_per_side"] = np.array([self.points_per_side], np.int32)
+        for name in ("pred_iou_threshold", "stability_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = np.array([value], np.float32)
+        return out
+
+
+def run_grid(infer: Infer, family: Family, requests: list[dict[str, np.ndarray]]) -> list[PipelineResult]:
+    """Send requests to ``<family>_grid`` (a few at a time); results in request order."""
+    from .transport import to_result
+
+    spec = family.grid_pipeline()
+    with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
+        futures = [pool.submit(infer, family.grid_name, request, spec) for request in requests]
+        return [to_result(f.result()) for f in futures]
+
+
+# --- litemedsam: native-resolution tiles --------------------------------------------------------------
+def _tile_requests(norm: np.ndarray, tiles: list[Tile], extra: dict) -> list[dict[str, np.ndarray]]:
+    height, width = norm.shape[:2]
+    return [
+        {"image": tile_input(norm, t),
+         "valid_size": np.array([min(t.size, height - t.y0), min(t.size, width - t.x0)], np.int32), **extra}
+        for t in tiles
+    ]
+
+
+def _tiled_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) -> list[tuple[float, float, tuple]]:
+    norm = lite_normalize(image)
+    height, width = norm.shape[:2]
+    tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    results = run_grid(infer, family, _tile_requests(norm, tiles, extra))
+    found = []
+    for tile, result in zip(tiles, results):
+        for i in owned(result, tile):
+            block = mask_block(result.masks[i], tile, (height, width), DECIDED)
+            found.append((float((block[2] > DECIDED).sum()), float(result.scores[i]), block))
+    return found
+
+
+# --- sam: one resized frame -------------------------------------------------------------------------------
+def sam_frame(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """CellSeg1/SAM input [1,3,size,size] of an [H,W,C] image and the (h, w) it occupies."""
+    norm = lite_normalize(image) * np.float32(255)
+    height, width = norm.shape[:2]
+    scale = size / max(height, width)
+    h, w = int(height * scale + 0.5), int(width * scale + 0.5)
+    chw = resize(np.ascontiguousarray(np.moveaxis(norm, -1, 0)), (h, w), antialias=True).astype(np.float32)
+    mean = np.asarray(SAM_PIXEL_MEAN, np.float32)[:, None, None]
+    std = np.asarray(SAM_PIXEL_STD, np.float32)[:, None, None]
+    frame = np.zeros((1, 3, size, size), np.float32)
+    frame[0, :, :h, :w] = (chw - mean) / std
+    return frame, (h, w)
+
+
+def _upsample(low_res: int, size: int, valid: int, out: int) -> np.ndarray:
+    """SAM postprocess along one axis: low_res -> size, crop to valid, -> out; weights [out, low_res]."""
+    first = resize_weights(low_res, size, antialias=False)[:valid]
+    return (resize_weights(valid, out, antialias=False) @ first).astype(np.float32)
+
+
+def _sam_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) -> list[tuple[float, float, tuple]]:
+    height, width = image.shape[:2]
+    frame, (h, w) = sam_frame(image, family.input_size)
+    (result,) = run_grid(infer, family, [{"image": frame, "valid_size": np.array([h, w], np.int32), **extra}])
+    m = family.low_res_size
+    wy, wx = _upsample(m, family.input_size, h, height), _upsample(m, family.input_size, w, width)
+    full = (slice(0, height), slice(0, width))
+    found = []
+    for mask, score in zip(result.masks, result.scores):
+        logits = wy @ mask.astype(np.float32) @ wx.T
+        found.append((float((logits > DECIDED).sum()), float(score), (*full, logits)))
+    return found
+
+
+FRAMES = {"litemedsam": _tiled_blocks, "sam": _sam_blocks}
+
+
+def segment(image: np.ndarray, run: object, family: Family, boxes: np.ndarray | None, options: SegmentOptions) -> Segmentation:
+    """The "sam" rule set's detector/box entry point: such a model (CellSeg1) has no detector."""
+    raise UserError(f"model {family.name} has no detector: segment with grid prompts (--prompts grid)")
+
+
+def segment_grid(image: np.ndarray, infer: Infer, family: Family, options: SegmentOptions, grid: GridOptions) -> Segmentation:
+    """Segment one image with the family's served grid pipeline."""
+    if family.preprocess not in FRAMES:
+        raise UserError(f"grid prompts are not available for model {family.name} (pre-processing {family.preprocess!r})")
+    image = channels_last(validate_image(image, "image"))
+    found = FRAMES[family.preprocess](image, infer, family, grid.arrays())
+    found.sort(key=lambda item: -item[0])  # paint large to small: smaller cells win overlaps
+    blocks: Iterator = (block for _, _, block in found)
+    labels = paint_labels(blocks, image.shape[:2], DECIDED)
+    min_area = family.min_cell_area if options.min_cell_area is None else options.min_cell_area
+    labels, origin = fill_holes_and_remove_small(labels, min_area)
+    scores = np.array([found[o - 1][1] for o in origin], np.float64)
+    return Segmentation(labels, cells_table(labels, scores))

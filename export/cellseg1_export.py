@@ -1,0 +1,88 @@
+"""Export CellSeg1 (SAM at 512 input with merged LoRA) and point decoders, parity-checked.
+
+``DIR/cellseg1_encoder``        image [B,3,512,512] (SAM-normalised, zero-padded) -> [B,256,32,32]
+``DIR/cellseg1_decoder``        box prompts, as every family's decoder
+``DIR/<family>_point_decoder``  image_embeddings [1,C,e,e], point_coords [N,1,2], point_labels
+                                [N,1] -> low_res_masks [N,1,m,m], iou_predictions [N,1]
+Encoder and decoders are exported from the merged weights; the parity check compares ONNX
+Runtime with the same (merged) PyTorch modules, and tests/test_cellseg1.py compares the ONNX
+files with the *unmerged* adapters. ViT-H (> 2 GB) goes to one external data file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from cellsam_triton.contracts import CELLSEG1, Family
+
+from .cellsam_export import model_path, random_boxes
+from .onnx_export import ExportReport, export_onnx
+
+
+def _embeddings(decoder, generator: torch.Generator) -> torch.Tensor:
+    pe = decoder.prompt_encoder
+    return torch.randn(1, pe.embed_dim, *pe.image_embedding_size, generator=generator)
+
+
+def export_point_decoder(family: Family, decoder, repository_dir: str | os.PathLike, tolerance: float = 1e-3) -> ExportReport:
+    """``<family>_point_decoder`` from any SAM-structured box decoder (its prompt encoder + mask decoder)."""
+    from .models.point_decoder import PointDecoder
+
+    spec = family.point_decoder()
+    names = [t.name for t in spec.inputs]
+    outputs = [t.name for t in spec.outputs]
+    point = PointDecoder(decoder.prompt_encoder, decoder.mask_decoder).eval()
+    size = point.prompt_encoder.input_image_size[0]
+    g = torch.Generator().manual_seed(3)
+    emb = _embeddings(point, g)
+
+    def inputs(n: int) -> dict:
+        coords = torch.rand(n, 1, 2, generator=g) * size
+        labels = (torch.rand(n, 1, generator=g) > 0.2).float()
+        return dict(zip(names, (emb, coords, labels)))
+
+    sets = [inputs(n) for n in (5, 1, 9)]
+    axes = {name: {0: "num_points"} for name in names[1:] + outputs}
+    return export_onnx(point, sets[0], outputs, axes, model_path(repository_dir, spec), tolerance, sets[1:])
+
+
+def export_sam_family(modules, family: Family, repository_dir: str | os.PathLike, tolerance: float) -> list[ExportReport]:
+    """Encoder, box decoder and point decoder of SAM ``modules`` (``models.cellseg1.SamModules``)."""
+    from .models.box_decoder import BoxDecoder
+
+    s = modules.input_size
+    enc = family.encoder()
+    image = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+    reports = [
+        export_onnx(
+            modules.encoder, {"image": image}, ["image_embeddings"],
+            {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}, model_path(repository_dir, enc), tolerance,
+        )
+    ]
+    box = BoxDecoder(modules.decoder.prompt_encoder, modules.decoder.mask_decoder).eval()
+    g = torch.Generator().manual_seed(2)
+    dec = family.decoder()
+    names, outputs = [t.name for t in dec.inputs], [t.name for t in dec.outputs]
+    emb = _embeddings(box, g)
+    sets = [dict(zip(names, (emb, random_boxes(n, s, g)))) for n in (4, 1, 11)]
+    axes = {name: {0: "num_boxes"} for name in (names[1], *outputs)}
+    reports.append(export_onnx(box, sets[0], outputs, axes, model_path(repository_dir, dec), tolerance, sets[1:]))
+    reports.append(export_point_decoder(family, modules.decoder, repository_dir, tolerance))
+    return reports
+
+
+def export_cellseg1(
+    sam_checkpoint: str | os.PathLike,
+    lora: str | os.PathLike | None,
+    repository_dir: str | os.PathLike,
+    tolerance: float = 1e-3,
+    family: Family = CELLSEG1,
+) -> list[ExportReport]:
+    """Official SAM checkpoint + CellSeg1 adapter file -> the family's ONNX models under ``repository_dir``."""
+    from .models.cellseg1 import load_cellseg1
+
+    modules = load_cellseg1(Path(sam_checkpoint), None if lora is None else Path(lora), family.input_size)
+    return export_sam_family(modules, family, repository_dir, tolerance)

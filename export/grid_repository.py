@@ -1,0 +1,60 @@
+"""Repository pieces for detector-free serving: ``<family>_point_decoder`` and ``<family>_grid``.
+
+Rendered with export/repository.py's public helpers: the point decoder is an ONNX model like the
+box decoder (role "decoder"), the grid pipeline a Python BLS like the box pipeline (role
+"pipeline", so its config carries the family). :func:`write_served` writes every config of a
+family, leaving out the detector of a detector-free family (``detector == "none"``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cellsam_triton.contracts import Family, ModelSpec
+
+from .repository import GLUE_DIR, PIPELINE_GLUE, RUNNER_GLUE, family_roles, render_config
+
+GRID_GLUE = ("grid_pipeline.py", "grid_masks.py")
+
+
+def grid_roles(family: Family) -> list[tuple[str, ModelSpec]]:
+    """(role, spec) of the two models that add grid prompts to a family."""
+    return [("decoder", family.point_decoder()), ("pipeline", family.grid_pipeline())]
+
+
+def served_roles(family: Family) -> list[tuple[str, ModelSpec]]:
+    """(role, spec) of every model a family serves with grid prompts (no detector if it has none)."""
+    base = [(r, s) for r, s in family_roles(family) if not (r == "detector" and family.detector == "none")]
+    return base + grid_roles(family)
+
+
+def _glue(role: str, spec: ModelSpec, family: Family, target: str) -> tuple[str, ...]:
+    if role == "pipeline":
+        return GRID_GLUE if spec.name == family.grid_name else PIPELINE_GLUE
+    return RUNNER_GLUE if target == "cpu" else ()
+
+
+def _write(repo_dir: Path, roles: list[tuple[str, ModelSpec]], family: Family, target: str, threads: int | None) -> list[Path]:
+    written: list[Path] = []
+    for role, spec in roles:
+        model_dir = repo_dir / spec.name
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        config = model_dir / "config.pbtxt"
+        config.write_text(render_config(spec, target, role, threads=threads, family=family))
+        written.append(config)
+        for i, glue in enumerate(_glue(role, spec, family, target)):
+            dest = model_dir / "1" / ("model.py" if i == 0 else glue)
+            shutil.copyfile(GLUE_DIR / glue, dest)
+            written.append(dest)
+    return written
+
+
+def write_grid(repo_dir: str | Path, family: Family, target: str, threads: int | None = None) -> list[Path]:
+    """Configs and glue of ``<family>_point_decoder`` and ``<family>_grid`` (ONNX written elsewhere)."""
+    return _write(Path(repo_dir), grid_roles(family), family, target, threads)
+
+
+def write_served(repo_dir: str | Path, family: Family, target: str, threads: int | None = None) -> list[Path]:
+    """Configs and glue of every model in :func:`served_roles`."""
+    return _write(Path(repo_dir), served_roles(family), family, target, threads)
