@@ -7,7 +7,7 @@ REPO   ?= build/repository
 DATA   ?= ../shared/data/dsb2018
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup export demo test test-fast bench-accuracy clean
+.PHONY: setup export demo test test-fast bench-accuracy bench clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ test-fast: setup
 
 bench-accuracy: export
 	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA)
+
+# Speed: served CellSAM vs in-process PyTorch vs raw ONNX Runtime, one run, bench/results.json + .png.
+# The model is a random-weight ViT-B CellSAM in the official layout (same shapes, same cost).
+BENCH_CKPT := build/bench/cellsam_vit_b_random.pt
+bench: setup
+	mkdir -p build/bench
+	test -f $(BENCH_CKPT) || $(BIN)/python -c "from cellsam_triton.export.models.cellsam import make_random_checkpoint; make_random_checkpoint('$(BENCH_CKPT)', 'vit_b')"
+	$(BIN)/cellsam-triton bench --checkpoint $(BENCH_CKPT) --repository build/bench/repository --data $(DATA) --out bench
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis

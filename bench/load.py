@@ -3,9 +3,10 @@
     python -m bench.load --url 127.0.0.1:8001 --clients 4 --seconds 30 [--model NAME] [--boxes K]
 
 Each client is a thread with its own gRPC connection that sends one warm-up request (not counted),
-then one request at a time (closed loop). The report gives throughput, latency percentiles of the successful requests and the errors
-by kind: ``rejected`` (the server refused: queue full or unavailable), ``timeout`` (no answer within
---timeout) and ``other``. Every loop is bounded by the duration; nothing is retried.
+then one request at a time (closed loop). The report gives throughput, latency percentiles of the
+successful requests and the errors by kind: ``rejected`` (the server refused: queue full or
+unavailable), ``timeout`` (no answer within --timeout) and ``other``. A rejected client pauses REJECT_PAUSE_S before its next request; nothing
+is retried, and every loop is bounded by the duration.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from cellsam_triton.contracts import Family
+
+REJECT_PAUSE_S = 0.05  # a rejected client waits this long before its next request, as a polite client would
 
 
 @dataclass
@@ -104,10 +107,13 @@ def run_load(url: str, model: str, request: dict[str, np.ndarray], clients: int,
                 try:
                     client.infer(model, inputs, client_timeout=timeout_s)
                 except InferenceServerException as exc:
+                    kind = error_kind(exc)
                     with lock:
-                        errors[error_kind(exc)] += 1
+                        errors[kind] += 1
                         if len(first_errors) < 5:
                             first_errors.append(str(exc).splitlines()[0])
+                    if kind == "rejected":
+                        time.sleep(REJECT_PAUSE_S)
                     continue
                 with lock:
                     latencies.append(time.perf_counter() - sent)

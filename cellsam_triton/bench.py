@@ -45,7 +45,7 @@ from .bench_measure import (
 from .contracts import CELLSAM, Family
 from .errors import UserError
 
-QUICK = {"images": 1, "cells": "5,15", "levels": "1,2", "level_seconds": 0.0}
+QUICK = {"images": 1, "cells": "3,10", "levels": "1,2", "level_seconds": 0.0}
 TARGETS = {"speedup_end_to_end": (">=", 1.0), "speedup_decode": (">=", 1.5), "triton_overhead": ("<=", 0.10)}
 
 
@@ -312,8 +312,9 @@ def served_phase(url: str, images: list[BenchImage], thresholds: list[float], le
 
 # --- orchestration -----------------------------------------------------------------------------
 def ensure_repository(checkpoint: Path, repository: Path) -> None:
-    """Export ``checkpoint`` into ``repository`` (cpu target) unless it already holds CellSAM."""
-    if (repository / CELLSAM.pipeline_name / "config.pbtxt").is_file():
+    """Export ``checkpoint`` into ``repository`` (cpu target) unless it holds a newer CellSAM export."""
+    config = repository / CELLSAM.pipeline_name / "config.pbtxt"
+    if config.is_file() and config.stat().st_mtime >= checkpoint.stat().st_mtime:
         return
     from .cli import main
 

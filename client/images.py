@@ -7,6 +7,7 @@ the CellSAM rule set works on.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ def _check_count(path: Path, shape: tuple[int, ...], max_pixels: int) -> None:
 def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
     import tifffile
 
+    # tifffile logs its own warning for damaged files; the UserError below is the one line.
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
     try:
         with tifffile.TiffFile(path) as tif:
             if not tif.series:

@@ -70,8 +70,10 @@ class ServerPool:
         self._lock = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=max(1, max_in_flight) * len(urls), thread_name_prefix="pool")
         self.family: Family | None = None
+        self._opened = False  # while opening, failures are reported by the error, not logged
         for server in self.servers:
             self._connect(server)
+        self._opened = True
         if self.family is None:
             self.close()
             errors = "; ".join(s.last_error for s in self.servers)
@@ -105,7 +107,8 @@ class ServerPool:
             server.failures += 1
             server.last_error = str(exc)
             self._lock.notify_all()
-        log.warning("server %s failed, resting %.1f s: %s", server.url, self.retry_after_s, exc)
+        level = logging.WARNING if self._opened else logging.INFO
+        log.log(level, "server %s failed, resting %.1f s: %s", server.url, self.retry_after_s, exc)
 
     def _acquire(self, deadline: float, last_error: str) -> ServerState:
         """The healthy server with the fewest requests in flight; waits (bounded) while none is."""

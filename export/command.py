@@ -12,10 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellsam_triton.contracts import CELLSAM, LITE, Family
+from cellsam_triton.contracts import CELLSAM, CELLSEG1, LITE, Family
 from cellsam_triton.errors import UserError
 
 # Literal copies of export.repository's choices would drift; that module is light (no torch).
+from .grid_repository import served_roles, write_served
 from .repository import DEFAULT_TRT_CACHE, PRECISIONS
 
 # --model value -> family; the default model needs no checkpoint (weights ship with the project).
@@ -24,12 +25,15 @@ MODEL_CHOICES: dict[str, Family] = {
     LITE.name: LITE,
     "litemedsam": LITE,
     CELLSAM.name: CELLSAM,
+    CELLSEG1.name: CELLSEG1,
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", choices=sorted(MODEL_CHOICES), help="model to export (default: LiteMedSAM + CellFinder-lite)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint file (required for --model cellsam)")
+    parser.add_argument("--sam-checkpoint", type=Path, help="official segment_anything ViT-B/L/H .pth (--model cellseg1)")
+    parser.add_argument("--lora", type=Path, help="CellSeg1 LoRA adapter file, merged before export (--model cellseg1)")
     parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
@@ -47,6 +51,12 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
         from .cellsam_export import export_cellsam
 
         return export_cellsam(args.checkpoint, staging, tolerance=args.tolerance)
+    if family is CELLSEG1:
+        if args.sam_checkpoint is None:
+            raise UserError("--model cellseg1 needs --sam-checkpoint PATH (an official SAM ViT-B/L/H .pth)")
+        from .cellseg1_export import export_cellseg1
+
+        return export_cellseg1(args.sam_checkpoint, args.lora, staging, tolerance=args.tolerance)
     from .lite_export import export_lite
 
     kwargs = {"tolerance": args.tolerance}
@@ -59,7 +69,7 @@ def install(staging: Path, repository: Path, family: Family) -> list[Path]:
     """Move the staged model folders into the repository, replacing older versions."""
     repository.mkdir(parents=True, exist_ok=True)
     installed = []
-    for spec in family.models():
+    for _, spec in served_roles(family):
         src, dst = staging / spec.name, repository / spec.name
         if not src.exists():
             continue
@@ -74,15 +84,19 @@ def run(args: argparse.Namespace) -> int:
     from .repository import GpuOptions, write_family
 
     family = MODEL_CHOICES[args.model]
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise UserError(f"checkpoint not found: {args.checkpoint}")
+    for given in (args.checkpoint, args.sam_checkpoint, args.lora):
+        if given is not None and not given.is_file():
+            raise UserError(f"file not found: {given}")
     started = time.perf_counter()
     args.repository.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=args.repository.parent) as tmp:
         staging = Path(tmp)
         reports = export_family(family, staging, args)
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)
-        write_family(staging, family, args.target, threads=args.threads, gpu=gpu)
+        if family.detector == "none":  # detector-free (CellSeg1): served with grid prompts
+            write_served(staging, family, args.target, threads=args.threads, gpu=gpu)
+        else:
+            write_family(staging, family, args.target, threads=args.threads, gpu=gpu)
         installed = install(staging, args.repository, family)
     for report in reports:
         print(report)

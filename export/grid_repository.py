@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cellsam_triton.contracts import Family, ModelSpec
 
-from .repository import GLUE_DIR, PIPELINE_GLUE, RUNNER_GLUE, family_roles, render_config
+from .repository import GLUE_DIR, PIPELINE_GLUE, RUNNER_GLUE, GpuOptions, family_roles, render_config
 
 GRID_GLUE = ("grid_pipeline.py", "grid_masks.py")
 
@@ -35,13 +35,15 @@ def _glue(role: str, spec: ModelSpec, family: Family, target: str) -> tuple[str,
     return RUNNER_GLUE if target == "cpu" else ()
 
 
-def _write(repo_dir: Path, roles: list[tuple[str, ModelSpec]], family: Family, target: str, threads: int | None) -> list[Path]:
+def _write(
+    repo_dir: Path, roles: list[tuple[str, ModelSpec]], family: Family, target: str, threads: int | None, gpu: GpuOptions | None
+) -> list[Path]:
     written: list[Path] = []
     for role, spec in roles:
         model_dir = repo_dir / spec.name
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         config = model_dir / "config.pbtxt"
-        config.write_text(render_config(spec, target, role, threads=threads, family=family))
+        config.write_text(render_config(spec, target, role, threads=threads, family=family, gpu=gpu))
         written.append(config)
         for i, glue in enumerate(_glue(role, spec, family, target)):
             dest = model_dir / "1" / ("model.py" if i == 0 else glue)
@@ -50,11 +52,15 @@ def _write(repo_dir: Path, roles: list[tuple[str, ModelSpec]], family: Family, t
     return written
 
 
-def write_grid(repo_dir: str | Path, family: Family, target: str, threads: int | None = None) -> list[Path]:
+def write_grid(
+    repo_dir: str | Path, family: Family, target: str, threads: int | None = None, gpu: GpuOptions | None = None
+) -> list[Path]:
     """Configs and glue of ``<family>_point_decoder`` and ``<family>_grid`` (ONNX written elsewhere)."""
-    return _write(Path(repo_dir), grid_roles(family), family, target, threads)
+    return _write(Path(repo_dir), grid_roles(family), family, target, threads, gpu)
 
 
-def write_served(repo_dir: str | Path, family: Family, target: str, threads: int | None = None) -> list[Path]:
+def write_served(
+    repo_dir: str | Path, family: Family, target: str, threads: int | None = None, gpu: GpuOptions | None = None
+) -> list[Path]:
     """Configs and glue of every model in :func:`served_roles`."""
-    return _write(Path(repo_dir), served_roles(family), family, target, threads)
+    return _write(Path(repo_dir), served_roles(family), family, target, threads, gpu)

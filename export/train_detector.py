@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO / ".cache" / "lite_embeddings"
 DEFAULT_OUT = REPO / "export" / "weights" / "cellfinder_lite.pt"
 NORMALIZATION = "lite_normalize:image-minmax-v1"
-NMS_IOU = 0.5  # greedy-NMS IoU of validation (the served pipeline's family.extra["nms_iou"])
+NMS_IOU = 0.3  # greedy-NMS IoU of validation: recommended family.extra["nms_iou"] (0.3 beat 0.5 by ~0.03 box F1)
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 MIN_VISIBLE_AREA = 10  # pixels of a cell inside a tile for it to be a target there
 CENTER_RADIUS = 1.5  # FCOS centre sampling, in grid cells
@@ -46,7 +46,7 @@ CENTER_RADIUS = 1.5  # FCOS centre sampling, in grid cells
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="DSB-layout folder (manifest.csv, images/)")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights file; a .json with provenance goes beside it")
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per step (default %(default)s)")
@@ -331,9 +331,11 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
             sched.step()
             totals.append([loss.item(), parts["cls"], parts["ctr"], parts["box"]])
         mean = np.mean(totals, axis=0)
-        log.warning(
-            "epoch %d/%d: loss %.3f (cls %.3f ctr %.3f box %.3f), %.0f s",
-            epoch + 1, epochs, *mean, time.perf_counter() - started,
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {mean[0]:.3f} (cls {mean[1]:.3f} ctr {mean[2]:.3f} box {mean[3]:.3f}), "
+            f"{time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
         )
     return model.eval()
 

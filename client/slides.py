@@ -1,0 +1,261 @@
+"""Whole-slide images: lazy reading, windows segmented concurrently, labels to a tiled BigTIFF or Zarr.
+
+Built on the LiteMedSAM rule set (``lite_rules`` / ``tiles``): the slide gets the very tile grid
+the whole image would get (``tile_grid``), min-max normalised with the whole slide's range, and
+each tile keeps the cells whose centre lies in its core. Tiles are grouped into *windows* by
+where their core starts (``window`` x ``window`` pixels); a window reads just the slide region
+its tiles cover, sends its tiles (through ``run``: concurrently) and paints its cells whole, so
+no cell is cut at a window border and none is kept twice (cores partition the slide). Where
+cells of two windows overlap, the lower-scored one wins, as in the whole-image rule.
+
+Labels go to an on-disk Zarr array (chunked, written window by window under a lock), then, for a
+``.tif`` output, into a tiled, zlib-compressed BigTIFF band by band. Client memory is bounded by
+``window`` and ``in_flight``, not by the slide: about ``in_flight * (window + 256)^2 * 80`` bytes
+(float32 copies, tile inputs, label canvases) plus one band of output tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellsam_triton.contracts import Family
+from cellsam_triton.errors import UserError
+
+from .labels import fill_holes_and_remove_small, logit_threshold, paint_labels
+from .lite_rules import build_requests, mask_block, owned
+from .tiles import OVERLAP, Tile, lite_normalize, tile_grid
+from .types import RunRequests, SegmentOptions
+from .writers import atomic_path
+
+WINDOW = 2048
+IN_FLIGHT = 2
+BYTES_PER_WINDOW_PIXEL = 80
+OUT_TILE = 512
+LABEL_DTYPE = np.uint32
+
+
+class Slide:
+    """A lazily read 2-D image, [H,W] or with up to 3 channels on any axis; size-1 axes ignored."""
+
+    def __init__(self, array: Any, name: str) -> None:
+        self.name = name
+        self._array = array
+        index = [0 if n == 1 else slice(None) for n in array.shape]
+        kept = [n for n in array.shape if n != 1]
+        if len(kept) not in (2, 3):
+            raise UserError(f"{name}: expected a 2-D image (with channels), got shape {tuple(array.shape)}")
+        self._index = index
+        self._channel = None if len(kept) == 2 else int(np.argmin(kept))
+        if self._channel is not None and kept[self._channel] > 3:
+            raise UserError(f"{name}: {kept[self._channel]} channels; at most 3 are supported")
+        self.shape = tuple(n for i, n in enumerate(kept) if i != self._channel)
+        self.dtype = np.dtype(array.dtype)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Slide":
+        """(OME-)TIFF and Zarr are read lazily (tifffile's Zarr store), NPY memory-mapped."""
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"{path}: no such file")
+        try:
+            if path.suffix.lower() == ".npy":
+                return cls(np.load(path, mmap_mode="r", allow_pickle=False), str(path))
+            import zarr
+
+            if path.suffix.lower() in (".tif", ".tiff"):
+                import tifffile
+
+                source = zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+            else:
+                source = zarr.open(str(path), mode="r")
+            if isinstance(source, zarr.Group):  # a pyramid: level 0 is full resolution
+                source = source[sorted(source.array_keys())[0]]
+            return cls(source, str(path))
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{path}: cannot open slide ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1], channels last."""
+        index, plane = list(self._index), iter([slice(y0, y1), slice(x0, x1)])
+        spatial = [i for i, item in enumerate(index) if item != 0]
+        for rank, axis in enumerate(spatial):
+            if rank != self._channel:
+                index[axis] = next(plane)
+        block = np.asarray(self._array[tuple(index)])
+        return block if self._channel is None else np.moveaxis(block, self._channel, -1)
+
+    def value_range(self, band: int = WINDOW) -> tuple[float, float]:
+        """Minimum and maximum over the whole slide, read band by band."""
+        low, high = math.inf, -math.inf
+        for y in range(0, self.shape[0], band):
+            block = self.read(y, min(y + band, self.shape[0]), 0, self.shape[1])
+            low, high = min(low, float(block.min())), max(high, float(block.max()))
+        return low, high
+
+
+@dataclass
+class SlideReport:
+    cells: int
+    windows: int
+    tiles: int
+    elapsed_s: float
+    path: Path
+
+
+def window_for_memory(memory_mb: float, in_flight: int = IN_FLIGHT, tile: int = 256) -> int:
+    """The largest window side whose ``in_flight`` windows fit in ``memory_mb`` (at least one tile)."""
+    side = math.sqrt(memory_mb * 2**20 / (max(1, in_flight) * BYTES_PER_WINDOW_PIXEL)) - tile
+    return max(tile, int(side) // tile * tile)
+
+
+def group_tiles(tiles: list[Tile], window: int) -> list[list[Tile]]:
+    """Tiles grouped by the window holding their core's top-left corner (row-major windows)."""
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for t in tiles:
+        groups.setdefault((t.cy0 // window, t.cx0 // window), []).append(t)
+    return [groups[key] for key in sorted(groups)]
+
+
+def _shift(tile: Tile, dy: int, dx: int) -> Tile:
+    return dataclasses.replace(tile, y0=tile.y0 - dy, x0=tile.x0 - dx, cy0=tile.cy0 - dy, cy1=tile.cy1 - dy,
+                               cx0=tile.cx0 - dx, cx1=tile.cx1 - dx)
+
+
+def _normalize(region: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`lite_normalize` with the whole slide's range instead of the region's."""
+    norm = lite_normalize(region)
+    channels = 1 if region.ndim == 2 else region.shape[2]
+    used = norm[:, :, : 3 if channels != 2 else 2]
+    local_low, local_high = float(region.min()), float(region.max())
+    if high > low:
+        used *= (local_high - local_low) / (high - low)
+        used += (local_low - low) / (high - low)
+    return norm
+
+
+class LabelStore:
+    """The slide's labels on disk (Zarr); windows are merged in under a lock."""
+
+    def __init__(self, folder: Path, shape: tuple[int, int], chunk: int = OUT_TILE) -> None:
+        import zarr
+
+        self.array = zarr.create_array(store=str(folder), shape=shape, chunks=(chunk, chunk), dtype=LABEL_DTYPE, fill_value=0)
+        self.scores: list[float] = [math.inf]  # scores[label]; background never wins
+        self._lock = threading.Lock()
+
+    def merge(self, y0: int, x0: int, labels: np.ndarray, scores: np.ndarray) -> int:
+        """Add a window's cells (labels 1..n, ``scores[k-1]``); the lower score wins shared pixels."""
+        if not labels.any():
+            return 0
+        rows, cols = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        labels = labels[r0:r1, c0:c1]
+        region = (slice(y0 + r0, y0 + r1), slice(x0 + c0, x0 + c1))
+        with self._lock:
+            base = len(self.scores) - 1
+            self.scores.extend(float(s) for s in scores)
+            table = np.asarray(self.scores)
+            existing = self.array[region]
+            new = np.where(labels > 0, labels.astype(LABEL_DTYPE) + base, 0)
+            wins = (new > 0) & (table[new] < table[existing])
+            existing[wins] = new[wins]
+            self.array[region] = existing
+        return int(len(scores))
+
+    def bands(self, rows: int = OUT_TILE):
+        for y in range(0, self.array.shape[0], rows):
+            yield self.array[y : y + rows]
+
+
+def write_tiled_tiff(path: Path, store: LabelStore, tile: int = OUT_TILE) -> None:
+    """The store as a tiled, zlib-compressed BigTIFF, one band of tiles in memory at a time."""
+    import tifffile
+
+    height, width = store.array.shape
+    dtype = np.uint16 if len(store.scores) - 1 <= np.iinfo(np.uint16).max else np.uint32
+
+    def tiles():
+        for band in store.bands(tile):
+            padded = np.zeros((tile, math.ceil(width / tile) * tile), dtype)
+            padded[: band.shape[0], :width] = band
+            for x in range(0, width, tile):
+                yield padded[:, x : x + tile]
+
+    with atomic_path(path) as temp:
+        tifffile.imwrite(temp, tiles(), shape=(height, width), dtype=dtype, tile=(tile, tile),
+                         bigtiff=True, compression="zlib")
+
+
+def segment_slide(
+    slide: Slide,
+    run: RunRequests,
+    family: Family,
+    out_path: str | Path,
+    options: SegmentOptions | None = None,
+    window: int = WINDOW,
+    in_flight: int = IN_FLIGHT,
+    progress: bool | None = None,
+) -> SlideReport:
+    """Segment a slide into a label image at ``out_path`` (``.tif``: tiled BigTIFF; ``.zarr``: Zarr)."""
+    from tqdm import tqdm
+
+    if family.preprocess != "litemedsam":
+        raise UserError(f"model {family.name} resizes whole images; slides need a tiled model such as the default")
+    options = options or SegmentOptions()
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    bbox = pick(options.bbox_threshold, family.bbox_threshold)
+    iou = pick(options.iou_threshold, family.iou_threshold)
+    cut = logit_threshold(pick(options.mask_threshold, family.mask_threshold))
+    min_area = pick(options.min_cell_area, family.min_cell_area)
+    out_path = Path(out_path)
+    started = time.perf_counter()
+    height, width = slide.shape
+    low, high = slide.value_range()
+    tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    groups = group_tiles(tiles, max(int(window), family.input_size))
+    work = Path(tempfile.mkdtemp(prefix=".slide-", dir=out_path.parent))
+    try:
+        store = LabelStore(work / "labels.zarr", (height, width))
+
+        def one(group: list[Tile]) -> int:
+            y0, x0 = min(t.y0 for t in group), min(t.x0 for t in group)
+            y1 = min(height, max(t.y0 + t.size for t in group))
+            x1 = min(width, max(t.x0 + t.size for t in group))
+            norm = _normalize(slide.read(y0, y1, x0, x1), low, high)
+            local = [_shift(t, y0, x0) for t in group]
+            requests, _ = build_requests(norm, local, None, bbox, iou)
+            results = run(requests)
+            kept = [(float(r.scores[i]), t, r, int(i)) for t, r in zip(local, results) for i in owned(r, t)]
+            kept.sort(key=lambda item: -item[0])
+            blocks = (mask_block(r.masks[i], t, norm.shape[:2], cut) for _, t, r, i in kept)
+            labels, origin = fill_holes_and_remove_small(paint_labels(blocks, norm.shape[:2], cut), min_area)
+            return store.merge(y0, x0, labels, np.array([kept[o - 1][0] for o in origin], np.float64))
+
+        bar = tqdm(total=len(groups), unit="window", file=sys.stderr, disable=None if progress is None else not progress)
+        with ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="slide") as executor:
+            for _ in executor.map(one, groups):  # a window reads its region only when it runs
+                bar.update(1)
+        bar.close()
+        if out_path.suffix.lower() == ".zarr":
+            shutil.rmtree(out_path, ignore_errors=True)
+            (work / "labels.zarr").rename(out_path)
+        else:
+            write_tiled_tiff(out_path, store)
+        cells = len(store.scores) - 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path)
