@@ -38,6 +38,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep retrying a request for S seconds while no server answers (default %(default)s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="gRPC over TLS, trusting this CA certificate")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key for mutual TLS")
+
+
+def tls_options(args: argparse.Namespace) -> dict:
+    """TritonTransport keyword arguments for the --tls-* flags (file paths, checked here)."""
+    given = {"root_certificates": args.tls_ca, "certificate_chain": args.tls_cert, "private_key": args.tls_key}
+    if not any(given.values()):
+        return {}
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together (mutual TLS)")
+    for path in given.values():
+        if path is not None and not path.is_file():
+            raise UserError(f"TLS file not found: {path}")
+    return {"ssl": True, **{k: str(v) for k, v in given.items() if v is not None}}
 
 
 def _options(args: argparse.Namespace) -> SegmentOptions:
@@ -60,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or 2 * len(urls)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    with ServerPool(urls, args.model, timeout_s=args.timeout, patience_s=args.retry_for) as pool:
+    with ServerPool(urls, args.model, timeout_s=args.timeout, patience_s=args.retry_for, **tls_options(args)) as pool:
         report = run_batch(
             jobs, args.out, lambda image: pool.segment(image, boxes=boxes, options=options),
             overlay=args.overlay, overwrite=args.overwrite, workers=workers, progress=args.progress,

@@ -60,13 +60,22 @@ class TransientServerError(ServerError):
 def is_transient(exc: Exception) -> bool:
     """Whether a tritonclient exception may go away if the same request is sent again later."""
     status, message = _status(exc), _first_line(exc).lower()
+    if _restricted(exc):
+        return False
     return any(s in status for s in TRANSIENT_STATUSES) or any(m in message for m in TRANSIENT_MESSAGES)
+
+
+def _restricted(exc: Exception) -> bool:
+    """Triton refuses an endpoint locked by an admin key (restricted protocol) with UNAVAILABLE."""
+    return "protocol is restricted" in _first_line(exc).lower()
 
 
 def server_error(url: str, model: str, exc: Exception) -> ServerError:
     """A one-line ServerError (a TransientServerError when retrying may help) for a failed call."""
     status = _status(exc)
     kind = TransientServerError if is_transient(exc) else ServerError
+    if _restricted(exc):
+        return ServerError(f"{model} at {url} needs the server's admin key ({_first_line(exc)})")
     if "UNAVAILABLE" in status:
         return kind(f"cannot reach Triton at {url}: {_first_line(exc)}; {SERVE_HINT}")
     if "DEADLINE_EXCEEDED" in status:
@@ -75,7 +84,7 @@ def server_error(url: str, model: str, exc: Exception) -> ServerError:
 
 
 def _retryable(exc: Exception) -> bool:
-    return "UNAVAILABLE" in _status(exc)
+    return "UNAVAILABLE" in _status(exc) and not _restricted(exc)
 
 
 def make_inputs(arrays: dict[str, np.ndarray]) -> list:

@@ -213,3 +213,22 @@ def test_serve_refuses_a_missing_certificate_in_one_line(single_repository: Path
     )
     assert process.returncode != 0 and "Traceback" not in process.stderr
     assert process.stderr.strip().splitlines() == [f"cellsam-triton serve: error: TLS certificate not found: {tmp_path / 'nope.pem'}"]
+
+
+def test_segment_cli_over_tls(secure: EmbeddedServer, pki: Path, tmp_path: Path, capsys) -> None:
+    """`segment --tls-ca` reaches a TLS server; without it the run fails with one line."""
+    from tiny_frames import frame
+
+    from cellsam_triton.cli import main as cli
+
+    np.save(tmp_path / "f.npy", frame(0))
+    base = ["segment", str(tmp_path / "f.npy"), "--out", str(tmp_path / "out"), "--url", secure.grpc_url,
+            "--model", "tiny", "--retry-for", "2"]
+    assert cli(base + ["--tls-ca", str(pki / "ca.pem")]) == 0
+    assert (tmp_path / "out" / "f_labels.tif").is_file()
+    capsys.readouterr()
+    assert cli(base + ["--tls-ca", str(pki / "other.pem")]) != 0
+    assert "Traceback" not in capsys.readouterr().err
+    # without a model name the client would list the repository: locked by the admin key
+    assert cli(base[:-4] + ["--retry-for", "2", "--tls-ca", str(pki / "ca.pem")]) == 3
+    assert "needs the server's admin key" in capsys.readouterr().err
