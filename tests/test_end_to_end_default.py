@@ -1,0 +1,50 @@
+"""The default model end to end on real data: `export` (no arguments) -> real tritonserver ->
+`segment` CLI on DSB2018 validation images -> F1 against the ground-truth labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellsam_triton.cli import main as cli
+from cellsam_triton.client.metrics import score_image
+from cellsam_triton.server import EmbeddedServer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+IMAGES = 6
+MIN_MEAN_F1 = 0.6  # a floor for "finds real cells"; bench-accuracy measures the model properly
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory):
+    if not (DATA / "manifest.csv").is_file():
+        pytest.skip(f"DSB2018 data not found at {DATA}")
+    root = tmp_path_factory.mktemp("default_e2e")
+    assert cli(["export", "--repository", str(root / "repository"), "--threads", "1"]) == 0
+    with EmbeddedServer(root / "repository", log_path=root / "triton.log") as server:
+        yield server
+
+
+def test_default_model_segments_real_nuclei(default_server: EmbeddedServer, tmp_path: Path) -> None:
+    from cellsam_triton.datasets import load_manifest, load_sample, split_of
+
+    records = [r for r in load_manifest(DATA) if split_of(r.id) == "val"][:IMAGES]
+    truths = {}
+    for record in records:
+        image, labels = load_sample(DATA, record.id)
+        tifffile.imwrite(tmp_path / f"{record.id}.tif", image)
+        truths[record.id] = labels
+    out = tmp_path / "out"
+    code = cli(["segment", *(str(tmp_path / f"{i}.tif") for i in truths), "--out", str(out),
+                "--url", default_server.grpc_url, "--overlay"])
+    assert code == 0
+    f1 = []
+    for image_id, truth in truths.items():
+        predicted = tifffile.imread(out / f"{image_id}_labels.tif")
+        assert predicted.shape == truth.shape
+        assert (out / f"{image_id}_overlay.png").is_file()
+        f1.append(score_image(truth, predicted).f1)
+    assert np.mean(f1) >= MIN_MEAN_F1, f1
