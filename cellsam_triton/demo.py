@@ -38,8 +38,9 @@ def sample_image(data: Path, out: Path) -> Path:
     if (data / "manifest.csv").is_file():
         from .datasets import load_manifest, load_sample, split_of
 
+        # the first validation image (manifest order) with a crowd of nuclei worth looking at
         records = [r for r in load_manifest(data) if split_of(r.id) == "val"]
-        record = records[0]
+        record = next((r for r in records if r.objects >= 40), records[0])
         image, _ = load_sample(data, record.id)
         path = out / f"dsb_{record.id[:12]}.tif"
         print(f"sample: DSB2018 validation image {record.id} ({record.kind}, {image.shape[1]}x{image.shape[0]})")
