@@ -46,7 +46,7 @@ CENTER_RADIUS = 1.5  # FCOS centre sampling, in grid cells
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="DSB-layout folder (manifest.csv, images/)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights file; a .json with provenance goes beside it")
     parser.add_argument("--batch-size", type=int, default=16, help="tiles per step (default %(default)s)")
