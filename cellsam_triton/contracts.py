@@ -199,6 +199,11 @@ LITE = Family(
     preprocess="litemedsam",
     encoder_batch=16,
     low_res_size=256,
+    # Chosen on the DSB2018 validation split (export/weights/cellfinder_lite.json): LiteMedSAM's
+    # masks come out small, so a low mask threshold (logit ~ -2) helps; NMS 0.3 beats 0.5.
+    bbox_threshold=0.5,
+    mask_threshold=0.12,
+    extra={"nms_iou": 0.3, "tile_overlap": 64},
 )
 
 # CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in

@@ -155,18 +155,18 @@ def segment(
     image = validate_image(image, "image")
     norm = normalize(to_channels_last3(image))
     height, width = norm.shape[:2]
-    pick = lambda value, default: default if value is None else value  # noqa: E731
+    options = options.resolved(family)
     request = build_request(
         norm,
         boxes,
-        pick(options.bbox_threshold, family.bbox_threshold),
-        pick(options.iou_threshold, family.iou_threshold),
+        options.bbox_threshold,
+        options.iou_threshold,
         family.input_size,
     )
     result = run([request])[0]
-    cut = logit_threshold(pick(options.mask_threshold, family.mask_threshold))
+    cut = logit_threshold(options.mask_threshold)
     blocks = iter_mask_logits(result.masks, family.input_size, (height, width), above=cut)
     labels = paint_labels(blocks, (height, width), cut)
-    labels, origin = fill_holes_and_remove_small(labels, pick(options.min_cell_area, family.min_cell_area))
+    labels, origin = fill_holes_and_remove_small(labels, options.min_cell_area)
     scores = np.asarray(result.scores, np.float64)[origin - 1] if origin.size else np.zeros(0)
     return Segmentation(labels, cells_table(labels, scores))

@@ -107,17 +107,17 @@ def segment(
     image = channels_last(validate_image(image, "image"))
     norm = lite_normalize(image)
     height, width = norm.shape[:2]
-    pick = lambda value, default: default if value is None else value  # noqa: E731
+    options = options.resolved(family)
     tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
     requests, used = build_requests(
         norm,
         tiles,
         boxes,
-        pick(options.bbox_threshold, family.bbox_threshold),
-        pick(options.iou_threshold, family.iou_threshold),
+        options.bbox_threshold,
+        options.iou_threshold,
     )
     results = run(requests) if requests else []
-    cut = logit_threshold(pick(options.mask_threshold, family.mask_threshold))
+    cut = logit_threshold(options.mask_threshold)
     kept = []  # (score, tile, result, mask index)
     for k, result in zip(used, results):
         tile = tiles[k]
@@ -126,6 +126,6 @@ def segment(
     kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile and prompt order
     blocks = (mask_block(r.masks[i], t, (height, width), cut) for _, t, r, i in kept)
     labels = paint_labels(blocks, (height, width), cut)
-    labels, origin = fill_holes_and_remove_small(labels, pick(options.min_cell_area, family.min_cell_area))
+    labels, origin = fill_holes_and_remove_small(labels, options.min_cell_area)
     scores = np.array([kept[o - 1][0] for o in origin], np.float64)
     return Segmentation(labels, cells_table(labels, scores))

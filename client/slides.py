@@ -215,12 +215,11 @@ def segment_slide(
 
     if family.preprocess != "litemedsam":
         raise UserError(f"model {family.name} resizes whole images; slides need a tiled model such as the default")
-    options = options or SegmentOptions()
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    bbox = pick(options.bbox_threshold, family.bbox_threshold)
-    iou = pick(options.iou_threshold, family.iou_threshold)
-    cut = logit_threshold(pick(options.mask_threshold, family.mask_threshold))
-    min_area = pick(options.min_cell_area, family.min_cell_area)
+    options = (options or SegmentOptions()).resolved(family)
+    bbox = options.bbox_threshold
+    iou = options.iou_threshold
+    cut = logit_threshold(options.mask_threshold)
+    min_area = options.min_cell_area
     out_path = Path(out_path)
     started = time.perf_counter()
     height, width = slide.shape

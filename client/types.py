@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cellsam_triton.contracts import Family
 
 
 @dataclass
@@ -37,6 +40,12 @@ class SegmentOptions:
     iou_threshold: float | None = None  # -1 keeps every mask
     mask_threshold: float | None = None  # on sigmoid(logit)
     min_cell_area: int | None = None
+
+    def resolved(self, family: "Family") -> "SegmentOptions":
+        """A copy with every None replaced by the model family's default."""
+        return SegmentOptions(
+            *(getattr(family, f.name) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self))
+        )
 
 
 CELL_COLUMNS = ("label", "x0", "y0", "x1", "y1", "score", "area")

@@ -36,12 +36,18 @@ class BoxDecoder(nn.Module):
         return emb + corner_tokens.unsqueeze(0)
 
     def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(image_embeddings, self.embed_boxes(boxes))
+
+    def decode(self, image_embeddings: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks [N,1,m,m] and IoU predictions [N,1] for sparse prompt embeddings [N,T,C].
+
+        SAM's mask decoder with ``multimask_output=False`` and no mask prompt, the single image
+        embedding expanded (not copied) per prompt.
+        """
         pe, md = self.prompt_encoder, self.mask_decoder
-        n = boxes.shape[0]
-        sparse = self.embed_boxes(boxes)
+        n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
         dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-
         output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
         src = (image_embeddings + dense).expand(n, c, h, w)

@@ -39,21 +39,3 @@ class PointDecoder(BoxDecoder):
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decode(image_embeddings, self.embed_points(point_coords, point_labels))
-
-    def decode(self, image_embeddings: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks and IoU predictions for sparse prompt embeddings [N,T,C] (multimask_output=False)."""
-        pe, md = self.prompt_encoder, self.mask_decoder
-        n = sparse.shape[0]
-        _, c, h, w = image_embeddings.shape
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-        src = (image_embeddings + dense).expand(n, c, h, w)
-        pos_src = pe.get_dense_pe().expand(n, c, h, w)
-        hs, src = md.transformer(src, pos_src, tokens)
-        src = src.transpose(1, 2).reshape(n, c, h, w)
-        upscaled = md.output_upscaling(src)
-        hyper = md.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)
-        _, c2, h2, w2 = upscaled.shape
-        masks = (hyper @ upscaled.reshape(n, c2, h2 * w2)).reshape(n, 1, h2, w2)
-        return masks, md.iou_prediction_head(hs[:, 0, :])[:, :1]
