@@ -40,6 +40,7 @@ PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 # and a chunk of 256x256 masks without a growth step on every request.
 SHM_DEFAULT_BYTES = 32 * 1024 * 1024
 SHM_GROWTH_BYTES = 32 * 1024 * 1024
+SHM_DIR = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1
 DEFAULT_START_TIMEOUT_S = 300.0  # ViT-B sessions take a while to build on a small CPU
 _FAILED_LOAD = re.compile(r"failed to load '([^']+)'[^:]*:\s*(.*)")
@@ -202,6 +203,9 @@ class EmbeddedServer:
         self.tls = tls
         self._admin_key = admin_key
         self.models: list[str] = []
+        # Python-backend shared-memory regions (/dev/shm) get this server's own name prefix, so
+        # that stop() can remove what a killed server or stub leaves behind (32 MB each).
+        self.shm_prefix = f"cellsam_triton_{os.getpid()}_{os.urandom(4).hex()}_"
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -248,6 +252,7 @@ class EmbeddedServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *(self.tls.args() if self.tls else []),
             *(admin_args(self._admin_key) if self._admin_key else []),
             *self.extra_args,
@@ -360,6 +365,19 @@ class EmbeddedServer:
                 process.wait(timeout=10)
         # the backend stubs live in the server's session; none may outlive it
         _kill_group(process)
+        self.remove_shm_regions()
+
+    def shm_regions(self) -> list[Path]:
+        """The Python-backend shared-memory files of this server now present."""
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
+
+    def remove_shm_regions(self) -> None:
+        """Delete this server's shared-memory files (only call once its processes are gone)."""
+        for path in self.shm_regions():
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
 
     def restart(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> "EmbeddedServer":
         """Stop and start again on the same ports."""

@@ -138,3 +138,20 @@ def test_port_bound_after_the_check_is_read_from_the_log(single_repository: Path
         with pytest.raises(ServerError, match=rf"could not bind a port: .*127\.0\.0\.1:{taken}' already in use"):
             server.start(60)
     assert not server.running
+
+
+def test_shared_memory_regions_are_removed_even_after_a_crash(single_repository: Path, server_factory) -> None:
+    """Python-backend regions (32 MB each in /dev/shm, RAM) must not outlive a killed server."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this system")
+    server = server_factory(single_repository).start(90)
+    assert server.shm_regions(), "the server's Python-backend regions should carry its prefix"
+    os.killpg(server.pid, signal.SIGKILL)  # a crash: nothing of the server gets to clean up
+    deadline = time.monotonic() + 10
+    while server.running and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.shm_regions(), "a killed server leaves its regions behind"
+    server.stop()
+    assert server.shm_regions() == []
+    other = server_factory(single_repository)
+    assert other.shm_prefix != server.shm_prefix
