@@ -4,7 +4,10 @@
    at inference (``client/tiles.py``), is encoded once by LiteMedSAM's encoder exported to ONNX
    (the graph the server runs; ONNX Runtime is ~2x faster than PyTorch here) and stored as
    float16 ``<id>.npy`` [tiles,256,64,64] in a folder keyed by the data checksum and every
-   setting that changes the embeddings (an interrupted run resumes).
+   setting that changes the embeddings (an interrupted run resumes). Train images of the
+   ``--augment-kinds`` (default: stained, the rare kind) are also encoded in their 7 other
+   dihedral views (``<id>@d<k>``: rotations and flips of the image, not of the embedding, which
+   is not equivariant), so the rare kind weighs ~8x more in training.
 2. Training on the train split (FCOS targets, see :func:`assign`), seeded, on CPU.
 3. Validation on the val split, image level: per tile score threshold + greedy NMS (as the
    served pipeline), cells kept by the tile whose core holds their box centre, then box F1@0.5
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="encoder processes for the cache, 1 thread each (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training (default %(default)s)")
     parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="greedy-NMS IoU used in validation (default %(default)s)")
+    parser.add_argument("--augment-kinds", default="stained", metavar="KINDS",
+                        help="comma-separated kinds whose train images are added in all 8 dihedral views ('' for none; default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (default %(default)s)")
     parser.add_argument("--encoder-onnx", type=Path, default=None, help="encoder ONNX to cache with (default: LiteMedSAM's, exported once)")
@@ -99,6 +104,27 @@ def export_encoder_onnx(path: Path) -> Path:
     return path
 
 
+DIHEDRAL_VIEWS = 8
+
+
+def dihedral(array: np.ndarray, k: int) -> np.ndarray:
+    """View ``k`` of 8 of the first two axes: ``k % 4`` quarter turns, then a left-right flip if k >= 4."""
+    out = np.rot90(array, k % 4, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+
+
+def view_id(sample_id: str, k: int) -> str:
+    """Cache/sample key of view ``k`` of an image (view 0 is the image itself)."""
+    return sample_id if k == 0 else f"{sample_id}@d{k}"
+
+
+def load_view(root: str | Path, view: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image, labels) of a view key from :func:`view_id`."""
+    sample_id, _, k = view.partition("@d")
+    image, labels = load_sample(root, sample_id)
+    return dihedral(image, int(k or 0)), dihedral(labels, int(k or 0))
+
+
 _SESSION = None  # per cache-worker process
 
 
@@ -114,7 +140,7 @@ def _init_worker(onnx_path: str) -> None:
 
 def _encode_image(job: tuple[str, str, str, int, int]) -> str:
     root, sample_id, out_path, tile, overlap = job
-    image, _ = load_sample(root, sample_id)
+    image, _ = load_view(root, sample_id)
     norm = lite_normalize(image)
     tiles = tile_grid(image.shape[0], image.shape[1], tile, overlap)
     embeddings = np.stack(
@@ -293,7 +319,7 @@ def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: b
     centers = grid_centers(DetectorConfig())
     samples = []
     for sample_id in ids:
-        _, labels = load_sample(root, sample_id)
+        _, labels = load_view(root, sample_id)
         tiles = tile_grid(labels.shape[0], labels.shape[1], TILE, OVERLAP)
         sample = {"id": sample_id, "tiles": tiles, "embeddings": load_embeddings(cache_dir, sample_id)}
         sample["assigned"] = [assign(centers, tile_targets(labels, t)) for t in tiles]
@@ -364,16 +390,19 @@ def run(args: argparse.Namespace) -> int:
         split_ids = {s: ids[: args.limit] for s, ids in split_ids.items()}
     if not split_ids["train"] or not split_ids["val"]:
         raise UserError(f"{args.data}: need images in both splits ({SPLIT_RULE})")
+    augment = {k.strip() for k in args.augment_kinds.split(",") if k.strip()}
+    kinds = {r.id: r.kind for r in records}
+    views = [view_id(i, k) for i in split_ids["train"] if kinds[i] in augment for k in range(1, DIHEDRAL_VIEWS)]
     wanted = set(split_ids["val"] + split_ids["train"])
     checksum = data_checksum(args.data, [r.id for r in records if r.id in wanted])  # manifest order
     onnx_path, encoder_sha = _encoder_identity(args)
     cache_dir = args.cache_dir / cache_key(checksum, encoder_sha, TILE, OVERLAP)
 
     started = time.perf_counter()
-    build_cache(args.data, split_ids["val"] + split_ids["train"], cache_dir, onnx_path, TILE, OVERLAP, args.workers)
+    build_cache(args.data, split_ids["val"] + split_ids["train"] + views, cache_dir, onnx_path, TILE, OVERLAP, args.workers)
     cache_seconds = time.perf_counter() - started
 
-    train_set = _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=False)
+    train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False)
     val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True)
     started = time.perf_counter()
     model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed)
@@ -397,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
         "data_checksum": checksum,
         "split_rule": SPLIT_RULE,
         "images": {s: len(ids) for s, ids in split_ids.items()},
+        "augment_kinds": sorted(augment),
+        "augmented_views": len(views),
         "tiles": {"train": sum(len(s["tiles"]) for s in train_set), "val": sum(len(s["tiles"]) for s in val_set)},
         "tile": TILE,
         "overlap": OVERLAP,

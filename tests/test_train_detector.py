@@ -135,6 +135,46 @@ def test_train_detector_smoke(tmp_path: Path) -> None:
     assert all((first[k] == second[k]).all() for k in first)
 
 
+def test_dihedral_views_are_the_8_distinct_symmetries_and_keep_labels_aligned(tmp_path: Path) -> None:
+    from cellsam_triton.export.train_detector import DIHEDRAL_VIEWS, dihedral, label_boxes, load_view, view_id
+
+    a = np.arange(12).reshape(3, 4)
+    views = {dihedral(a, k).tobytes() + bytes(dihedral(a, k).shape) for k in range(DIHEDRAL_VIEWS)}
+    assert len(views) == 8
+    data = tmp_path / "data"
+    (sample,) = _ids(1, "train")
+    _write_dataset(data, [sample])
+    image, labels = load_sample(data, sample)
+    for k in range(DIHEDRAL_VIEWS):
+        view_image, view_labels = load_view(data, view_id(sample, k))
+        assert view_image.shape[:2] == view_labels.shape
+        assert np.array_equal(view_image[..., 0] > 100, view_labels > 0)  # image and labels move together
+        areas = np.sort((label_boxes(view_labels)[:, 2:] - label_boxes(view_labels)[:, :2] + 1).prod(1))
+        assert np.array_equal(areas, np.sort((label_boxes(labels)[:, 2:] - label_boxes(labels)[:, :2] + 1).prod(1)))
+    assert view_id(sample, 0) == sample
+
+
+def test_augmented_kind_adds_seven_cached_views_per_train_image(tmp_path: Path) -> None:
+    from cellsam_triton.export import train_detector
+
+    data = tmp_path / "data"
+    _write_dataset(data, _ids(2, "train") + _ids(1, "val"))
+    parser = argparse.ArgumentParser()
+    train_detector.add_arguments(parser)
+    out = tmp_path / "det.pt"
+    args = parser.parse_args([
+        "--data", str(data), "--epochs", "1", "--out", str(out), "--workers", "1", "--threads", "1",
+        "--augment-kinds", "fluorescence", "--limit", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(_tiny_encoder_onnx(tmp_path / "enc.onnx")),
+    ])
+    assert train_detector.run(args) == 0
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["augment_kinds"] == ["fluorescence"] and provenance["augmented_views"] == 7
+    # 256x300 gives 2 tiles; its quarter-turned views (300x256) give 2 as well
+    assert provenance["tiles"]["train"] == 2 * 8
+    assert len(list((tmp_path / "cache").rglob("*@d*.npy"))) == 7
+
+
 def test_missing_data_folder_is_a_user_error(tmp_path: Path) -> None:
     from cellsam_triton.export import train_detector
 
