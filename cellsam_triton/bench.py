@@ -45,7 +45,7 @@ from .bench_measure import (
 from .contracts import CELLSAM, Family
 from .errors import UserError
 
-QUICK = {"images": 1, "cells": "3,10", "levels": "1,2", "level_seconds": 0.0}
+QUICK = {"images": 1, "cells": "3,10", "levels": "1,2", "level_seconds": 0.0, "shm_rounds": 1}
 TARGETS = {"speedup_end_to_end": (">=", 1.0), "speedup_decode": (">=", 1.5), "triton_overhead": ("<=", 0.10)}
 
 
@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time budget per concurrency level above 1; every worker finishes at least one request (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("bench"), metavar="DIR", help="writes results.json and results.png (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per served request (default %(default)s)")
+    parser.add_argument("--shm-rounds", type=int, default=3,
+                        help="rounds of the same served requests with and without system shared memory (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
 
 
@@ -310,6 +312,42 @@ def served_phase(url: str, images: list[BenchImage], thresholds: list[float], le
         stats_client.close()
 
 
+def shared_memory_phase(url: str, images: list[BenchImage], rounds: int, timeout_s: float) -> dict:
+    """The same served requests (ground-truth box prompts) with inputs over gRPC and over system
+    shared memory, alternating which goes first each round; mean client latency of each."""
+    from .client.transport import TritonTransport
+
+    seconds: dict[str, list[float]] = {"grpc": [], "shared_memory": []}
+    labels: dict[str, list[np.ndarray]] = {"grpc": [], "shared_memory": []}
+    with TritonTransport(url, CELLSAM.name, timeout_s=timeout_s, max_in_flight=1) as grpc, \
+            TritonTransport(url, CELLSAM.name, timeout_s=timeout_s, max_in_flight=1, shared_memory=True) as shm:
+        paths = {"grpc": grpc, "shared_memory": shm}
+        for name, transport in paths.items():  # warm-up: connection, region creation and registration
+            segment_with(transport.run, images[0], 0.0, boxes=images[0].boxes)
+        for r in range(max(1, rounds)):
+            for item in images:
+                for name in (("grpc", "shared_memory") if r % 2 == 0 else ("shared_memory", "grpc")):
+                    started = time.perf_counter()
+                    result = segment_with(paths[name].run, item, 0.0, boxes=item.boxes)
+                    seconds[name].append(time.perf_counter() - started)
+                    if r == 0:
+                        labels[name].append(result.labels)
+    mean = {name: float(np.mean(v)) for name, v in seconds.items()}
+    request_bytes = 3 * CELLSAM.input_size**2 * 4  # the segmenter image, FP32 (box prompts: no detector image)
+    return {
+        "requests_per_path": len(seconds["grpc"]),
+        "grpc_mean_ms": mean["grpc"] * 1e3,
+        "shared_memory_mean_ms": mean["shared_memory"] * 1e3,
+        "saved_ms_per_request": (mean["grpc"] - mean["shared_memory"]) * 1e3,
+        "gain": mean["grpc"] / max(mean["shared_memory"], 1e-9),
+        "input_bytes_per_request": request_bytes,
+        "latency": {name: latency_summary(v) for name, v in seconds.items()},
+        "labels_identical": all(np.array_equal(a, b) for a, b in zip(labels["grpc"], labels["shared_memory"])),
+        "note": "same requests (ground-truth box prompts), one client thread, order alternated per round; "
+                "inputs through a registered /dev/shm region instead of the gRPC message, outputs over gRPC",
+    }
+
+
 # --- orchestration -----------------------------------------------------------------------------
 def ensure_repository(checkpoint: Path, repository: Path) -> None:
     """Export ``checkpoint`` into ``repository`` (cpu target) unless it holds a newer CellSAM export."""
@@ -430,7 +468,9 @@ def bench(args: argparse.Namespace) -> dict:
         ort = ort_phase(args.repository, images, thresholds)
         baseline = reset_peak_rss()
         served = served_phase(server.grpc_url, images, thresholds, levels, args.level_seconds, args.timeout)
-        memory = {"client_peak_mb": peak_rss_mb(), "client_before_served_phase_mb": baseline,
+        client_peak = peak_rss_mb()
+        shm = shared_memory_phase(server.grpc_url, images, getattr(args, "shm_rounds", 3), args.timeout)
+        memory = {"client_peak_mb": client_peak, "client_before_served_phase_mb": baseline,
                   "client_note": "peak RSS of this process during the served phase only (VmHWM reset before it)",
                   "server": server_peak_mb(pids),
                   "server_note": "VmHWM of tritonserver and of its Python-backend stubs (sum of per-process peaks)"}
@@ -438,6 +478,7 @@ def bench(args: argparse.Namespace) -> dict:
     setup["wall_s"] = time.perf_counter() - started
     setup["torch_threads"] = ref["torch_threads"]
     results = summarize(images, ref, ort, served, memory, setup)
+    results["shared_memory"] = shm
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "results.png")
@@ -453,6 +494,9 @@ def run(args: argparse.Namespace) -> int:
     results = bench(args)
     print(f"speedup_end_to_end {results['speedup_end_to_end']:.2f}  speedup_decode {results['speedup_decode']:.2f}  "
           f"triton_overhead {results['triton_overhead']:+.1%}  -> {args.out / 'results.json'}")
+    shm = results["shared_memory"]
+    print(f"shared memory: {shm['shared_memory_mean_ms']:.0f} ms vs gRPC {shm['grpc_mean_ms']:.0f} ms per request "
+          f"(gain {shm['gain']:.3f}x, {shm['saved_ms_per_request']:+.1f} ms saved), labels identical: {shm['labels_identical']}")
     for target, met in results["targets_met"].items():
         print(f"  {'ok  ' if met else 'MISS'} {target}")
     return 0

@@ -45,6 +45,7 @@ class BatchReport:
     cells: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    by_worker: dict[str, int] = field(default_factory=dict)  # images segmented per Dask worker
 
     def summary(self) -> str:
         rate = self.segmented / self.elapsed_s if self.elapsed_s > 0 else 0.0

@@ -8,6 +8,13 @@ its tiles cover, sends its tiles (through ``run``: concurrently) and paints its 
 no cell is cut at a window border and none is kept twice (cores partition the slide). Where
 cells of two windows overlap, the lower-scored one wins, as in the whole-image rule.
 
+Background skip (on by default, ``skip_background=False`` turns it off): a tile whose raw pixels
+are uniform (max - min <= ``background_tolerance`` times the slide's value range; 0: exactly
+uniform) holds no edge, hence no cell, and is not sent; a window made only of such tiles is not
+even normalised. On a slide that is mostly empty glass only the tiles touching tissue reach the
+server. Tiles of a window go to ``run`` ``TILE_BATCH`` at a time and each result is reduced to
+its kept cells' cropped logits at once, so memory does not grow with the cells of a window.
+
 Labels go to an on-disk Zarr array (chunked, written window by window under a lock), then, for a
 ``.tif`` output, into a tiled, zlib-compressed BigTIFF band by band. Client memory is bounded by
 ``window`` and ``in_flight``, not by the slide: about ``in_flight * (window + 256)^2 * 80`` bytes
@@ -43,6 +50,7 @@ WINDOW = 2048
 IN_FLIGHT = 2
 BYTES_PER_WINDOW_PIXEL = 80
 OUT_TILE = 512
+TILE_BATCH = 16
 LABEL_DTYPE = np.uint32
 
 
@@ -62,6 +70,10 @@ class Slide:
             raise UserError(f"{name}: {kept[self._channel]} channels; at most 3 are supported")
         self.shape = tuple(n for i, n in enumerate(kept) if i != self._channel)
         self.dtype = np.dtype(array.dtype)
+        if self.dtype.kind not in "uif":
+            raise UserError(f"{name}: pixel type {self.dtype} is not a real number type")
+        if min(self.shape) < 1:
+            raise UserError(f"{name}: empty image, shape {tuple(array.shape)}")
 
     @classmethod
     def open(cls, path: str | Path) -> "Slide":
@@ -81,7 +93,10 @@ class Slide:
             else:
                 source = zarr.open(str(path), mode="r")
             if isinstance(source, zarr.Group):  # a pyramid: level 0 is full resolution
-                source = source[sorted(source.array_keys())[0]]
+                keys = sorted(source.array_keys())
+                if not keys:
+                    raise UserError(f"{path}: Zarr group holds no image array")
+                source = source[keys[0]]
             return cls(source, str(path))
         except UserError:
             raise
@@ -95,25 +110,39 @@ class Slide:
         for rank, axis in enumerate(spatial):
             if rank != self._channel:
                 index[axis] = next(plane)
-        block = np.asarray(self._array[tuple(index)])
+        try:
+            block = np.asarray(self._array[tuple(index)])
+        except Exception as exc:  # truncated or corrupt data found only when read
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{self.name}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] ({detail})") from None
         return block if self._channel is None else np.moveaxis(block, self._channel, -1)
 
     def value_range(self, band: int = WINDOW) -> tuple[float, float]:
-        """Minimum and maximum over the whole slide, read band by band."""
+        """Minimum and maximum over the whole slide, read ``band`` rows at a time."""
         low, high = math.inf, -math.inf
-        for y in range(0, self.shape[0], band):
+        for y in range(0, self.shape[0], max(1, band)):
             block = self.read(y, min(y + band, self.shape[0]), 0, self.shape[1])
             low, high = min(low, float(block.min())), max(high, float(block.max()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise UserError(f"{self.name}: contains NaN or Inf pixels")
         return low, high
 
 
 @dataclass
 class SlideReport:
+    """What `segment_slide` did: cells found, windows, tiles in the grid, tiles sent to the server."""
+
     cells: int
     windows: int
     tiles: int
     elapsed_s: float
     path: Path
+    tiles_sent: int = 0
+
+    def summary(self) -> str:
+        skipped = self.tiles - self.tiles_sent
+        return (f"{self.cells} cells, {self.tiles} tiles ({self.tiles_sent} sent, {skipped} background skipped), "
+                f"{self.windows} windows, {self.elapsed_s:.1f} s -> {self.path}")
 
 
 def window_for_memory(memory_mb: float, in_flight: int = IN_FLIGHT, tile: int = 256) -> int:
@@ -145,6 +174,20 @@ def _normalize(region: np.ndarray, low: float, high: float) -> np.ndarray:
         used *= (local_high - local_low) / (high - low)
         used += (local_low - low) / (high - low)
     return norm
+
+
+def _compact(block: tuple[slice, slice, np.ndarray]) -> tuple[slice, slice, np.ndarray]:
+    """The block with its logits copied, so the tile's full 256x256 float mask can be freed."""
+    rows, cols, logits = block
+    return rows, cols, logits.copy()
+
+
+def _is_background(region: np.ndarray, tile: Tile, flat: float) -> bool:
+    """Whether a tile's raw pixels (``tile`` in ``region`` coordinates) vary by ``flat`` or less."""
+    if flat < 0:
+        return False
+    block = region[max(0, tile.y0) : tile.y0 + tile.size, max(0, tile.x0) : tile.x0 + tile.size]
+    return block.size == 0 or float(block.max()) - float(block.min()) <= flat
 
 
 class LabelStore:
@@ -209,6 +252,8 @@ def segment_slide(
     window: int = WINDOW,
     in_flight: int = IN_FLIGHT,
     progress: bool | None = None,
+    skip_background: bool = True,
+    background_tolerance: float = 0.0,
 ) -> SlideReport:
     """Segment a slide into a label image at ``out_path`` (``.tif``: tiled BigTIFF; ``.zarr``: Zarr)."""
     from tqdm import tqdm
@@ -223,31 +268,43 @@ def segment_slide(
     out_path = Path(out_path)
     started = time.perf_counter()
     height, width = slide.shape
-    low, high = slide.value_range()
+    low, high = slide.value_range(band=max(1, int(window) ** 2 // max(1, width)))
+    flat = float(background_tolerance) * (high - low) if skip_background else -1.0
     tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
     groups = group_tiles(tiles, max(int(window), family.input_size))
     work = Path(tempfile.mkdtemp(prefix=".slide-", dir=out_path.parent))
     try:
         store = LabelStore(work / "labels.zarr", (height, width))
+        sent = [0]
+        sent_lock = threading.Lock()
 
         def one(group: list[Tile]) -> int:
             y0, x0 = min(t.y0 for t in group), min(t.x0 for t in group)
             y1 = min(height, max(t.y0 + t.size for t in group))
             x1 = min(width, max(t.x0 + t.size for t in group))
-            norm = _normalize(slide.read(y0, y1, x0, x1), low, high)
-            local = [_shift(t, y0, x0) for t in group]
-            requests, _ = build_requests(norm, local, None, bbox, iou)
-            results = run(requests)
-            kept = [(float(r.scores[i]), t, r, int(i)) for t, r in zip(local, results) for i in owned(r, t)]
-            kept.sort(key=lambda item: -item[0])
-            blocks = (mask_block(r.masks[i], t, norm.shape[:2], cut) for _, t, r, i in kept)
-            labels, origin = fill_holes_and_remove_small(paint_labels(blocks, norm.shape[:2], cut), min_area)
+            region = slide.read(y0, y1, x0, x1)
+            local = [t for t in (_shift(t, y0, x0) for t in group) if not _is_background(region, t, flat)]
+            if not local:
+                return 0
+            norm = _normalize(region, low, high)
+            del region
+            kept = []  # (score, cropped logits block): results are dropped batch by batch
+            for start in range(0, len(local), TILE_BATCH):
+                batch = local[start : start + TILE_BATCH]
+                requests, _ = build_requests(norm, batch, None, bbox, iou)
+                for t, r in zip(batch, run(requests)):
+                    kept += [(float(r.scores[i]), _compact(mask_block(r.masks[i], t, norm.shape[:2], cut))) for i in owned(r, t)]
+                with sent_lock:
+                    sent[0] += len(batch)
+            kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile order, as the whole-image path
+            labels, origin = fill_holes_and_remove_small(paint_labels((b for _, b in kept), norm.shape[:2], cut), min_area)
             return store.merge(y0, x0, labels, np.array([kept[o - 1][0] for o in origin], np.float64))
 
-        bar = tqdm(total=len(groups), unit="window", file=sys.stderr, disable=None if progress is None else not progress)
+        bar = tqdm(total=len(tiles), unit="tile", file=sys.stderr, disable=None if progress is None else not progress)
         with ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="slide") as executor:
-            for _ in executor.map(one, groups):  # a window reads its region only when it runs
-                bar.update(1)
+            for group, _ in zip(groups, executor.map(one, groups)):  # a window reads its region only when it runs
+                bar.update(len(group))
+                bar.set_postfix(sent=sent[0], refresh=False)
         bar.close()
         if out_path.suffix.lower() == ".zarr":
             shutil.rmtree(out_path, ignore_errors=True)
@@ -257,4 +314,4 @@ def segment_slide(
         cells = len(store.scores) - 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path)
+    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path, sent[0])

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cellsam_triton.contracts import DEFAULT_FAMILY, NUMPY_DTYPES, Family, ModelSpec
-from cellsam_triton.errors import ServerError
+from cellsam_triton.errors import ServerError, UserError
 
 from .types import PipelineResult
 
@@ -130,15 +130,40 @@ def family_from_config(config: Any, url: str, model: str) -> Family:
     return Family.from_json(param.string_value)
 
 
+def is_unknown_model(exc: Exception) -> bool:
+    """Whether a failed config request means the server does not serve that model."""
+    text = str(exc).lower()
+    return "not found" in text or "unknown model" in text
+
+
+def resolve_unknown_model(url: str, model: str, requested: str | None, served: list[str]) -> str:
+    """The pipeline to use when ``model`` is not served: the sole pipeline if no model was asked for.
+
+    Pure: both transports call it with the server's repository index; otherwise a one-line
+    ServerError names the pipelines the server does serve.
+    """
+    sole = sole_pipeline(served)
+    if requested is None and sole is not None and sole != model:
+        return sole
+    raise ServerError(unknown_model_message(url, model, served))
+
+
+def pipeline_names(served: list[str]) -> list[str]:
+    """The pipelines among served model names: composing models and ``<pipeline>_grid`` (reached
+    through its pipeline's family) left out."""
+    names = set(served)
+    return sorted(n for n in names if not n.endswith(COMPOSING_SUFFIXES) and not (n.endswith("_grid") and n[:-5] in names))
+
+
 def sole_pipeline(served: list[str]) -> str | None:
     """The only pipeline a server serves, if it serves exactly one (used when no model was named)."""
-    pipelines = sorted(n for n in set(served) if not n.endswith(COMPOSING_SUFFIXES))
+    pipelines = pipeline_names(served)
     return pipelines[0] if len(pipelines) == 1 else None
 
 
 def unknown_model_message(url: str, model: str, served: list[str]) -> str:
     """One line naming the pipelines a server does serve (composing models left out)."""
-    pipelines = sorted(n for n in set(served) if not n.endswith(COMPOSING_SUFFIXES))
+    pipelines = pipeline_names(served)
     return f"model {model!r} is not served at {url}; served pipelines: {', '.join(pipelines) or 'none'} (pick one with --model)"
 
 
@@ -155,9 +180,9 @@ def _decoder_inputs(embeddings: np.ndarray, boxes: np.ndarray) -> dict[str, np.n
     }
 
 
-# --- synchronous transport -----------------------------------------------------------------------
-class TritonTransport:
-    """Blocking gRPC transport; `run` sends requests concurrently (at most ``max_in_flight``)."""
+# --- settings shared by both transports ----------------------------------------------------------
+class _TransportSettings:
+    """What both transports are configured with (one constructor for both)."""
 
     def __init__(
         self,
@@ -170,19 +195,35 @@ class TritonTransport:
         private_key: str | None = None,
         certificate_chain: str | None = None,
         max_in_flight: int = 4,
+        shared_memory: bool = False,
     ) -> None:
         self.url = url
         self.requested = model  # None: the default model, or the only pipeline served
         self.model = model or DEFAULT_FAMILY
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
+        self.max_in_flight = max(1, int(max_in_flight))
+        self.shared_memory = bool(shared_memory)
         self._client_options = dict(
             ssl=ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
         )
+
+
+# --- synchronous transport -----------------------------------------------------------------------
+class TritonTransport(_TransportSettings):
+    """Blocking gRPC transport; `run` sends requests concurrently (at most ``max_in_flight``).
+
+    ``shared_memory=True`` (server on this host): request inputs travel through system shared
+    memory (`client/shm.py`) instead of the gRPC message; results are identical.
+    """
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str | None = None, **settings: Any) -> None:
+        super().__init__(url, model, **settings)
         self._local = threading.local()
         self._clients: list = []
+        self._regions: list = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, max_in_flight), thread_name_prefix="triton")
+        self._pool = ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="triton")
         try:
             self.family = self._read_family()
         except BaseException:
@@ -221,14 +262,11 @@ class TritonTransport:
         try:
             response = self._call(self.model, "config of", lambda c: c.get_model_config(self.model, client_timeout=self.timeout_s))
         except ServerError as exc:
-            if "not found" not in str(exc).lower() and "unknown model" not in str(exc).lower():
+            if not is_unknown_model(exc):
                 raise
             index = self._call(self.model, "index of", lambda c: c.get_model_repository_index(client_timeout=self.timeout_s))
-            served = [m.name for m in index.models]
-            if self.requested is None and sole_pipeline(served):
-                self.model = self.requested = sole_pipeline(served)
-                return self._read_family()
-            raise ServerError(unknown_model_message(self.url, self.model, served)) from None
+            self.model = self.requested = resolve_unknown_model(self.url, self.model, self.requested, [m.name for m in index.models])
+            return self._read_family()
         return family_from_config(response.config, self.url, self.model)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -249,11 +287,40 @@ class TritonTransport:
                 raise ServerError(f"Triton at {self.url} not ready after {timeout_s:.0f} s ({problem}); {SERVE_HINT}")
             time.sleep(0.2)
 
+    def _region(self, client):
+        """This thread's shared-memory input region (created on first use)."""
+        region = getattr(self._local, "region", None)
+        if region is None or region.client is not client:
+            from .shm import ShmInputs
+
+            region = self._local.region = ShmInputs(client, _TRITON_DTYPE)
+            with self._lock:
+                self._regions.append(region)
+        return region
+
+    def _send(self, client, model: str, arrays: dict[str, np.ndarray], outputs: list):
+        """One infer call: inputs in the gRPC message, or in this thread's shared-memory region."""
+        if not self.shared_memory:
+            return client.infer(model, make_inputs(arrays), outputs=outputs, client_timeout=self.timeout_s)
+        from tritonclient.utils import InferenceServerException
+
+        region = self._region(client)
+        try:
+            return client.infer(model, region.inputs(arrays), outputs=outputs, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            if "shared memory" not in _first_line(exc).lower():
+                raise
+            region.reset()  # the server lost the registration (restart): register again, once
+            return client.infer(model, region.inputs(arrays), outputs=outputs, client_timeout=self.timeout_s)
+
     def infer(self, model: str, arrays: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, np.ndarray]:
         """One request to any served model; returns its outputs by name."""
-        inputs, outputs = make_inputs(arrays), make_outputs(spec)
+        for name, array in arrays.items():  # dtype errors before any call
+            if np.asarray(array).dtype not in _TRITON_DTYPE:
+                raise ServerError(f"input {name!r} has unsupported dtype {np.asarray(array).dtype}")
+        outputs = make_outputs(spec)
         started = time.perf_counter()
-        result = self._call(model, "inference on", lambda c: c.infer(model, inputs, outputs=outputs, client_timeout=self.timeout_s))
+        result = self._call(model, "inference on", lambda c: self._send(c, model, arrays, outputs))
         named = {t.name: result.as_numpy(t.name) for t in spec.outputs}
         _log_request(model, arrays, started, named)
         return named
@@ -278,7 +345,10 @@ class TritonTransport:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._lock:
+            regions, self._regions = self._regions, []
             clients, self._clients = self._clients, []
+        for region in regions:
+            region.close()
         for client in clients:
             client.close()
 
@@ -290,33 +360,17 @@ class TritonTransport:
 
 
 # --- asyncio transport -----------------------------------------------------------------------------
-class AsyncTritonTransport:
+class AsyncTritonTransport(_TransportSettings):
     """asyncio gRPC transport with the same methods as coroutines; ``await open()`` (or ``async with``) first."""
 
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        model: str | None = None,
-        timeout_s: float = 120.0,
-        retries: int = 2,
-        ssl: bool = False,
-        root_certificates: str | None = None,
-        private_key: str | None = None,
-        certificate_chain: str | None = None,
-        max_in_flight: int = 4,
-    ) -> None:
+    def __init__(self, url: str = "127.0.0.1:8001", model: str | None = None, **settings: Any) -> None:
         import tritonclient.grpc.aio as aioclient
 
-        self.url = url
-        self.requested = model  # None: the default model, or the only pipeline served
-        self.model = model or DEFAULT_FAMILY
-        self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
-        self.max_in_flight = max(1, max_in_flight)
+        super().__init__(url, model, **settings)
+        if self.shared_memory:
+            raise UserError("shared memory is supported by the synchronous client (TritonTransport, Segmenter)")
         try:
-            self._client = aioclient.InferenceServerClient(
-                url, channel_args=CHANNEL_ARGS, ssl=ssl, root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
-            )
+            self._client = aioclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS, **self._client_options)
         except Exception as exc:
             raise ServerError(f"cannot connect to Triton at {url}: {_first_line(exc)}") from None
         self.family: Family | None = None
@@ -341,16 +395,14 @@ class AsyncTritonTransport:
                     self.model, "config of", lambda: self._client.get_model_config(self.model, client_timeout=self.timeout_s)
                 )
             except ServerError as exc:
-                if "not found" not in str(exc).lower() and "unknown model" not in str(exc).lower():
+                if not is_unknown_model(exc):
                     raise
                 index = await self._call(
                     self.model, "index of", lambda: self._client.get_model_repository_index(client_timeout=self.timeout_s)
                 )
                 served = [m.name for m in index.models]
-                if self.requested is None and sole_pipeline(served):
-                    self.model = self.requested = sole_pipeline(served)
-                    return await self.open()
-                raise ServerError(unknown_model_message(self.url, self.model, served)) from None
+                self.model = self.requested = resolve_unknown_model(self.url, self.model, self.requested, served)
+                return await self.open()
             self.family = family_from_config(response.config, self.url, self.model)
         return self
 

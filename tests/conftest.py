@@ -55,6 +55,16 @@ def broken_repository(tmp_path: Path, single_repository: Path, tiny: Family) -> 
 
 
 @pytest.fixture(scope="session")
+def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model (cellsam_lite) exported once per session by `cellsam-triton export` (cpu target)."""
+    from cellsam_triton.cli import main as cli
+
+    repository = tmp_path_factory.mktemp("default_model") / "repository"
+    assert cli(["export", "--repository", str(repository), "--threads", "1"]) == 0
+    return repository
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """One real tritonserver on free loopback ports serving the tiny families."""
     log = tmp_path_factory.mktemp("logs") / "tiny_server.log"

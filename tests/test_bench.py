@@ -129,6 +129,8 @@ def test_quick_bench_on_the_small_cellsam(tmp_path: Path) -> None:
     wire = results["wire"]
     assert wire["request_bytes_per_image"] >= 2 * 3 * 1024 * 1024 * 4  # image + detector_image, FP32 1024^2
     assert wire["response_bytes_per_image"] >= decoded["served"][0] * 256 * 256 * 2  # FP16 mask logits
+    shm = results["shared_memory"]  # the same requests with inputs in system shared memory
+    assert shm["labels_identical"] and shm["requests_per_path"] == 1 and shm["gain"] > 0
     memory = results["memory"]
     assert memory["client_peak_mb"] >= memory["client_before_served_phase_mb"] > 0
     assert memory["server"]["processes"] >= 5  # tritonserver + a stub per Python-backend instance

@@ -19,12 +19,12 @@ MIN_MEAN_F1 = 0.6  # a floor for "finds real cells"; bench-accuracy measures the
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory):
+def default_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     if not (DATA / "manifest.csv").is_file():
         pytest.skip(f"DSB2018 data not found at {DATA}")
     root = tmp_path_factory.mktemp("default_e2e")
-    assert cli(["export", "--repository", str(root / "repository"), "--threads", "1"]) == 0
-    with EmbeddedServer(root / "repository", log_path=root / "triton.log") as server:
+    repository = request.getfixturevalue("default_repository")  # exported once per session (conftest)
+    with EmbeddedServer(repository, log_path=root / "triton.log") as server:
         yield server
 
 
