@@ -21,6 +21,7 @@ import numpy as np
 from skimage.exposure import equalize_adapthist, rescale_intensity
 
 from cellsam_triton.contracts import Family
+from cellsam_triton.errors import UserError
 
 from .images import to_channels_last3, validate_image
 from .labels import cells_table, fill_holes_and_remove_small, logit_threshold, paint_labels
@@ -152,6 +153,8 @@ def segment(
     options: SegmentOptions,
 ) -> Segmentation:
     """Segment one image with a served CellSAM pipeline; ``boxes`` xyxy in input pixels or None."""
+    if options.scale not in (None, 1.0):
+        raise UserError("--scale applies to tiled models (cellsam_lite); CellSAM resizes every image to 1024")
     image = validate_image(image, "image")
     norm = normalize(to_channels_last3(image))
     height, width = norm.shape[:2]

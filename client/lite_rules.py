@@ -10,6 +10,8 @@ are pasted at native resolution, thresholded and painted with the shared label h
 Prompt boxes given by the user (image pixels, x1/y1 exclusive like the cells table) go to one
 tile each: the one whose core holds the box centre when its window holds the whole box, else
 the tile whose window holds it with the most margin.
+
+Images with small cells are enlarged and segmented again (``client/autoscale.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from cellsam_triton.contracts import Family
 
+from .autoscale import auto_factor, capped, check_scale, segment_rescaled
 from .images import validate_image
 from .labels import cells_table, fill_holes_and_remove_small, logit_threshold, paint_labels
 from .tiles import OVERLAP, Tile, lite_normalize, tile_grid, tile_input
@@ -98,7 +101,36 @@ def segment(
     boxes: np.ndarray | None,
     options: SegmentOptions,
 ) -> Segmentation:
-    """Segment one image with a served LITE pipeline; ``boxes`` xyxy in input pixels or None.
+    """Segment one image with a served LITE pipeline at the scale ``options.scale`` asks for.
+
+    ``scale`` None: native resolution, then (detector boxes only) one enlarged pass when the
+    cells found are small; 1.0: native only; another factor: that factor only.
+    """
+    check_scale(options.scale)
+    image = channels_last(validate_image(image, "image"))
+    options = options.resolved(family)
+
+    def native(img: np.ndarray, prompts: np.ndarray | None, opts: SegmentOptions) -> Segmentation:
+        return segment_native(img, run, family, prompts, opts)
+
+    if options.scale is None:
+        first = native(image, boxes, options)
+        factor = 1.0 if boxes is not None else auto_factor(first.cells, family, image.shape[:2])
+        return first if factor == 1.0 else segment_rescaled(native, image, factor, None, options)
+    factor = capped(float(options.scale), image.shape[:2], family)
+    if factor == 1.0:
+        return native(image, boxes, options)
+    return segment_rescaled(native, image, factor, boxes, options)
+
+
+def segment_native(
+    image: np.ndarray,
+    run: RunRequests,
+    family: Family,
+    boxes: np.ndarray | None,
+    options: SegmentOptions,
+) -> Segmentation:
+    """Segment one image at its own resolution; ``boxes`` xyxy in input pixels or None.
 
     Overlaps follow CellSAM's rule (later masks win) with masks ordered by decreasing score
     over the whole image, so where two cells' masks overlap the lower-scored one wins, as in

@@ -40,11 +40,12 @@ class SegmentOptions:
     iou_threshold: float | None = None  # -1 keeps every mask
     mask_threshold: float | None = None  # on sigmoid(logit)
     min_cell_area: int | None = None
+    scale: float | None = None  # tiled families: None = automatic (client/autoscale.py), 1.0 = native
 
     def resolved(self, family: "Family") -> "SegmentOptions":
-        """A copy with every None replaced by the model family's default."""
+        """A copy with every None replaced by the model family's default (``scale`` stays automatic)."""
         return SegmentOptions(
-            *(getattr(family, f.name) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self))
+            *(getattr(family, f.name, None) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self))
         )
 
 

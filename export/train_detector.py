@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="greedy-NMS IoU used in validation (default %(default)s)")
     parser.add_argument("--augment-kinds", default="stained", metavar="KINDS",
                         help="comma-separated kinds whose train images are added in all 8 dihedral views ('' for none; default %(default)s)")
+    parser.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
+                        help="start from these CellFinder-lite weights (fine-tuning) instead of random ones")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (default %(default)s)")
     parser.add_argument("--encoder-onnx", type=Path, default=None, help="encoder ONNX to cache with (default: LiteMedSAM's, exported once)")
@@ -329,15 +331,15 @@ def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: b
     return samples
 
 
-def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int):
-    """Train CellFinder-lite on every tile of ``samples``; returns the model (eval mode)."""
+def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int, init: Path | None = None):
+    """Train CellFinder-lite on every tile of ``samples`` (from ``init`` weights if given); eval mode."""
     import torch
 
-    from .models.detector_lite import CellFinderLite
+    from .models.detector_lite import CellFinderLite, load_detector
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = CellFinderLite()
+    model = CellFinderLite() if init is None else load_detector(init)
     items = [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"]))]
     steps = epochs * ((len(items) + batch_size - 1) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -364,6 +366,15 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
             flush=True,
         )
     return model.eval()
+
+
+def _init_provenance(path: Path) -> dict:
+    """sha256 of the starting weights and the provenance written beside them (if any)."""
+    beside = path.with_suffix(".json")
+    return {
+        "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "provenance": json.loads(beside.read_text()) if beside.is_file() else None,
+    }
 
 
 def _encoder_identity(args: argparse.Namespace) -> tuple[Path, str]:
@@ -405,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False)
     val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True)
     started = time.perf_counter()
-    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed)
+    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed, args.init)
     train_seconds = time.perf_counter() - started
     metrics = evaluate(model, val_set, args.nms_iou)
     best = metrics["by_threshold"][f"{metrics['best_threshold']:g}"]
@@ -426,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
         "data_checksum": checksum,
         "split_rule": SPLIT_RULE,
         "images": {s: len(ids) for s, ids in split_ids.items()},
+        "init": None if args.init is None else _init_provenance(args.init),
         "augment_kinds": sorted(augment),
         "augmented_views": len(views),
         "tiles": {"train": sum(len(s["tiles"]) for s in train_set), "val": sum(len(s["tiles"]) for s in val_set)},

@@ -1,0 +1,94 @@
+"""Test-time rescaling of images with small cells (tiled families such as ``cellsam_lite``).
+
+The SAM embedding has a stride of 4 pixels, so a nucleus 8-12 px wide is 2-3 embedding cells:
+the detector misses many and the masks are coarse. Like Cellpose's diameter estimate, a first
+pass at native resolution measures the cells; when their median size (square root of the box
+area) is below the family's ``auto_scale_below``, the image is enlarged by
+``auto_scale_factor`` (bilinear), segmented again and the labels are brought back to the input
+grid (nearest, at pixel centres). Images with larger cells keep the first pass unchanged, so
+they cost nothing extra. An explicit factor skips the measuring pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+from cellsam_triton.contracts import Family
+from cellsam_triton.errors import UserError
+
+from .labels import cells_table, fill_holes_and_remove_small
+from .types import Segmentation, SegmentOptions
+
+MAX_SCALE = 8.0
+DEFAULT_MAX_PIXELS = 64_000_000  # an enlarged image is capped at this many pixels
+
+Segment = Callable[[np.ndarray, "np.ndarray | None", SegmentOptions], Segmentation]
+
+
+def check_scale(scale: float | None) -> None:
+    """None (automatic) or a finite factor in (0, MAX_SCALE]; anything else is a UserError."""
+    if scale is None:
+        return
+    if not np.isfinite(scale) or not 0 < scale <= MAX_SCALE:
+        raise UserError(f"scale must be 'auto' or a factor in (0, {MAX_SCALE:g}], got {scale}")
+
+
+def median_cell_size(cells: list[dict]) -> float:
+    """Median square root of the cells' box areas (pixels); 0 when there are no cells."""
+    if not cells:
+        return 0.0
+    return float(np.median([np.sqrt((c["x1"] - c["x0"]) * (c["y1"] - c["y0"])) for c in cells]))
+
+
+def auto_factor(cells: list[dict], family: Family, shape: tuple[int, int]) -> float:
+    """The factor for a second pass: the family's factor when cells are small, else 1.0."""
+    below = float(family.extra.get("auto_scale_below", 0.0))
+    size = median_cell_size(cells)
+    if below <= 0 or size == 0.0 or size >= below:
+        return 1.0
+    return capped(float(family.extra.get("auto_scale_factor", 2.0)), shape, family)
+
+
+def capped(factor: float, shape: tuple[int, int], family: Family) -> float:
+    """``factor`` lowered so that the enlarged image has at most the family's pixel budget."""
+    budget = float(family.extra.get("auto_scale_max_pixels", DEFAULT_MAX_PIXELS))
+    limit = np.sqrt(budget / max(1, shape[0] * shape[1]))
+    return float(max(1.0, min(factor, limit))) if factor > 1 else factor
+
+
+def resize_image(image: np.ndarray, factor: float) -> np.ndarray:
+    """[H,W] or [H,W,C] enlarged/shrunk by ``factor`` (bilinear), same dtype."""
+    height, width = image.shape[:2]
+    out_hw = (max(1, round(height * factor)), max(1, round(width * factor)))
+    zoom = (out_hw[0] / height, out_hw[1] / width) + (1.0,) * (image.ndim - 2)
+    resized = ndimage.zoom(image.astype(np.float32, copy=False), zoom, order=1, grid_mode=True, mode="nearest")
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        resized = np.clip(np.rint(resized), info.min, info.max)
+    return resized.astype(image.dtype, copy=False)
+
+
+def labels_to_shape(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a label image at the centres of the target pixels."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(np.intp), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(np.intp), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]
+
+
+def segment_rescaled(
+    segment: Segment, image: np.ndarray, factor: float, boxes: np.ndarray | None, options: SegmentOptions
+) -> Segmentation:
+    """Segment ``image`` enlarged by ``factor``; labels and table in the input's pixel grid."""
+    height, width = image.shape[:2]
+    big = resize_image(image, factor)
+    fy, fx = big.shape[0] / height, big.shape[1] / width
+    scaled_boxes = None if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32([fx, fy, fx, fy])
+    inner = SegmentOptions(options.bbox_threshold, options.iou_threshold, options.mask_threshold, 0, 1.0)
+    result = segment(big, scaled_boxes, inner)
+    labels = labels_to_shape(result.labels, (height, width))
+    labels, origin = fill_holes_and_remove_small(labels, int(options.min_cell_area or 0))
+    scores = {row["label"]: row["score"] for row in result.cells}
+    return Segmentation(labels, cells_table(labels, np.array([scores.get(int(o), np.nan) for o in origin])))
