@@ -7,7 +7,7 @@ REPO   ?= build/repository
 DATA   ?= ../shared/data/dsb2018
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup export demo test test-fast bench-accuracy bench clean
+.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH) "numpy<2"
-	$(BIN)/python -m pip install -q -e ".[export,server,dev]"
+	$(BIN)/python -m pip install -q -e ".[export,server,dev,dask]"
 	touch $@
 
 $(REPO)/.exported: $(VENV)/.installed export/weights/cellfinder_lite.pt
@@ -35,6 +35,12 @@ test-fast: setup
 
 bench-accuracy: export
 	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA)
+
+# CellSeg1: default model vs grid prompts without / after one-image fine-tuning, full val split
+# (bench/cellseg1.md); CELLSEG1_ARGS="--limit N" for a shorter run.
+CELLSEG1_ARGS ?=
+bench-cellseg1: export
+	$(BIN)/python -m bench.cellseg1 --repository $(REPO) --data $(DATA) $(CELLSEG1_ARGS)
 
 # Speed: served CellSAM vs in-process PyTorch vs raw ONNX Runtime, one run, bench/results.json + .png.
 # The model is a random-weight ViT-B CellSAM in the official layout (same shapes, same cost).

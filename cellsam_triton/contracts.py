@@ -174,6 +174,7 @@ class Family:
             Tensor("points_per_side", INT32, (1,), optional=True),
             Tensor("pred_iou_threshold", FP32, (1,), optional=True),
             Tensor("stability_threshold", FP32, (1,), optional=True),
+            Tensor("crop_n_layers", INT32, (1,), optional=True),  # 0: the frame only; 1: + 2x2 crops
         )
         return ModelSpec(self.grid_name, inputs, self.pipeline().outputs)
 
@@ -201,9 +202,10 @@ LITE = Family(
     low_res_size=256,
     # Chosen on the DSB2018 validation split (export/weights/cellfinder_lite.json): LiteMedSAM's
     # masks come out small, so a low mask threshold (logit ~ -2) helps; NMS 0.3 beats 0.5.
+    # Images whose cells are < 16 px (median box side) are segmented again at 2x (autoscale).
     bbox_threshold=0.5,
     mask_threshold=0.12,
-    extra={"nms_iou": 0.3, "tile_overlap": 64},
+    extra={"nms_iou": 0.3, "tile_overlap": 64, "auto_scale_below": 16.0, "auto_scale_factor": 2.0},
 )
 
 # CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in
@@ -217,6 +219,18 @@ CELLSEG1 = Family(
     preprocess="sam",
     encoder_batch=1,
     extra={"pred_iou_threshold": 0.8, "stability_threshold": 0.6},
+)
+
+# CellSeg1 on the LiteMedSAM base (`finetune` + `export --model cellseg1` without
+# --sam-checkpoint): LiteMedSAM's 256 tiles, LoRA merged, detector-free (grid prompts).
+CELLSEG1_LITE = Family(
+    name="cellseg1_lite",
+    input_size=256,
+    low_res_size=256,
+    detector="none",
+    preprocess="litemedsam",
+    encoder_batch=4,
+    extra={"pred_iou_threshold": 0.8, "stability_threshold": 0.6, "points_per_side": 16, "tile_overlap": 64},
 )
 
 FAMILIES = {f.name: f for f in (CELLSAM, LITE)}

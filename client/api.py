@@ -21,10 +21,10 @@ from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
 
 from .transport import TritonTransport
-from .types import Segmentation, SegmentOptions
+from .types import RunRequests, Segmentation, SegmentOptions
 
 if TYPE_CHECKING:
-    from .grid_rules import GridOptions
+    from .grid_rules import GridOptions, Infer
 
 # Family.preprocess -> module holding that family's `segment(image, run, family, boxes, options)`.
 RULE_SETS = {
@@ -39,13 +39,48 @@ def rule_set(family: Family) -> ModuleType:
     return importlib.import_module(RULE_SETS[family.preprocess])
 
 
+PROMPTS = ("detector", "grid")
+
+
+def segment_image(
+    image: np.ndarray,
+    family: Family,
+    run: RunRequests,
+    infer: "Infer",
+    boxes: np.ndarray | None = None,
+    options: SegmentOptions | None = None,
+    prompts: str = "detector",
+    grid: "GridOptions | None" = None,
+) -> Segmentation:
+    """Segment one image with a served ``family``: the one dispatch of every client front end.
+
+    ``run`` sends pipeline requests (``TritonTransport.run`` / ``ServerPool.run``), ``infer`` one
+    request to any model (``TritonTransport.infer`` / ``ServerPool.infer_model``). ``boxes``:
+    [N,4] xyxy in input pixels, no detector runs. ``prompts="grid"``: no detector either, a point
+    grid through ``<family>_grid`` (``grid`` sets its options, see client/grid_rules.py).
+    """
+    options = options or SegmentOptions()
+    if prompts == "grid":
+        from .grid_rules import GridOptions, segment_grid
+
+        if boxes is not None:
+            raise UserError("give either prompt boxes or grid prompts, not both")
+        return segment_grid(image, infer, family, options, grid or GridOptions())
+    if prompts not in PROMPTS:
+        raise UserError(f"unknown prompts {prompts!r}; choose from {', '.join(PROMPTS)}")
+    if boxes is not None:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    elif family.detector == "none":
+        raise UserError(f"model {family.name} has no detector: segment with grid prompts (--prompts grid)")
+    return rule_set(family).segment(image, run, family, boxes, options)
+
+
 class Segmenter:
     """Synchronous client: pre-process, call the served pipeline, post-process."""
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str | None = None, **transport_options: Any) -> None:
         self.transport = TritonTransport(url, model, **transport_options)
         self.family: Family = self.transport.family
-        self._rules = rule_set(self.family)
 
     def segment(
         self,
@@ -55,22 +90,8 @@ class Segmenter:
         prompts: str = "detector",
         grid: "GridOptions | None" = None,
     ) -> Segmentation:
-        """Segment one image. ``boxes``: [N,4] xyxy in input pixels; when given, no detector runs.
-
-        ``prompts="grid"``: no detector either; a point grid through ``<family>_grid`` (``grid``
-        sets its options, see client/grid_rules.py).
-        """
-        if prompts == "grid":
-            from .grid_rules import GridOptions, segment_grid
-
-            if boxes is not None:
-                raise UserError("give either prompt boxes or grid prompts, not both")
-            return segment_grid(image, self.transport.infer, self.family, options or SegmentOptions(), grid or GridOptions())
-        if prompts != "detector":
-            raise UserError(f"unknown prompts {prompts!r}; choose 'detector' or 'grid'")
-        if boxes is not None:
-            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        return self._rules.segment(image, self.transport.run, self.family, boxes, options or SegmentOptions())
+        """Segment one image (see :func:`segment_image`)."""
+        return segment_image(image, self.family, self.transport.run, self.transport.infer, boxes, options, prompts, grid)
 
     def close(self) -> None:
         self.transport.close()
@@ -101,7 +122,8 @@ class AsyncSegmenter:
         prompts: str = "detector",
         grid: "GridOptions | None" = None,
     ) -> Segmentation:
-        return await asyncio.to_thread(self._sync.segment, image, boxes, options, prompts, grid)
+        t = self._sync.transport
+        return await asyncio.to_thread(segment_image, image, self.family, t.run, t.infer, boxes, options, prompts, grid)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._sync.close)

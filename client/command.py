@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cellsam_triton.errors import UserError
 
+from .autoscale import check_scale
 from .types import SegmentOptions
 
 DEFAULT_URL = "127.0.0.1:8001"
@@ -27,9 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", action="append", default=None, help=f"Triton gRPC address; repeat for several servers (default {DEFAULT_URL})")
     parser.add_argument("--model", default=None, help="pipeline model name (default: the default model)")
     parser.add_argument("--boxes", type=Path, metavar="CSV", help="prompt boxes x0,y0,x1,y1 in input pixels; skips the detector")
+    parser.add_argument("--prompts", choices=("detector", "grid"), default="detector",
+                        help="detector boxes, or grid: a point grid through the model's detector-free <model>_grid (CellSeg1) (default %(default)s)")
+    parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
+    parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: add 2x2 (1) / and 4x4 (2) zoomed crops (default: model's, 0)")
     parser.add_argument("--bbox-threshold", type=float, default=None, help="detector score threshold (default 0.4)")
     parser.add_argument("--iou-threshold", type=float, default=None, help="drop masks whose predicted IoU is lower; -1 keeps all (default 0.5)")
     parser.add_argument("--mask-threshold", type=float, default=None, help="sigmoid threshold of mask logits (default: model's)")
+    parser.add_argument("--scale", default="auto", metavar="auto|FACTOR",
+                        help="tiled models: resize by FACTOR before segmenting (labels come back at input size); "
+                             "auto = native, then 2x when cells are small (default %(default)s)")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png (cell outlines on the image)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="images in flight at once (default: 2 per server)")
@@ -41,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="gRPC over TLS, trusting this CA certificate")
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key for mutual TLS")
+    parser.add_argument("--shared-memory", action="store_true",
+                        help="send request inputs through system shared memory (server on this host)")
+    parser.add_argument("--dask", metavar="ADDRESS", default=None,
+                        help="run the images as tasks on a Dask cluster (scheduler address, or local:N for N local workers)")
+    from .slide_command import add_arguments as add_slide_arguments
+
+    add_slide_arguments(parser)
 
 
 def tls_options(args: argparse.Namespace) -> dict:
@@ -61,7 +76,36 @@ def _options(args: argparse.Namespace) -> SegmentOptions:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold)
+    return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold, None, _scale(args.scale))
+
+
+def _scale(text: str) -> float | None:
+    """``--scale``: None for auto, else a factor in (0, 8]."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--scale must be 'auto' or a number, got {text!r}") from None
+    check_scale(value)
+    return value
+
+
+def _grid(args: argparse.Namespace) -> object:
+    """GridOptions of --prompts grid (checked before any server is contacted), else None."""
+    if args.prompts != "grid":
+        if args.points_per_side is not None or args.crop_layers is not None:
+            raise UserError("--points-per-side and --crop-layers need --prompts grid")
+        return None
+    from .grid_rules import GridOptions
+
+    if args.boxes is not None:
+        raise UserError("--boxes and --prompts grid exclude each other")
+    if getattr(args, "slide", None) or getattr(args, "dask", None):
+        raise UserError("--prompts grid works on image files and folders (not with --slide or --dask)")
+    grid = GridOptions(points_per_side=args.points_per_side, crop_n_layers=args.crop_layers)
+    grid.arrays()  # validates
+    return grid
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,15 +114,25 @@ def run(args: argparse.Namespace) -> int:
     from .writers import read_boxes_csv
 
     options = _options(args)
+    grid = _grid(args)
+    urls = args.url or [DEFAULT_URL]
+    connection = dict(timeout_s=args.timeout, patience_s=args.retry_for, shared_memory=args.shared_memory, **tls_options(args))
+    if args.slide:
+        from .slide_command import run as run_slides
+
+        return run_slides(args, lambda: ServerPool(urls, args.model, **connection), options)
     boxes = read_boxes_csv(args.boxes) if args.boxes is not None else None
     jobs = expand_inputs(args.inputs)
-    urls = args.url or [DEFAULT_URL]
+    if args.dask:
+        from .dask_batch import run_cli as run_dask
+
+        return run_dask(args, jobs, urls, connection, options, boxes)
     workers = args.workers or 2 * len(urls)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    with ServerPool(urls, args.model, timeout_s=args.timeout, patience_s=args.retry_for, **tls_options(args)) as pool:
+    with ServerPool(urls, args.model, **connection) as pool:
         report = run_batch(
-            jobs, args.out, lambda image: pool.segment(image, boxes=boxes, options=options),
+            jobs, args.out, lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid),
             overlay=args.overlay, overwrite=args.overwrite, workers=workers, progress=args.progress,
         )
     print(report.summary())

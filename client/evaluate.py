@@ -2,7 +2,7 @@
 
 Each image of the chosen split goes through the served pipeline (`Segmenter`), with detector
 boxes or, with ``--boxes gt``, the ground-truth boxes as prompts (the ceiling a perfect detector
-would give). Prints one JSON object: per-image mean F1@0.5 (the paper's metric), pooled F1,
+would give), or with ``--prompts grid`` a point grid (detector-free CellSeg1 models). Prints one JSON object: per-image mean F1@0.5 (the paper's metric), pooled F1,
 precision, recall, mean matched IoU, panoptic quality, the same per image kind, seconds per
 image (client wall time of the segment call) and the counts. ``--out`` also keeps per-image rows.
 """
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="pipeline model name (default: the default model)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of the split only")
     parser.add_argument("--boxes", choices=("gt",), default=None, help="gt: prompt with ground-truth boxes (no detector)")
+    parser.add_argument("--prompts", choices=("detector", "grid"), default="detector", help="grid: point-grid prompts (default %(default)s)")
+    parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
+    parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: crop layers (default: model's)")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the result with per-image rows")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
 
@@ -77,8 +80,11 @@ def evaluate(data: Path, records: list, predict: Predict, desc: str = "eval") ->
     return scores
 
 
-def served_predict(segmenter, boxes: str | None) -> Predict:
-    """A Predict through a `Segmenter`: detector boxes, or ground-truth boxes when boxes == "gt"."""
+def served_predict(segmenter, boxes: str | None, grid=None) -> Predict:
+    """A Predict through a `Segmenter`: detector boxes, ground-truth boxes when boxes == "gt", or
+    grid prompts when ``grid`` (a `GridOptions`) is given."""
+    if grid is not None:
+        return lambda image, labels: segmenter.segment(image, prompts="grid", grid=grid).labels
     if boxes == "gt":
         return lambda image, labels: segmenter.segment(image, boxes=gt_boxes(labels)).labels
     return lambda image, labels: segmenter.segment(image).labels
@@ -92,11 +98,20 @@ def summary(scores: list[ImageScore], **info) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .api import Segmenter
 
+    grid = None
+    if args.prompts == "grid":
+        from .grid_rules import GridOptions
+
+        if args.boxes is not None:
+            raise UserError("--boxes gt and --prompts grid exclude each other")
+        grid = GridOptions(points_per_side=args.points_per_side, crop_n_layers=args.crop_layers)
+        grid.arrays()  # validates
     records = select(args.data, args.split, args.limit)
     with Segmenter(args.url, args.model, timeout_s=args.timeout) as segmenter:
         model = args.model or segmenter.family.pipeline_name
-        scores = evaluate(args.data, records, served_predict(segmenter, args.boxes), desc=f"eval {model}")
-    result = summary(scores, model=model, split=args.split, boxes=args.boxes or "detector")
+        scores = evaluate(args.data, records, served_predict(segmenter, args.boxes, grid), desc=f"eval {model}")
+    prompts = "grid" if grid is not None else args.boxes or "detector"
+    result = summary(scores, model=model, split=args.split, boxes=prompts)
     print(json.dumps(result))
     if args.out is not None:
         write_json(args.out, {**result, "per_image": [s.as_dict() for s in scores]})

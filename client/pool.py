@@ -7,7 +7,7 @@ most ``patience_s`` for any server before it fails. Servers that are down when t
 are tried again later the same way. Every request gets exactly one answer.
 
     with ServerPool(["gpu1:8001", "gpu2:8001"]) as pool:
-        result = pool.segment(image)
+        result = pool.segment(image)                    # or pool.segment(image, prompts="grid")
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -26,6 +26,11 @@ from cellsam_triton.errors import ServerError, UserError
 
 from .transport import TransientServerError, TritonTransport, to_result
 from .types import PipelineResult, Segmentation, SegmentOptions
+
+if TYPE_CHECKING:
+    from cellsam_triton.contracts import ModelSpec
+
+    from .grid_rules import GridOptions
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +83,6 @@ class ServerPool:
             self.close()
             errors = "; ".join(s.last_error for s in self.servers)
             raise ServerError(errors if len(urls) == 1 else f"no server of {', '.join(urls)} answered: {errors}")
-        from .api import rule_set
-
-        self._rules = rule_set(self.family)
 
     # --- servers ---------------------------------------------------------------------------------
     def _connect(self, server: ServerState) -> bool:
@@ -136,6 +138,10 @@ class ServerPool:
     # --- requests ----------------------------------------------------------------------------------
     def infer(self, request: dict[str, np.ndarray]) -> PipelineResult:
         """One pipeline request, resent to a healthy server after each transient failure."""
+        return to_result(self.infer_model(self.model, request, self.family.pipeline()))
+
+    def infer_model(self, model: str, arrays: dict[str, np.ndarray], spec: "ModelSpec") -> dict[str, np.ndarray]:
+        """One request to any served model (e.g. ``<family>_grid``), with the same failover."""
         deadline = time.monotonic() + self.patience_s
         last_error = "none"
         while True:
@@ -145,9 +151,9 @@ class ServerPool:
                 if server.transport is None and not self._connect(server):
                     last_error = server.last_error
                     continue
-                outputs = server.transport.infer(self.model, request, self.family.pipeline())
+                outputs = server.transport.infer(model, arrays, spec)
                 answered = True
-                return to_result(outputs)
+                return outputs
             except TransientServerError as exc:
                 last_error = str(exc)
                 self._rest(server, exc)
@@ -160,12 +166,17 @@ class ServerPool:
         return [f.result() for f in futures]
 
     def segment(
-        self, image: np.ndarray, boxes: np.ndarray | None = None, options: SegmentOptions | None = None
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray | None = None,
+        options: SegmentOptions | None = None,
+        prompts: str = "detector",
+        grid: "GridOptions | None" = None,
     ) -> Segmentation:
-        """Segment one image (same contract as `Segmenter.segment`)."""
-        if boxes is not None:
-            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        return self._rules.segment(image, self.run, self.family, boxes, options or SegmentOptions())
+        """Segment one image (same contract as `Segmenter.segment`, see `api.segment_image`)."""
+        from .api import segment_image
+
+        return segment_image(image, self.family, self.run, self.infer_model, boxes, options, prompts, grid)
 
     def answered(self) -> dict[str, int]:
         """Requests answered so far, by URL."""

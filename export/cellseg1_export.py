@@ -7,6 +7,10 @@
 Encoder and decoders are exported from the merged weights; the parity check compares ONNX
 Runtime with the same (merged) PyTorch modules, and tests/test_cellseg1.py compares the ONNX
 files with the *unmerged* adapters. ViT-H (> 2 GB) goes to one external data file.
+
+Without a SAM checkpoint the base is LiteMedSAM (``cellseg1_lite``: 256 tiles, TinyViT encoder,
+adapters from ``cellsam-triton finetune``, see export/models/lite_lora.py); tests/test_finetune.py
+compares its merged ONNX files with the unmerged PyTorch adapters.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cellsam_triton.contracts import CELLSEG1, Family
+from cellsam_triton.contracts import CELLSEG1, CELLSEG1_LITE, Family
 
 from .cellsam_export import model_path, random_boxes
 from .onnx_export import ExportReport, export_onnx
@@ -86,3 +90,45 @@ def export_cellseg1(
 
     modules = load_cellseg1(Path(sam_checkpoint), None if lora is None else Path(lora), family.input_size)
     return export_sam_family(modules, family, repository_dir, tolerance)
+
+
+def load_lite_base(lora: str | os.PathLike | None):
+    """LiteMedSAM (encoder, PointDecoder) with an adapter file merged in (none: the plain base)."""
+    from .models.cellseg1 import load_state
+    from .models.lite_lora import merge_lite_lora
+    from .models.litemedsam import load_litemedsam
+    from .models.point_decoder import PointDecoder
+
+    lite = load_litemedsam()
+    decoder = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
+    if lora is not None:
+        merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, load_state(lora))
+    return lite.encoder.eval(), decoder
+
+
+def export_lite_family(encoder, decoder, family: Family, repository_dir: str | os.PathLike, tolerance: float) -> list[ExportReport]:
+    """Encoder (dynamo, batch dynamic), box decoder and point decoder of a LiteMedSAM-based family."""
+    from .lite_export import export_encoder
+    from .models.box_decoder import BoxDecoder
+
+    s = family.input_size
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(b, 3, s, s, generator=g) for b in (2, 1)]
+    reports = [export_encoder(encoder, images, model_path(repository_dir, family.encoder()), tolerance)]
+    box = BoxDecoder(decoder.prompt_encoder, decoder.mask_decoder).eval()
+    dec = family.decoder()
+    names, outputs = [t.name for t in dec.inputs], [t.name for t in dec.outputs]
+    emb = _embeddings(box, g) * 0.5
+    sets = [dict(zip(names, (emb, random_boxes(n, s, g)))) for n in (3, 1, 7)]
+    axes = {name: {0: "num_boxes"} for name in (names[1], *outputs)}
+    reports.append(export_onnx(box, sets[0], outputs, axes, model_path(repository_dir, dec), tolerance, sets[1:]))
+    reports.append(export_point_decoder(family, decoder, repository_dir, tolerance))
+    return reports
+
+
+def export_cellseg1_lite(
+    lora: str | os.PathLike | None, repository_dir: str | os.PathLike, tolerance: float = 1e-3, family: Family = CELLSEG1_LITE
+) -> list[ExportReport]:
+    """LiteMedSAM + a `finetune` adapter file (merged) -> ``cellseg1_lite`` ONNX models."""
+    encoder, decoder = load_lite_base(None if lora is None else Path(lora))
+    return export_lite_family(encoder, decoder, family, repository_dir, tolerance)

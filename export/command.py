@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellsam_triton.contracts import CELLSAM, CELLSEG1, LITE, Family
+from cellsam_triton.contracts import CELLSAM, CELLSEG1, CELLSEG1_LITE, LITE, Family
 from cellsam_triton.errors import UserError
 
 # Literal copies of export.repository's choices would drift; that module is light (no torch).
@@ -26,14 +26,15 @@ MODEL_CHOICES: dict[str, Family] = {
     "litemedsam": LITE,
     CELLSAM.name: CELLSAM,
     CELLSEG1.name: CELLSEG1,
+    CELLSEG1_LITE.name: CELLSEG1_LITE,
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", choices=sorted(MODEL_CHOICES), help="model to export (default: LiteMedSAM + CellFinder-lite)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint file (required for --model cellsam)")
-    parser.add_argument("--sam-checkpoint", type=Path, help="official segment_anything ViT-B/L/H .pth (--model cellseg1)")
-    parser.add_argument("--lora", type=Path, help="CellSeg1 LoRA adapter file, merged before export (--model cellseg1)")
+    parser.add_argument("--sam-checkpoint", type=Path, help="official segment_anything ViT-B/L/H .pth (--model cellseg1; without it the base is LiteMedSAM: cellseg1_lite)")
+    parser.add_argument("--lora", type=Path, help="CellSeg1 LoRA adapter file, merged before export (--model cellseg1; `cellsam-triton finetune` writes one)")
     parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
@@ -51,6 +52,10 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
         from .cellsam_export import export_cellsam
 
         return export_cellsam(args.checkpoint, staging, tolerance=args.tolerance)
+    if family is CELLSEG1_LITE:
+        from .cellseg1_export import export_cellseg1_lite
+
+        return export_cellseg1_lite(args.lora, staging, tolerance=args.tolerance)
     if family is CELLSEG1:
         if args.sam_checkpoint is None:
             raise UserError("--model cellseg1 needs --sam-checkpoint PATH (an official SAM ViT-B/L/H .pth)")
@@ -84,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from .repository import GpuOptions, write_family
 
     family = MODEL_CHOICES[args.model]
+    if family is CELLSEG1 and args.sam_checkpoint is None:
+        family = CELLSEG1_LITE  # CellSeg1 on the LiteMedSAM base (adapters from `finetune`)
     for given in (args.checkpoint, args.sam_checkpoint, args.lora):
         if given is not None and not given.is_file():
             raise UserError(f"file not found: {given}")

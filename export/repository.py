@@ -6,7 +6,7 @@ Targets:
   gpu  native `onnxruntime_onnx` on KIND_GPU (NGC Triton container) with ONNX Runtime's TensorRT
        execution provider (FP32 or FP16 with LayerNorm kept in FP32), explicit TensorRT
        optimisation profiles, engine/timing caches, dynamic batching and warm-up (`GpuOptions`).
-The pipeline is a Python BLS model (model_repository/pipeline.py + selection.py) in both targets.
+The pipeline is a Python BLS model (model_repository/pipeline.py + selection.py + bls.py) in both targets.
 ONNX files are written separately by the exporters into ``DIR/<name>/1/model.onnx``.
 """
 
@@ -24,7 +24,7 @@ from cellsam_triton.errors import UserError
 # editable and regular installs (the Docker image) find it the same way.
 GLUE_DIR = Path(str(importlib.resources.files("cellsam_triton.model_repository")))
 RUNNER_GLUE = ("onnx_runner.py",)
-PIPELINE_GLUE = ("pipeline.py", "selection.py")
+PIPELINE_GLUE = ("pipeline.py", "selection.py", "bls.py")  # first file becomes model.py
 ONNX_FILE = "model.onnx"
 ROLES = ("encoder", "detector", "decoder", "pipeline")
 MAX_QUEUE_DELAY_US = 2000

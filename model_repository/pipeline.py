@@ -1,7 +1,7 @@
 """Triton Python BLS model: one image in, cells (boxes, scores, mask logits) out.
 
-Copied by the repository renderer to ``<family>/1/model.py`` with selection.py beside it;
-self-contained (numpy + scikit-learn). Config parameters: ``family`` (Family JSON), ``nms_iou``,
+Copied by the repository renderer to ``<family>/1/model.py`` with selection.py and bls.py (the
+call to a composing model, shared with grid_pipeline.py) beside it; numpy + scikit-learn. Config parameters: ``family`` (Family JSON), ``nms_iou``,
 ``max_detections``, ``max_prompts`` (given boxes per request). Steps: validate -> encoder -> prompts (given boxes, or detector + selection)
 -> decoder in chunks -> IoU filter. Zero detections is an empty answer, not an error.
 """
@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bls  # noqa: E402
 import selection  # noqa: E402
 
 DEFAULT_MAX_PROMPTS = 4096  # given boxes per request; 4096 masks of 256x256 FP16 = 512 MiB answer
@@ -71,24 +72,15 @@ class TritonPythonModel:
         self.image_shape = (1, 3, size, size)
         self.low_res = int(self.family["low_res_size"])
         self.chunk = max(1, int(self.family["decoder_chunk"]))
-        memory = getattr(pb_utils, "PreferredMemory", None)
-        self.request_options = (
-            {"preferred_memory": memory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)} if memory is not None else {}
-        )
+        self.request_options = bls.request_options()
 
     # --- composing models -------------------------------------------------------------------
     def _call(self, stage, model, inputs, outputs):
-        """Run a composing model; a failure becomes a RequestError naming the stage."""
-        request = pb_utils.InferenceRequest(
-            model_name=model,
-            requested_output_names=list(outputs),
-            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in inputs.items()],
-            **self.request_options,
-        )
-        response = request.exec()
-        if response.has_error():
-            raise RequestError(f"{stage} ({model}) failed: {response.error().message()}", invalid_argument=False)
-        return [pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
+        """Run a composing model (bls.call); a failure becomes a RequestError naming the stage."""
+        try:
+            return bls.call(stage, model, inputs, outputs, self.request_options)
+        except bls.ComposingModelError as exc:
+            raise RequestError(str(exc), invalid_argument=False) from None
 
     def _detect(self, request, embeddings, bbox_threshold):
         """(boxes [N,4], scores [N]) chosen by the family's detector and selection rule."""

@@ -81,3 +81,12 @@ def test_segment_rescaled_maps_boxes_labels_and_scores_back() -> None:
     assert out.labels.shape == (40, 60)
     assert np.array_equal(out.labels > 0, image > 100)  # the speck (1 px here) is removed
     assert [(c["label"], c["score"], c["area"]) for c in out.cells] == [(1, 0.9, 140)]
+
+
+def test_cli_scale_flag_parses_auto_and_factors() -> None:
+    from cellsam_triton.client.command import _scale
+
+    assert _scale("auto") is None and _scale("1") == 1.0 and _scale("2.5") == 2.5
+    for bad in ("big", "0", "-2", "nan", "100"):
+        with pytest.raises(UserError, match="--scale|scale must"):
+            _scale(bad)

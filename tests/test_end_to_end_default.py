@@ -48,3 +48,25 @@ def test_default_model_segments_real_nuclei(default_server: EmbeddedServer, tmp_
         assert (out / f"{image_id}_overlay.png").is_file()
         f1.append(score_image(truth, predicted).f1)
     assert np.mean(f1) >= MIN_MEAN_F1, f1
+
+
+SMALL_CELLS = "094afe3675"  # a validation image whose nuclei are ~10 px wide
+
+
+def test_auto_scale_enlarges_images_of_small_cells_and_helps(default_server: EmbeddedServer) -> None:
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.client.autoscale import median_cell_size
+    from cellsam_triton.client.types import SegmentOptions
+    from cellsam_triton.contracts import LITE
+    from cellsam_triton.datasets import load_manifest, load_sample
+
+    (record,) = [r for r in load_manifest(DATA) if r.id.startswith(SMALL_CELLS)]
+    image, truth = load_sample(DATA, record.id)
+    with Segmenter(default_server.grpc_url) as segmenter:
+        native = segmenter.segment(image, options=SegmentOptions(scale=1.0))
+        auto = segmenter.segment(image)
+        doubled = segmenter.segment(image, options=SegmentOptions(scale=2.0))
+    assert median_cell_size(native.cells) < LITE.extra["auto_scale_below"]
+    assert auto.labels.shape == truth.shape
+    assert np.array_equal(auto.labels, doubled.labels)  # auto chose the 2x pass
+    assert score_image(truth, auto.labels).f1 > score_image(truth, native.labels).f1 + 0.05

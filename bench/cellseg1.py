@@ -1,0 +1,186 @@
+"""`make bench-cellseg1`: CellSeg1 on the DSB2018 validation split, three methods in one table.
+
+1. the served default model (LiteMedSAM + CellFinder-lite, detector boxes),
+2. grid prompts, no fine-tuning (``cellseg1_lite`` = plain LiteMedSAM through ``<model>_grid``),
+3. grid prompts after one-image fine-tuning (``cellsam-triton finetune`` on the training image
+   chosen by :func:`training_image`, exported with ``export --model cellseg1 --lora``).
+
+Each method runs on its own embedded tritonserver (one after the other). Writes
+``cellseg1.json`` (summaries, per-image rows, the training record) and ``cellseg1.md`` (table).
+
+    python -m bench.cellseg1 --repository build/repository --data ../shared/data/dsb2018 [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary, write_json
+from cellsam_triton.errors import UserError
+
+from .accuracy import SPLIT, markdown_table
+
+HERE = Path(__file__).resolve().parent
+WORK = Path("build/cellseg1")
+TRAINING_RULE = "train split, fluorescence, 256x256, most annotated nuclei (manifest `objects`); ties: smallest id"
+
+
+def training_image(data: Path) -> str:
+    """The id of the one fine-tuning image (TRAINING_RULE); never a validation image."""
+    from cellsam_triton.datasets import load_manifest, split_of
+
+    pool = [r for r in load_manifest(data)
+            if split_of(r.id) == "train" and r.kind == "fluorescence" and (r.height, r.width) == (256, 256)]
+    if not pool:
+        raise UserError(f"no 256x256 fluorescence training image in {data}")
+    return min(pool, key=lambda r: (-r.objects, r.id)).id
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=Path("build/repository"), help="exported default model repository")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), help="DSB-layout folder")
+    parser.add_argument("--work", type=Path, default=WORK, help="adapter file and CellSeg1 repositories (default %(default)s)")
+    parser.add_argument("--lora", type=Path, default=None, help="use this adapter file instead of fine-tuning")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: finetune's)")
+    parser.add_argument("--prompts", type=int, default=None, help="fine-tuning prompts per step (default: finetune's)")
+    parser.add_argument("--encoder-lora", action="store_true", help="fine-tune with encoder LoRA too (slower)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N validation images only")
+    parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="grid points per side (default: the model's)")
+    parser.add_argument("--extra-iou-threshold", type=float, default=None, metavar="T",
+                        help="also score the fine-tuned model with predicted-IoU threshold T (an extra, labelled row)")
+    parser.add_argument("--out", type=Path, default=HERE, metavar="DIR", help="output folder (default bench/)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per request (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def finetune(data: Path, sample_id: str, out: Path, settings: dict) -> dict:
+    """Fine-tune on one DSB sample (in process, same code as `cellsam-triton finetune`); its provenance."""
+    import numpy as np
+    import torch
+
+    from cellsam_triton.datasets import load_sample, sample_path
+    from cellsam_triton.export.finetune import FinetuneConfig, finetune_arrays, provenance_path, sha256_file, write_provenance_fields
+
+    image, labels = load_sample(data, sample_id)
+    config = FinetuneConfig(**{k: v for k, v in settings.items() if v is not None})
+    adapters, record = finetune_arrays(image, np.asarray(labels), config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(adapters, out)
+    provenance = {
+        "command": f"python -m bench.cellseg1 (finetune_arrays on {sample_id})",
+        "image": str(sample_path(data, sample_id)), "image_sha256": sha256_file(sample_path(data, sample_id)),
+        "training_rule": TRAINING_RULE,
+        **write_provenance_fields(config, record, out),
+    }
+    provenance_path(out).write_text(json.dumps(provenance, indent=2) + "\n")
+    return provenance
+
+
+def export(repository: Path, lora: Path | None) -> Path:
+    """``export --model cellseg1 [--lora]`` (LiteMedSAM base) into ``repository``, unless done for this adapter."""
+    from cellsam_triton.cli import main as cli
+    from cellsam_triton.export.finetune import sha256_file
+
+    stamp = repository / ".cellseg1_exported"
+    key = "base" if lora is None else sha256_file(lora)
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        return repository
+    argv = ["export", "--model", "cellseg1", "--repository", str(repository), "--target", "cpu"]
+    if cli(argv + ([] if lora is None else ["--lora", str(lora)])) != 0:
+        raise UserError(f"export of {repository} failed")
+    stamp.write_text(key + "\n")
+    return repository
+
+
+def run_method(repository: Path, data: Path, records: list, desc: str, timeout: float, grid=None) -> list:
+    """Scores of one served model (its own embedded server, stopped afterwards)."""
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.server import EmbeddedServer
+
+    if not repository.is_dir():
+        raise UserError(f"model repository {repository} not found; run `make export` first")
+    with EmbeddedServer(repository) as server, Segmenter(server.grpc_url, timeout_s=timeout) as segmenter:
+        return evaluate(data, records, served_predict(segmenter, None, grid), desc)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Fine-tune (unless ``--lora``), export, and score the three methods."""
+    from cellsam_triton.client.grid_rules import GridOptions
+    from cellsam_triton.contracts import CELLSEG1_LITE, LITE
+    from cellsam_triton.datasets import data_checksum
+
+    records = select(args.data, SPLIT, args.limit)
+    sample_id = training_image(args.data)
+    if sample_id in {r.id for r in records}:
+        raise UserError(f"training image {sample_id} is in the validation split")
+    lora = args.lora or args.work / "lora.pth"
+    from cellsam_triton.export.finetune import provenance_path
+
+    if args.lora is None and not lora.is_file():
+        settings = {"epochs": args.epochs, "prompts": args.prompts, "encoder_lora": True if args.encoder_lora else None}
+        provenance = finetune(args.data, sample_id, lora, settings)
+    else:
+        path = provenance_path(lora)
+        provenance = json.loads(path.read_text()) if path.is_file() else {"adapter": str(lora)}
+    base = export(args.work / "base_repository", None)
+    tuned = export(args.work / "tuned_repository", lora)
+    grid = GridOptions(points_per_side=args.points_per_side)
+    side = args.points_per_side or CELLSEG1_LITE.extra["points_per_side"]
+    runs = {
+        f"{LITE.name} (detector boxes)": run_method(args.repository, args.data, records, LITE.name, args.timeout),
+        f"grid {side}x{side}, no fine-tuning": run_method(base, args.data, records, "grid base", args.timeout, grid),
+        f"grid {side}x{side}, one-image fine-tuned": run_method(tuned, args.data, records, "grid tuned", args.timeout, grid),
+    }
+    if args.extra_iou_threshold is not None:
+        loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
+        name = f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= {args.extra_iou_threshold:g}"
+        runs[name] = run_method(tuned, args.data, records, "grid tuned loose", args.timeout, loose)
+    return {
+        "split": SPLIT,
+        "images": len(records),
+        "data_checksum": data_checksum(args.data, [r.id for r in records]),
+        "training_image": sample_id,
+        "training_rule": TRAINING_RULE,
+        "finetune": provenance,
+        "methods": {name: summary(scores) for name, scores in runs.items()},
+        "per_image": {name: [s.as_dict() for s in scores] for name, scores in runs.items()},
+    }
+
+
+def report(result: dict) -> str:
+    """The markdown of cellseg1.md: table and how it was made."""
+    ft = result["finetune"]
+    seconds = ft.get("seconds")
+    lines = [
+        f"# CellSeg1 on DSB2018 {result['split']} split ({result['images']} images)",
+        "",
+        markdown_table(result),
+        f"Fine-tuning image: `{result['training_image']}` ({TRAINING_RULE}); "
+        + (f"{ft['config']['epochs']} epochs in {seconds:.0f} s, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}."
+           if seconds is not None else "adapter file given."),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = measure(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "cellseg1.json", result)
+        text = report(result)
+        (args.out / "cellseg1.md").write_text(text)
+    except UserError as exc:
+        print(f"bench-cellseg1: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(text)
+    print(f"wrote {args.out / 'cellseg1.json'}, cellseg1.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

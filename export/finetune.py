@@ -1,0 +1,165 @@
+"""`cellsam-triton finetune`: CellSeg1's one-image LoRA fine-tuning, on the LiteMedSAM base.
+
+    cellsam-triton finetune --image cells.tif --labels cells_labels.tif --out lora.pth
+    cellsam-triton export --model cellseg1 --lora lora.pth --repository DIR   # served with grid prompts
+
+Recipe (CellSeg1, arXiv 2412.01410, adapted to a CPU): rank-r LoRA on ``q_proj``/``v_proj`` of
+every attention of the mask decoder's two-way transformer and, with ``--encoder-lora`` (CellSeg1's
+full recipe, ~4x slower a step here), on the q and v projections of every image-encoder attention
+(TinyViT); the prompt encoder and the mask decoder's tensors outside the transformer are trained
+in full (CellSeg1 saves them in the adapter file). Each epoch is one optimiser step on an
+augmented view of the one image (export/finetune_data.py; with a frozen encoder ``--views``
+views are embedded once and reused): point
+prompts drawn from up to ``--prompts`` instances, loss = BCE + Dice of the mask logits against
+the instance + MSE of the IoU head against the real IoU of its mask. ``--background`` adds that
+many points off the cells with an empty target (IoU target 0), an addition to CellSeg1's recipe
+so that grid points on the background score low. Writes the adapter file (CellSeg1 layout) and
+``<out>.json`` (provenance: inputs' sha256, seed, settings, loss curve, time, adapter sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cellsam_triton.errors import UserError
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run (all recorded in the provenance file)."""
+
+    epochs: int = 60
+    prompts: int = 8  # instance points per step
+    background: int = 4  # background points per step (0: CellSeg1's recipe exactly)
+    rank: int = 4
+    lr: float = 2e-3  # LoRA adapters
+    full_lr: float = 1e-3  # prompt encoder and mask-decoder tensors trained in full (IoU head included)
+    weight_decay: float = 1e-4
+    iou_weight: float = 1.0
+    seed: int = 0
+    encoder_lora: bool = False  # CellSeg1 adapts the encoder too: --encoder-lora (about 4x slower a step on a CPU)
+    views: int = 8  # frozen encoder only: augmented views embedded once and reused
+    size: int = 256
+    extra: dict = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = FinetuneConfig()
+    parser.add_argument("--image", required=True, type=Path, metavar="IMG", help="the one training image (TIFF, PNG, NPY)")
+    parser.add_argument("--labels", required=True, type=Path, metavar="LBL", help="its instance labels (0 = background), same height and width")
+    parser.add_argument("--out", type=Path, default=None, metavar="LORA.pth", help="adapter file to write (default: <image stem>_lora.pth here)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="optimiser steps, one augmented view each (default %(default)s)")
+    parser.add_argument("--prompts", type=int, default=d.prompts, help="instance point prompts per step (default %(default)s)")
+    parser.add_argument("--background", type=int, default=d.background, help="background point prompts per step, empty target (default %(default)s; 0 = CellSeg1 exactly)")
+    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the adapters (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+    parser.add_argument("--encoder-lora", action=argparse.BooleanOptionalAction, default=d.encoder_lora,
+                        help="LoRA on the image encoder's q/v too, as CellSeg1 (a new view and an encoder backward pass every step: "
+                             "about 4x slower on a CPU); without it the augmented --views are embedded once (default: off)")
+    parser.add_argument("--views", type=int, default=d.views, help="frozen encoder: augmented views embedded once and reused (default %(default)s)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr (default on)")
+
+
+def _check(config: FinetuneConfig) -> None:
+    for name in ("epochs", "prompts", "rank"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.background < 0:
+        raise UserError(f"--background must not be negative, got {config.background}")
+    if not (np.isfinite(config.lr) and config.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {config.lr}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def finetune_arrays(image: np.ndarray, labels: np.ndarray, config: FinetuneConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Train adapters on one image [H,W(,C)] with labels [H,W]; (adapter state dict, training record)."""
+    import torch
+
+    from .finetune_data import check_labels, normalise
+    from .finetune_train import Trainer
+
+    _check(config)
+    labels = check_labels(labels, image.shape[:2], "labels")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    trainer = Trainer(config)
+    started = time.perf_counter()
+    history = trainer.fit(normalise(image), labels, rng, progress)
+    seconds = time.perf_counter() - started
+    record = {
+        "seconds": round(seconds, 1),
+        "instances": int(len(np.unique(labels[labels > 0]))),
+        "image_shape": list(image.shape),
+        "loss_first": history[0],
+        "loss_last": history[-1],
+        "loss_every_10": history[::10],
+        "base": trainer.base,
+        "trainable_parameters": trainer.trainable,
+    }
+    return trainer.adapters(), record
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .finetune_data import read_pair
+
+    config = FinetuneConfig(
+        epochs=args.epochs, prompts=args.prompts, background=args.background, rank=args.rank,
+        lr=args.lr, seed=args.seed, encoder_lora=args.encoder_lora, views=args.views,
+    )
+    _check(config)
+    image, labels = read_pair(args.image, args.labels)
+    out = args.out or Path(f"{args.image.stem}_lora.pth")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adapters, record = finetune_arrays(image, labels, config, progress=args.progress)
+    torch.save(adapters, out)
+    provenance = {
+        "command": "cellsam-triton " + " ".join(sys.argv[1:]),
+        "image": str(args.image), "image_sha256": sha256_file(args.image),
+        "labels": str(args.labels), "labels_sha256": sha256_file(args.labels),
+        **write_provenance_fields(config, record, out),
+    }
+    provenance_path(out).write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"wrote {out} ({len(adapters)} tensors) and {provenance_path(out).name}: {record['instances']} instances, "
+          f"{config.epochs} epochs in {record['seconds']:.0f} s, loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")
+    print(f"serve it: cellsam-triton export --model cellseg1 --lora {out} --repository DIR")
+    return 0
+
+
+def provenance_path(adapter: Path) -> Path:
+    """``lora.pth`` -> ``lora.json`` beside it."""
+    return Path(adapter).with_suffix(".json")
+
+
+def write_provenance_fields(config: FinetuneConfig, record: dict, adapter: Path) -> dict:
+    """The provenance entries common to the CLI and the benchmark (settings, record, versions, sha256)."""
+    import torch
+
+    return {
+        "recipe": f"CellSeg1 (arXiv 2412.01410) LoRA q/v {'encoder + ' if config.encoder_lora else ''}decoder, "
+                  "BCE+Dice+IoU-MSE; LiteMedSAM base",
+        "config": asdict(config),
+        **record,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "adapter": str(adapter),
+        "adapter_sha256": sha256_file(adapter),
+    }

@@ -1,0 +1,209 @@
+"""CellSeg1 on the LiteMedSAM base: TinyViT LoRA merge, `finetune` CLI, merged ONNX vs unmerged
+PyTorch (random adapters), and `segment --prompts grid` through the served pipeline on a real
+DSB2018 image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tifffile
+import torch
+
+from cellsam_triton.cli import main as cli
+from cellsam_triton.contracts import CELLSEG1_LITE
+from cellsam_triton.export.finetune_data import Prompts, View, check_labels, random_view, sample_prompts
+from cellsam_triton.export.models import lite_lora
+from cellsam_triton.errors import UserError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+RANK = 4
+
+
+def _lite():
+    from cellsam_triton.export.models.litemedsam import load_litemedsam
+    from cellsam_triton.export.models.point_decoder import PointDecoder
+
+    lite = load_litemedsam()
+    return lite.encoder.eval(), PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
+
+
+def _randomise(modules, generator: torch.Generator, scale: float) -> None:
+    with torch.no_grad():
+        for module in modules:
+            for name, param in module.named_parameters():
+                if name.endswith((".a.weight", ".b.weight")):
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+@pytest.fixture(scope="module")
+def unmerged(tmp_path_factory: pytest.TempPathFactory):
+    """LiteMedSAM with random (non-zero) adapters attached, unmerged, and their adapter file."""
+    encoder, decoder = _lite()
+    lite_lora.attach_lite_lora(encoder, decoder.mask_decoder, RANK)
+    _randomise([encoder, decoder], torch.Generator().manual_seed(5), 0.05)
+    with torch.no_grad():
+        decoder.mask_decoder.iou_token.weight.add_(0.1)  # a full tensor trained outside the transformer
+    adapters = lite_lora.lite_adapter_state(encoder, decoder.prompt_encoder, decoder.mask_decoder)
+    path = tmp_path_factory.mktemp("lite_lora") / "lora.pth"
+    torch.save(adapters, path)
+    return encoder.eval(), decoder.eval(), adapters, path
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, 256, 256, generator=g)
+    coords = torch.rand(5, 1, 2, generator=g) * 256
+    labels = torch.tensor([[1.0], [1.0], [0.0], [1.0], [1.0]])
+    return image, coords, labels
+
+
+def test_adapter_file_layout_and_exact_merge(unmerged) -> None:
+    encoder, decoder, adapters, _ = unmerged
+    attentions = lite_lora.tiny_attentions(encoder)
+    assert len(attentions) >= 8 and f"w_a_{2 * len(attentions) - 1:03d}" in adapters
+    first = attentions[0]
+    heads, kd, d = first.num_heads, first.key_dim, first.qkv.d
+    assert adapters["w_b_000"].shape == (heads * kd, RANK) and adapters["w_b_001"].shape == (heads * d, RANK)
+    assert {"sa_a_000", "cti_b_003", "cit_a_001", "fati_qa", "mask_decoder.iou_token.weight"} <= set(adapters)
+
+    image, coords, labels = _inputs()
+    with torch.no_grad():
+        want_emb = encoder(image)
+        want_masks, want_iou = decoder(want_emb, coords, labels)
+        plain_emb = _lite()[0](image)
+    assert (want_emb - plain_emb).abs().max() > 1e-2  # the adapters matter: the check below is not vacuous
+    merged_encoder, merged_decoder = _lite()
+    lite_lora.merge_lite_lora(merged_encoder, merged_decoder.prompt_encoder, merged_decoder.mask_decoder, adapters)
+    with torch.no_grad():
+        emb = merged_encoder(image)
+        masks, iou = merged_decoder(emb, coords, labels)
+    torch.testing.assert_close(emb, want_emb, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masks, want_masks, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(iou, want_iou, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_rejects_a_sam_vit_adapter_file(unmerged) -> None:
+    encoder, decoder = _lite()
+    bad = {**unmerged[2], "w_a_999": torch.zeros(RANK, 64)}
+    with pytest.raises(UserError, match="not a LiteMedSAM adapter file"):
+        lite_lora.merge_lite_lora(encoder, decoder.prompt_encoder, decoder.mask_decoder, bad)
+
+
+def test_views_and_prompts_follow_the_labels() -> None:
+    labels = np.zeros((300, 280), np.int64)
+    labels[20:40, 30:50] = 1
+    labels[100:130, 200:220] = 2
+    labels[250:260, 10:25] = 3
+    image = np.random.default_rng(0).random((300, 280, 3)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        view = random_view(image, labels, 256, rng)
+        assert view.image.shape == (3, 256, 256) and view.labels.shape == (256, 256)
+        assert 0 <= view.image.min() and view.image.max() <= 1
+        prompts = sample_prompts(view, count=8, background=2, rng=rng)
+        fg = int(prompts.foreground.sum())
+        assert len(prompts.points) == fg + 2 and fg <= 3
+        for (x, y), target, is_fg in zip(prompts.points.astype(int), prompts.targets, prompts.foreground):
+            assert target[y, x] == is_fg  # each point lies in its own target (background: empty target)
+            assert is_fg or not target.any()
+    with pytest.raises(UserError, match="no labelled instance"):
+        check_labels(np.zeros((4, 4)), (4, 4), "x")
+    with pytest.raises(UserError, match="image 4x5"):
+        check_labels(np.ones((4, 4)), (4, 5), "x")
+
+
+@pytest.fixture(scope="module")
+def dsb_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """A real DSB2018 validation image (256x256, fluorescence) and its labels as TIFF files."""
+    if not (DATA / "manifest.csv").is_file():
+        pytest.skip(f"DSB2018 data not found at {DATA} (../shared absent): real-image CellSeg1 tests skipped")
+    from cellsam_triton.datasets import load_manifest, load_sample, split_of
+
+    record = next(r for r in load_manifest(DATA) if split_of(r.id) == "val" and (r.height, r.width) == (256, 256)
+                  and r.kind == "fluorescence" and r.objects >= 15)
+    image, labels = load_sample(DATA, record.id)
+    root = tmp_path_factory.mktemp("dsb_pair")
+    tifffile.imwrite(root / "image.tif", image)
+    tifffile.imwrite(root / "labels.tif", labels.astype(np.uint16))
+    return root / "image.tif", root / "labels.tif", labels
+
+
+def test_finetune_cli_writes_adapters_and_provenance(dsb_pair, tmp_path: Path, capsys) -> None:
+    image, labels, _ = dsb_pair
+    out = tmp_path / "lora.pth"
+    code = cli(["finetune", "--image", str(image), "--labels", str(labels), "--out", str(out),
+                "--epochs", "2", "--prompts", "4", "--background", "1", "--seed", "3", "--no-progress", "--encoder-lora"])
+    assert code == 0
+    adapters = torch.load(out, weights_only=True)
+    assert "w_a_000" in adapters and "fati_vb" in adapters and "mask_decoder.iou_token.weight" in adapters
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["config"]["seed"] == 3 and provenance["config"]["epochs"] == 2
+    assert len(provenance["image_sha256"]) == 64 and provenance["adapter_sha256"]
+    assert np.isfinite(provenance["loss_last"]) and provenance["instances"] > 0
+    assert "wrote" in capsys.readouterr().out
+    encoder, decoder = _lite()  # the file merges into a fresh base
+    lite_lora.merge_lite_lora(encoder, decoder.prompt_encoder, decoder.mask_decoder, adapters)
+
+
+def test_finetune_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
+    image = tmp_path / "image.npy"
+    np.save(image, np.zeros((32, 32), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros((32, 40), np.uint16))
+    code = cli(["finetune", "--image", str(image), "--labels", str(tmp_path / "labels.npy")])
+    err = capsys.readouterr().err
+    assert code != 0 and "labels are 32x40" in err and "Traceback" not in err
+    code = cli(["finetune", "--image", str(tmp_path / "missing.tif"), "--labels", str(image), "--epochs", "1"])
+    assert code != 0 and "no such file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lite_repository(unmerged, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`export --model cellseg1 --lora` (no --sam-checkpoint: LiteMedSAM base) with the random adapters."""
+    repo = tmp_path_factory.mktemp("cellseg1_lite") / "repository"
+    assert cli(["export", "--model", "cellseg1", "--lora", str(unmerged[3]), "--repository", str(repo), "--threads", "1"]) == 0
+    return repo
+
+
+def test_merged_onnx_matches_unmerged_pytorch(unmerged, lite_repository: Path) -> None:
+    encoder, decoder, _, _ = unmerged
+
+    def session(spec):
+        return ort.InferenceSession(str(lite_repository / spec.name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    image, coords, labels = _inputs(1)
+    with torch.no_grad():
+        want_emb = encoder(image)
+        want_masks, want_iou = decoder(want_emb, coords, labels)
+    emb = session(CELLSEG1_LITE.encoder()).run(None, {"image": image.numpy()})[0]
+    np.testing.assert_allclose(emb, want_emb.numpy(), atol=1e-3 * max(1.0, float(want_emb.abs().max())))
+    masks, iou = session(CELLSEG1_LITE.point_decoder()).run(
+        None, {"image_embeddings": want_emb.numpy(), "point_coords": coords.numpy(), "point_labels": labels.numpy()})
+    np.testing.assert_allclose(masks, want_masks.numpy(), atol=1e-3 * max(1.0, float(want_masks.abs().max())))
+    np.testing.assert_allclose(iou, want_iou.numpy(), atol=1e-3)
+    names = sorted(p.name for p in lite_repository.iterdir() if p.is_dir())
+    assert names == sorted(["cellseg1_lite", "cellseg1_lite_encoder", "cellseg1_lite_decoder",
+                            "cellseg1_lite_point_decoder", "cellseg1_lite_grid"])
+    for pipeline in ("cellseg1_lite", "cellseg1_lite_grid"):
+        assert (lite_repository / pipeline / "1" / "bls.py").is_file()  # shared BLS glue beside both
+
+
+def test_segment_grid_cli_on_a_real_image(dsb_pair, lite_repository: Path, server_factory, tmp_path: Path, capsys) -> None:
+    """`segment --prompts grid` through the served grid pipeline on a real DSB image (no --model:
+    the repository's only pipeline family is found; the `_grid` model is reached through it)."""
+    image, _, truth = dsb_pair
+    server = server_factory(lite_repository)
+    server.start(120)
+    out = tmp_path / "out"
+    code = cli(["segment", str(image), "--out", str(out), "--url", server.grpc_url, "--prompts", "grid",
+                "--points-per-side", "6", "--overlay"])
+    assert code == 0, capsys.readouterr().err
+    labels = tifffile.imread(out / "image_labels.tif")
+    assert labels.shape == truth.shape
+    assert (out / "image_cells.csv").is_file() and (out / "image_overlay.png").is_file()
+    code = cli(["segment", str(image), "--out", str(out), "--url", server.grpc_url])  # no detector here
+    err = capsys.readouterr().err
+    assert code != 0 and "--prompts grid" in err and "Traceback" not in err
