@@ -261,6 +261,8 @@ def segment_slide(
     if family.preprocess != "litemedsam":
         raise UserError(f"model {family.name} resizes whole images; slides need a tiled model such as the default")
     options = (options or SegmentOptions()).resolved(family)
+    if options.scale not in (None, 1.0):
+        raise UserError("--scale is not supported with --slide: slides are segmented at native resolution")
     bbox = options.bbox_threshold
     iou = options.iou_threshold
     cut = logit_threshold(options.mask_threshold)

@@ -59,7 +59,7 @@ def test_slide_cli_equals_the_whole_image_path(slide_server, tmp_path, capsys) -
     image = blocks_slide(700, 900)
     tifffile.imwrite(tmp_path / "slide.ome.tif", image, tile=(128, 128), bigtiff=True)
     with ServerPool([slide_server.grpc_url]) as pool:
-        whole = lite_rules.segment(image, pool.run, pool.family, None, SegmentOptions())
+        whole = lite_rules.segment(image, pool.run, pool.family, None, SegmentOptions(scale=1.0))
     assert whole.count > 10
     base = ["segment", "--slide", str(tmp_path / "slide.ome.tif"), "--url", slide_server.grpc_url, "--max-memory", "30"]
     assert cli([*base, "--out", str(tmp_path / "on")]) == 0
@@ -88,7 +88,7 @@ def test_zarr_slide_input(slide_server, tmp_path, capsys) -> None:
     array[:] = image
     assert cli(["segment", "--slide", str(tmp_path / "in.zarr"), "--out", str(tmp_path / "out"), "--url", slide_server.grpc_url]) == 0
     with ServerPool([slide_server.grpc_url]) as pool:
-        whole = lite_rules.segment(image, pool.run, pool.family, None, SegmentOptions())
+        whole = lite_rules.segment(image, pool.run, pool.family, None, SegmentOptions(scale=1.0))
     same_cells(read_labels(tmp_path / "out" / "in_labels.tif"), whole.labels.astype(np.int64))
 
 

@@ -175,7 +175,7 @@ def test_slide_2048_equals_the_whole_image(default_server, tmp_path: Path) -> No
     assert code == 0, err
     labels = tifffile.imread(tmp_path / "out" / "slide_labels.tif")
     with ServerPool([default_server.grpc_url]) as pool:
-        whole = lite_rules.segment(slide, skip_blank(pool.run), pool.family, None, SegmentOptions())
+        whole = lite_rules.segment(slide, skip_blank(pool.run), pool.family, None, SegmentOptions(scale=1.0))
     cuts = sorted({t.cy0 for t in tiles} | {t.cx0 for t in tiles})[1:]  # core borders (window borders among them)
     stats = compare(labels, whole.labels, cuts)
     print(f"\n2048 slide: {seconds:.1f} s, client peak RSS {peak:.0f} MiB (--max-memory {max_memory}), {out.strip()}, {stats}")
@@ -220,7 +220,7 @@ def test_slide_16k_bounded_memory_and_whole_cells(default_server, tmp_path: Path
     result = Slide.open(tmp_path / "out" / "slide16k_labels.tif")
     assert result.shape == (side, side)
     with ServerPool([default_server.grpc_url]) as pool:
-        wholes = [lite_rules.segment(b, skip_blank(pool.run), pool.family, None, SegmentOptions()) for b in blocks]
+        wholes = [lite_rules.segment(b, skip_blank(pool.run), pool.family, None, SegmentOptions(scale=1.0)) for b in blocks]
     total = {"whole": 0, "slide": 0, "matched": 0, "split": 0, "crossing": 0, "crossing_matched": 0}
     for (by, bx), whole in zip(origins, wholes):
         labels = result.read(by, by + BLOCK, bx, bx + BLOCK)
