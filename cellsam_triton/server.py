@@ -279,8 +279,13 @@ class EmbeddedServer:
             taken.add(port)
             self.ports[name] = port
 
-    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> "EmbeddedServer":
-        """Launch the server and wait (bounded) until every model is ready."""
+    def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S, retry_crash: bool = True) -> "EmbeddedServer":
+        """Launch the server and wait (bounded) until every model is ready.
+
+        A server killed by a signal during start-up (a crash, e.g. gRPC's rare "epoll_wait: Bad
+        file descriptor" abort seen once in CI) is started once more; errors it reports itself
+        (bad model, port taken) are not retried.
+        """
         with self._lock:
             if self.running:
                 return self
@@ -302,6 +307,12 @@ class EmbeddedServer:
             log.debug("tritonserver pid %d, log %s", self._process.pid, self.log_path)
         try:
             self._wait_ready(timeout_s)
+        except _StartupCrash as exc:
+            self.stop()
+            if not retry_crash:
+                raise
+            log.warning("%s; starting it once more", exc)
+            return self.start(timeout_s, retry_crash=False)
         except BaseException:
             self.stop()
             raise
@@ -315,7 +326,8 @@ class EmbeddedServer:
             if problem:
                 raise ServerError(f"{problem} (log: {self.log_path})")
             if self._process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up: {self.last_error_line()} (log: {self.log_path})")
+                error = _StartupCrash if self._process.returncode < 0 else ServerError
+                raise error(f"tritonserver exited with code {self._process.returncode} during start-up: {self.last_error_line()} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
                     if response.status == 200:
@@ -390,6 +402,10 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _StartupCrash(ServerError):
+    """tritonserver died from a signal before it was ready."""
 
 
 def _session_tied_to_parent():

@@ -155,3 +155,31 @@ def test_shared_memory_regions_are_removed_even_after_a_crash(single_repository:
     assert server.shm_regions() == []
     other = server_factory(single_repository)
     assert other.shm_prefix != server.shm_prefix
+
+
+def test_a_crash_during_start_up_is_retried_once(single_repository: Path, server_factory, tmp_path: Path) -> None:
+    """The first launch aborts (SIGABRT, like a gRPC poller crash); the second is the real server."""
+    from cellsam_triton.server import EmbeddedServer
+
+    marker = tmp_path / "crashed-once"
+
+    class CrashFirst(EmbeddedServer):
+        def command(self, runtime: Path) -> list[str]:
+            real = " ".join(f"'{part}'" for part in super().command(runtime))
+            script = f"if [ ! -e '{marker}' ]; then touch '{marker}'; kill -ABRT $$; fi; exec {real}"
+            return ["bash", "-c", script]
+
+    server = CrashFirst(single_repository, log_path=tmp_path / "server.log", exit_timeout_s=1)
+    try:
+        server.start(90)
+        assert marker.exists() and server.running
+        with TritonTransport(server.grpc_url, "tiny", timeout_s=10) as transport:
+            image = image_with_cells([0, 5])
+            assert len(transport.run([{"image": image, "detector_image": image}])[0].scores) == 2
+    finally:
+        server.stop()
+    marker.unlink()
+    again = CrashFirst(single_repository, log_path=tmp_path / "server2.log", exit_timeout_s=1)
+    with pytest.raises(ServerError, match="during start-up"):
+        again.start(90, retry_crash=False)
+    assert not again.running
