@@ -11,6 +11,7 @@ they cost nothing extra. An explicit factor skips the measuring pass.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -86,7 +87,7 @@ def segment_rescaled(
     big = resize_image(image, factor)
     fy, fx = big.shape[0] / height, big.shape[1] / width
     scaled_boxes = None if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32([fx, fy, fx, fy])
-    inner = SegmentOptions(options.bbox_threshold, options.iou_threshold, options.mask_threshold, 0, 1.0)
+    inner = replace(options, min_cell_area=0, scale=1.0)
     result = segment(big, scaled_boxes, inner)
     labels = labels_to_shape(result.labels, (height, width))
     labels, origin = fill_holes_and_remove_small(labels, int(options.min_cell_area or 0))

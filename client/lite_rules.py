@@ -132,14 +132,13 @@ def segment_native(
 ) -> Segmentation:
     """Segment one image at its own resolution; ``boxes`` xyxy in input pixels or None.
 
+    ``image`` is already validated and channels-last and ``options`` resolved (by :func:`segment`).
     Overlaps follow CellSAM's rule (later masks win) with masks ordered by decreasing score
     over the whole image, so where two cells' masks overlap the lower-scored one wins, as in
     the reference.
     """
-    image = channels_last(validate_image(image, "image"))
     norm = lite_normalize(image)
     height, width = norm.shape[:2]
-    options = options.resolved(family)
     tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
     requests, used = build_requests(
         norm,
