@@ -191,17 +191,24 @@ def _is_background(region: np.ndarray, tile: Tile, flat: float) -> bool:
 
 
 class LabelStore:
-    """The slide's labels on disk (Zarr); windows are merged in under a lock."""
+    """The slide's labels on disk (Zarr); windows are merged in under a lock.
+
+    Each cell carries its score and its rank (position of its tile in the slide's tile grid, then
+    of its mask in the tile): where cells of two windows overlap, the lower score wins and equal
+    scores go to the higher rank, the order the whole-image path paints in, whatever order the
+    concurrent windows finish in.
+    """
 
     def __init__(self, folder: Path, shape: tuple[int, int], chunk: int = OUT_TILE) -> None:
         import zarr
 
         self.array = zarr.create_array(store=str(folder), shape=shape, chunks=(chunk, chunk), dtype=LABEL_DTYPE, fill_value=0)
         self.scores: list[float] = [math.inf]  # scores[label]; background never wins
+        self.ranks: list[int] = [-1]
         self._lock = threading.Lock()
 
-    def merge(self, y0: int, x0: int, labels: np.ndarray, scores: np.ndarray) -> int:
-        """Add a window's cells (labels 1..n, ``scores[k-1]``); the lower score wins shared pixels."""
+    def merge(self, y0: int, x0: int, labels: np.ndarray, scores: np.ndarray, ranks: np.ndarray) -> int:
+        """Add a window's cells (labels 1..n with ``scores[k-1]`` and ``ranks[k-1]``)."""
         if not labels.any():
             return 0
         rows, cols = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
@@ -211,10 +218,13 @@ class LabelStore:
         with self._lock:
             base = len(self.scores) - 1
             self.scores.extend(float(s) for s in scores)
-            table = np.asarray(self.scores)
+            self.ranks.extend(int(r) for r in ranks)
+            score, rank = np.asarray(self.scores), np.asarray(self.ranks)
             existing = self.array[region]
             new = np.where(labels > 0, labels.astype(LABEL_DTYPE) + base, 0)
-            wins = (new > 0) & (table[new] < table[existing])
+            lower = score[new] < score[existing]
+            tie = (score[new] == score[existing]) & (rank[new] > rank[existing])
+            wins = (new > 0) & (lower | tie)
             existing[wins] = new[wins]
             self.array[region] = existing
         return int(len(scores))
@@ -280,6 +290,9 @@ def segment_slide(
         sent = [0]
         sent_lock = threading.Lock()
 
+        grid_index = {(t.y0, t.x0): k for k, t in enumerate(tiles)}
+        masks_per_tile = 1 << 20  # rank = tile index * this + mask index
+
         def one(group: list[Tile]) -> int:
             y0, x0 = min(t.y0 for t in group), min(t.x0 for t in group)
             y1 = min(height, max(t.y0 + t.size for t in group))
@@ -290,17 +303,20 @@ def segment_slide(
                 return 0
             norm = _normalize(region, low, high)
             del region
-            kept = []  # (score, cropped logits block): results are dropped batch by batch
+            kept = []  # (score, rank, cropped logits block): results are dropped batch by batch
             for start in range(0, len(local), TILE_BATCH):
                 batch = local[start : start + TILE_BATCH]
                 requests, _ = build_requests(norm, batch, None, bbox, iou)
                 for t, r in zip(batch, run(requests)):
-                    kept += [(float(r.scores[i]), _compact(mask_block(r.masks[i], t, norm.shape[:2], cut))) for i in owned(r, t)]
+                    rank = grid_index[(t.y0 + y0, t.x0 + x0)] * masks_per_tile
+                    kept += [(float(r.scores[i]), rank + int(i), _compact(mask_block(r.masks[i], t, norm.shape[:2], cut)))
+                             for i in owned(r, t)]
                 with sent_lock:
                     sent[0] += len(batch)
-            kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile order, as the whole-image path
-            labels, origin = fill_holes_and_remove_small(paint_labels((b for _, b in kept), norm.shape[:2], cut), min_area)
-            return store.merge(y0, x0, labels, np.array([kept[o - 1][0] for o in origin], np.float64))
+            kept.sort(key=lambda item: (-item[0], item[1]))  # paint order of the whole-image path
+            labels, origin = fill_holes_and_remove_small(paint_labels((b for _, _, b in kept), norm.shape[:2], cut), min_area)
+            chosen = [kept[o - 1] for o in origin]
+            return store.merge(y0, x0, labels, np.array([c[0] for c in chosen], np.float64), np.array([c[1] for c in chosen], np.int64))
 
         bar = tqdm(total=len(tiles), unit="tile", file=sys.stderr, disable=None if progress is None else not progress)
         with ThreadPoolExecutor(max_workers=max(1, in_flight), thread_name_prefix="slide") as executor:

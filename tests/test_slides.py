@@ -114,3 +114,21 @@ def test_memory_is_bounded_by_the_window_not_the_slide(tmp_path: Path) -> None:
     whole_float = 2400 * 2400 * 3 * 4  # one float32 RGB copy of the slide: the whole-image path holds several
     assert peak < whole_float / 2, f"peak {peak / 2**20:.0f} MiB"
     assert window_for_memory(1024) > window_for_memory(256) >= 256
+
+
+def test_label_store_breaks_score_ties_by_rank_whatever_the_merge_order(tmp_path: Path) -> None:
+    from cellsam_triton.client.slides import LabelStore
+
+    a = np.zeros((6, 6), np.int64)
+    a[0:4, 0:4] = 1
+    b = np.zeros((6, 6), np.int64)
+    b[2:6, 2:6] = 1
+    results = []
+    for k, order in enumerate(((0, 1), (1, 0))):
+        store = LabelStore(tmp_path / f"s{k}.zarr", (6, 6))
+        windows = [(a, 7), (b, 3)]  # equal scores, ranks 7 and 3: rank 7 wins the shared pixels
+        for w in order:
+            store.merge(0, 0, windows[w][0], np.array([0.5]), np.array([windows[w][1]]))
+        label_of = {rank: label for label, rank in enumerate(store.ranks) if label}
+        results.append(np.asarray(store.array[:]) == label_of[7])
+    assert (results[0] == results[1]).all() and results[0][2:4, 2:4].all() and results[0].sum() == 16
