@@ -35,6 +35,8 @@ from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, lite_normalize, til
 from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, load_sample, split_of
 from cellsam_triton.errors import UserError
 
+from .models.detector_lite import DetectorConfig
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="greedy-NMS IoU used in validation (default %(default)s)")
     parser.add_argument("--augment-kinds", default="stained", metavar="KINDS",
                         help="comma-separated kinds whose train images are added in all 8 dihedral views ('' for none; default %(default)s)")
+    parser.add_argument("--width", type=int, default=DetectorConfig.width, help="trunk channels of a new detector (default %(default)s)")
+    parser.add_argument("--dilations", default=",".join(map(str, DetectorConfig.dilations)), metavar="D,D,...",
+                        help="one residual block per dilation, for a new detector (default %(default)s)")
     parser.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
                         help="start from these CellFinder-lite weights (fine-tuning) instead of random ones")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
@@ -331,15 +336,18 @@ def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: b
     return samples
 
 
-def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int, init: Path | None = None):
-    """Train CellFinder-lite on every tile of ``samples`` (from ``init`` weights if given); eval mode."""
+def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int, init: Path | None = None,
+          config: DetectorConfig = DetectorConfig()):
+    """Train CellFinder-lite on every tile of ``samples`` (from ``init`` weights if given, else a new
+    detector of ``config``); eval mode. Channels-last tensors: ~2x faster convolutions on CPU."""
     import torch
 
     from .models.detector_lite import CellFinderLite, load_detector
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = CellFinderLite() if init is None else load_detector(init)
+    model = CellFinderLite(config) if init is None else load_detector(init)
+    model = model.to(memory_format=torch.channels_last)
     items = [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"]))]
     steps = epochs * ((len(items) + batch_size - 1) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -351,6 +359,7 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
         for b in range(0, len(order), batch_size):
             batch = [items[k] for k in order[b : b + batch_size]]
             x = torch.from_numpy(np.stack([samples[i]["embeddings"][t] for i, t in batch])).float()
+            x = x.contiguous(memory_format=torch.channels_last)
             loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch])
             opt.zero_grad()
             loss.backward()
@@ -387,6 +396,17 @@ def _encoder_identity(args: argparse.Namespace) -> tuple[Path, str]:
     return export_encoder_onnx(args.cache_dir / "encoder_b1.onnx"), CHECKPOINT_SHA256
 
 
+def detector_config(width: int, dilations: str) -> DetectorConfig:
+    """The architecture of a new detector from ``--width`` and ``--dilations``."""
+    try:
+        rates = tuple(int(d) for d in dilations.split(","))
+    except ValueError:
+        raise UserError(f"--dilations must be comma-separated integers, got {dilations!r}") from None
+    if width < 8 or width % 8 or not rates or min(rates) < 1:
+        raise UserError("--width must be a positive multiple of 8 and every dilation at least 1")
+    return DetectorConfig(width=width, dilations=rates)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -394,6 +414,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
+    config = detector_config(args.width, args.dilations)
     torch.set_num_threads(max(1, args.threads))
     records = load_manifest(args.data)
     split_ids = {s: [r.id for r in records if split_of(r.id) == s] for s in ("train", "val")}
@@ -416,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
     train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False)
     val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True)
     started = time.perf_counter()
-    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed, args.init)
+    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed, args.init, config)
     train_seconds = time.perf_counter() - started
     metrics = evaluate(model, val_set, args.nms_iou)
     best = metrics["by_threshold"][f"{metrics['best_threshold']:g}"]
@@ -438,6 +459,7 @@ def run(args: argparse.Namespace) -> int:
         "split_rule": SPLIT_RULE,
         "images": {s: len(ids) for s, ids in split_ids.items()},
         "init": None if args.init is None else _init_provenance(args.init),
+        "architecture": model.config.to_dict(),
         "augment_kinds": sorted(augment),
         "augmented_views": len(views),
         "tiles": {"train": sum(len(s["tiles"]) for s in train_set), "val": sum(len(s["tiles"]) for s in val_set)},

@@ -164,12 +164,17 @@ def test_augmented_kind_adds_seven_cached_views_per_train_image(tmp_path: Path) 
     out = tmp_path / "det.pt"
     args = parser.parse_args([
         "--data", str(data), "--epochs", "1", "--out", str(out), "--workers", "1", "--threads", "1",
-        "--augment-kinds", "fluorescence", "--limit", "1",
+        "--augment-kinds", "fluorescence", "--limit", "1", "--width", "16", "--dilations", "1,3,1",
         "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(_tiny_encoder_onnx(tmp_path / "enc.onnx")),
     ])
     assert train_detector.run(args) == 0
     provenance = json.loads(out.with_suffix(".json").read_text())
     assert provenance["augment_kinds"] == ["fluorescence"] and provenance["augmented_views"] == 7
+    assert provenance["architecture"]["width"] == 16 and provenance["architecture"]["dilations"] == [1, 3, 1]
+    from cellsam_triton.export.models.detector_lite import load_detector
+
+    model = load_detector(out)
+    assert model.config.width == 16 and [b.depthwise.dilation[0] for b in model.blocks] == [1, 3, 1]
     # 256x300 gives 2 tiles; its quarter-turned views (300x256) give 2 as well
     assert provenance["tiles"]["train"] == 2 * 8
     assert len(list((tmp_path / "cache").rglob("*@d*.npy"))) == 7
@@ -182,6 +187,16 @@ def test_missing_data_folder_is_a_user_error(tmp_path: Path) -> None:
     train_detector.add_arguments(parser)
     with pytest.raises(UserError):
         train_detector.run(parser.parse_args(["--data", str(tmp_path / "absent")]))
+
+
+@pytest.mark.parametrize("extra", [["--width", "12"], ["--width", "0"], ["--dilations", "1,x"], ["--dilations", "0,2"]])
+def test_bad_architecture_is_a_user_error(tmp_path: Path, extra: list[str]) -> None:
+    from cellsam_triton.export import train_detector
+
+    parser = argparse.ArgumentParser()
+    train_detector.add_arguments(parser)
+    with pytest.raises(UserError, match="--width|--dilations"):
+        train_detector.run(parser.parse_args(["--data", str(tmp_path), *extra]))
 
 
 def test_real_split_has_both_kinds_of_images() -> None:
