@@ -61,9 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="greedy-NMS IoU used in validation (default %(default)s)")
     parser.add_argument("--augment-kinds", default="stained", metavar="KINDS",
                         help="comma-separated kinds whose train images are added in all 8 dihedral views ('' for none; default %(default)s)")
-    parser.add_argument("--width", type=int, default=DetectorConfig.width, help="trunk channels of a new detector (default %(default)s)")
-    parser.add_argument("--dilations", default=",".join(map(str, DetectorConfig.dilations)), metavar="D,D,...",
-                        help="one residual block per dilation, for a new detector (default %(default)s)")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"trunk channels of a new detector (not with --init; default {DetectorConfig.width})")
+    parser.add_argument("--dilations", default=None, metavar="D,D,...",
+                        help="one residual block per dilation, for a new detector (not with --init; "
+                             f"default {','.join(map(str, DetectorConfig.dilations))})")
     parser.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
                         help="start from these CellFinder-lite weights (fine-tuning) instead of random ones")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
@@ -396,10 +398,14 @@ def _encoder_identity(args: argparse.Namespace) -> tuple[Path, str]:
     return export_encoder_onnx(args.cache_dir / "encoder_b1.onnx"), CHECKPOINT_SHA256
 
 
-def detector_config(width: int, dilations: str) -> DetectorConfig:
-    """The architecture of a new detector from ``--width`` and ``--dilations``."""
+def detector_config(width: int | None, dilations: str | None, init: Path | None = None) -> DetectorConfig:
+    """The architecture of a new detector from ``--width`` and ``--dilations`` (None: defaults);
+    with ``--init`` the starting weights fix it, so giving either is a UserError."""
+    if init is not None and (width is not None or dilations is not None):
+        raise UserError("--width/--dilations set a new detector's architecture; --init weights bring their own")
+    width = DetectorConfig.width if width is None else width
     try:
-        rates = tuple(int(d) for d in dilations.split(","))
+        rates = DetectorConfig.dilations if dilations is None else tuple(int(d) for d in dilations.split(","))
     except ValueError:
         raise UserError(f"--dilations must be comma-separated integers, got {dilations!r}") from None
     if width < 8 or width % 8 or not rates or min(rates) < 1:
@@ -414,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
-    config = detector_config(args.width, args.dilations)
+    config = detector_config(args.width, args.dilations, args.init)
     torch.set_num_threads(max(1, args.threads))
     records = load_manifest(args.data)
     split_ids = {s: [r.id for r in records if split_of(r.id) == s] for s in ("train", "val")}

@@ -189,7 +189,8 @@ def test_missing_data_folder_is_a_user_error(tmp_path: Path) -> None:
         train_detector.run(parser.parse_args(["--data", str(tmp_path / "absent")]))
 
 
-@pytest.mark.parametrize("extra", [["--width", "12"], ["--width", "0"], ["--dilations", "1,x"], ["--dilations", "0,2"]])
+@pytest.mark.parametrize("extra", [["--width", "12"], ["--width", "0"], ["--dilations", "1,x"], ["--dilations", "0,2"],
+                                   ["--width", "64", "--init", "start.pt"], ["--dilations", "1,2", "--init", "start.pt"]])
 def test_bad_architecture_is_a_user_error(tmp_path: Path, extra: list[str]) -> None:
     from cellsam_triton.export import train_detector
 
