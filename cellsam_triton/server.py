@@ -319,6 +319,8 @@ class EmbeddedServer:
         return self
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Until HTTP readiness answers 200 and the metrics port accepts connections (Triton opens
+        the metrics endpoint after the HTTP one, so readiness alone can come first)."""
         url = f"http://{self.http_url}/v2/health/ready"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -330,8 +332,10 @@ class EmbeddedServer:
                 raise error(f"tritonserver exited with code {self._process.returncode} during start-up: {self.last_error_line()} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
-                    if response.status == 200:
-                        return
+                    ready = response.status == 200
+                if ready:
+                    socket.create_connection((self.host, self.ports["metrics"]), timeout=1.0).close()
+                    return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.1)
