@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[export,server,dev,dask]"
 	touch $@
 
-$(REPO)/.exported: $(VENV)/.installed export/weights/cellfinder_lite.pt
+$(REPO)/.exported: $(VENV)/.installed export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt
 	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
 	touch $@
 

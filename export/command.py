@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-checkpoint", type=Path, help="official segment_anything ViT-B/L/H .pth (--model cellseg1; without it the base is LiteMedSAM: cellseg1_lite)")
     parser.add_argument("--lora", type=Path, help="CellSeg1 LoRA adapter file, merged before export (--model cellseg1; `cellsam-triton finetune` writes one)")
     parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
+    parser.add_argument("--decoder-weights", metavar="PATH|none", help="fine-tuned LiteMedSAM mask decoder (default: the committed one; none: LiteMedSAM's own)")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model on cpu (default: all cores)")
@@ -64,10 +65,20 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
         return export_cellseg1(args.sam_checkpoint, args.lora, staging, tolerance=args.tolerance)
     from .lite_export import export_lite
 
-    kwargs = {"tolerance": args.tolerance}
+    kwargs = {"tolerance": args.tolerance, "decoder_weights": decoder_weights(args)}
     if args.detector_weights is not None:
         kwargs["detector_weights"] = args.detector_weights
     return export_lite(staging, **kwargs)
+
+
+def decoder_weights(args: argparse.Namespace) -> Path | None:
+    """The LITE decoder weights ``--decoder-weights`` names (None: LiteMedSAM's own decoder)."""
+    from .lite_export import DEFAULT_DECODER_WEIGHTS
+
+    given = getattr(args, "decoder_weights", None)
+    if given is None:
+        return DEFAULT_DECODER_WEIGHTS
+    return None if given.lower() == "none" else Path(given)
 
 
 def install(staging: Path, repository: Path, family: Family) -> list[Path]:
@@ -91,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     family = MODEL_CHOICES[args.model]
     if family is CELLSEG1 and args.sam_checkpoint is None:
         family = CELLSEG1_LITE  # CellSeg1 on the LiteMedSAM base (adapters from `finetune`)
+    if family is not LITE and (args.detector_weights is not None or args.decoder_weights is not None):
+        raise UserError("--detector-weights/--decoder-weights are for the default model (LiteMedSAM + CellFinder-lite)")
     for given in (args.checkpoint, args.sam_checkpoint, args.lora):
         if given is not None and not given.is_file():
             raise UserError(f"file not found: {given}")
@@ -99,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix=".export-", dir=args.repository.parent) as tmp:
         staging = Path(tmp)
         reports = export_family(family, staging, args)
+        if family is LITE:  # its mask threshold depends on the decoder weights
+            from .lite_export import served_family
+
+            family = served_family(decoder_weights(args))
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)
         if family.detector == "none":  # detector-free (CellSeg1): served with grid prompts
             write_served(staging, family, args.target, threads=args.threads, gpu=gpu)

@@ -15,6 +15,20 @@ from cellsam_triton.contracts import LITE
 from cellsam_triton.errors import UserError
 
 DEFAULT_DETECTOR_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cellfinder_lite.pt"
+# LiteMedSAM's mask decoder fine-tuned on DSB cells (`cellsam-triton train-decoder`); None: frozen.
+DEFAULT_DECODER_WEIGHTS = Path(__file__).resolve().parent / "weights" / "lite_decoder.pt"
+FROZEN_MASK_THRESHOLD = 0.12  # frozen LiteMedSAM draws cells small: a low threshold (logit ~ -2)
+
+
+def served_family(decoder_weights: Path | None):
+    """LITE with the mask threshold its decoder is served with (recorded beside fine-tuned weights)."""
+    import dataclasses
+
+    from .train_decoder import served_mask_threshold
+
+    if decoder_weights is None:
+        return dataclasses.replace(LITE, mask_threshold=FROZEN_MASK_THRESHOLD)
+    return dataclasses.replace(LITE, mask_threshold=served_mask_threshold(Path(decoder_weights), LITE.mask_threshold))
 
 
 def export_encoder(encoder, examples: list, path: Path, tolerance: float):
@@ -69,8 +83,12 @@ def export_lite(
     detector_weights: str | Path = DEFAULT_DETECTOR_WEIGHTS,
     tolerance: float = 1e-3,
     parts: tuple[str, ...] = PARTS,
+    decoder_weights: str | Path | None = DEFAULT_DECODER_WEIGHTS,
 ) -> list:
-    """Export the LITE models named in ``parts`` under ``repository_dir``; their parity reports."""
+    """Export the LITE models named in ``parts`` under ``repository_dir``; their parity reports.
+
+    ``decoder_weights``: fine-tuned mask decoder (``train-decoder``) loaded before export; None
+    exports LiteMedSAM's own (frozen) decoder."""
     import torch
 
     from .models.detector_lite import load_detector
@@ -81,6 +99,10 @@ def export_lite(
     if "detector" in parts and not weights.is_file():
         raise UserError(f"CellFinder-lite weights not found: {weights} (train them with `cellsam-triton train-detector`)")
     lite = load_litemedsam()
+    if "decoder" in parts and decoder_weights is not None:
+        from .train_decoder import load_decoder_weights
+
+        load_decoder_weights(lite.decoder, Path(decoder_weights))
     generator = torch.Generator().manual_seed(0)
     s, c, e = LITE.input_size, LITE.embed_dim, LITE.embed_size
 

@@ -13,45 +13,9 @@ import pytest
 
 from cellsam_triton.datasets import data_checksum, load_manifest, load_sample, split_of
 from cellsam_triton.errors import UserError
+from tiny_dsb import split_ids, tiny_encoder_onnx, write_dataset
 
 DSB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dsb2018"
-
-
-def _ids(count: int, split: str) -> list[str]:
-    found, k = [], 0
-    while len(found) < count:
-        candidate = f"synthetic{k:04d}"
-        if split_of(candidate) == split:
-            found.append(candidate)
-        k += 1
-    return found
-
-
-def _write_dataset(root: Path, ids: list[str], size: tuple[int, int] = (256, 300)) -> None:
-    """A DSB-layout folder with bright discs as cells."""
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = ["id,height,width,kind,objects"]
-    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
-    for sample_id in ids:
-        labels = np.zeros(size, np.uint16)
-        for n in range(1, 9):
-            cy, cx, r = rng.uniform(15, size[0] - 15), rng.uniform(15, size[1] - 15), rng.uniform(4, 12)
-            labels[((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (labels == 0)] = n
-        image = np.repeat(np.where(labels > 0, 200, 20).astype(np.uint8)[..., None], 3, axis=2)
-        np.savez_compressed(root / "images" / f"{sample_id}.npz", image=image, labels=labels)
-        rows.append(f"{sample_id},{size[0]},{size[1]},fluorescence,{len(np.unique(labels)) - 1}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-
-
-def _tiny_encoder_onnx(path: Path) -> Path:
-    """A stand-in encoder with LiteMedSAM's interface: [1,3,256,256] -> [1,256,64,64]."""
-    import torch
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 256, 4, stride=4), torch.nn.Tanh()).eval()
-    torch.onnx.export(net, (torch.rand(1, 3, 256, 256),), str(path), input_names=["image"], output_names=["image_embeddings"], dynamo=False)
-    return path
 
 
 def test_split_rule_is_stable_across_processes_and_near_20_percent() -> None:
@@ -68,8 +32,8 @@ def test_split_rule_is_stable_across_processes_and_near_20_percent() -> None:
 def test_reader_and_checksum(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a DSB-layout"):
         load_manifest(tmp_path)
-    ids = _ids(2, "train")
-    _write_dataset(tmp_path, ids)
+    ids = split_ids(2, "train")
+    write_dataset(tmp_path, ids)
     records = load_manifest(tmp_path)
     assert [r.id for r in records] == ids and records[0].height == 256 and records[0].split == "train"
     image, labels = load_sample(tmp_path, ids[0])
@@ -110,13 +74,13 @@ def test_train_detector_smoke(tmp_path: Path) -> None:
     from cellsam_triton.export.models.detector_lite import load_detector
 
     data = tmp_path / "data"
-    _write_dataset(data, _ids(2, "train") + _ids(1, "val"))
+    write_dataset(data, split_ids(2, "train") + split_ids(1, "val"))
     parser = argparse.ArgumentParser()
     train_detector.add_arguments(parser)
     out = tmp_path / "weights" / "det.pt"
     args = parser.parse_args([
         "--data", str(data), "--epochs", "1", "--out", str(out), "--workers", "1", "--threads", "1",
-        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(_tiny_encoder_onnx(tmp_path / "enc.onnx")),
+        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(tiny_encoder_onnx(tmp_path / "enc.onnx")),
     ])
     assert train_detector.run(args) == 0
     provenance = json.loads(out.with_suffix(".json").read_text())
@@ -142,8 +106,8 @@ def test_dihedral_views_are_the_8_distinct_symmetries_and_keep_labels_aligned(tm
     views = {dihedral(a, k).tobytes() + bytes(dihedral(a, k).shape) for k in range(DIHEDRAL_VIEWS)}
     assert len(views) == 8
     data = tmp_path / "data"
-    (sample,) = _ids(1, "train")
-    _write_dataset(data, [sample])
+    (sample,) = split_ids(1, "train")
+    write_dataset(data, [sample])
     image, labels = load_sample(data, sample)
     for k in range(DIHEDRAL_VIEWS):
         view_image, view_labels = load_view(data, view_id(sample, k))
@@ -158,14 +122,14 @@ def test_augmented_kind_adds_seven_cached_views_per_train_image(tmp_path: Path) 
     from cellsam_triton.export import train_detector
 
     data = tmp_path / "data"
-    _write_dataset(data, _ids(2, "train") + _ids(1, "val"))
+    write_dataset(data, split_ids(2, "train") + split_ids(1, "val"))
     parser = argparse.ArgumentParser()
     train_detector.add_arguments(parser)
     out = tmp_path / "det.pt"
     args = parser.parse_args([
         "--data", str(data), "--epochs", "1", "--out", str(out), "--workers", "1", "--threads", "1",
         "--augment-kinds", "fluorescence", "--limit", "1", "--width", "16", "--dilations", "1,3,1",
-        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(_tiny_encoder_onnx(tmp_path / "enc.onnx")),
+        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(tiny_encoder_onnx(tmp_path / "enc.onnx")),
     ])
     assert train_detector.run(args) == 0
     provenance = json.loads(out.with_suffix(".json").read_text())
