@@ -9,7 +9,7 @@ predicts, at every grid location (stride 4 in the 256 tile frame, Q = 64 * 64 = 
   from the distances (left, top, right, bottom) to the location centre, ``exp(.) * stride``.
 
 The trunk is a 1x1 projection and depthwise-separable residual blocks with growing dilation
-(receptive field ~130 px, enough for the largest nuclei), ~40 k parameters: it trains on a
+(receptive field ~130 px, enough for the largest nuclei); 40-150 k parameters: it trains on a
 2-core CPU in minutes and exports to ONNX with plain ops.
 """
 
