@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(REPO)/.exported: $(VENV)/.installed export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt
 	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
-	touch $@
+	sha256sum export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt > $@
 
 export: $(REPO)/.exported
 

@@ -14,6 +14,7 @@ Each method runs on its own embedded tritonserver (one after the other). Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), help="DSB-layout folder")
     parser.add_argument("--work", type=Path, default=WORK, help="adapter file and CellSeg1 repositories (default %(default)s)")
     parser.add_argument("--lora", type=Path, default=None, help="use this adapter file instead of fine-tuning")
+    parser.add_argument("--scores", type=Path, default=None, metavar="DIR",
+                        help="per-image score checkpoints, reused by a rerun (default: <work>/scores)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: finetune's)")
     parser.add_argument("--prompts", type=int, default=None, help="fine-tuning prompts per step (default: finetune's)")
     parser.add_argument("--encoder-lora", action="store_true", help="fine-tune with encoder LoRA too (slower)")
@@ -96,15 +99,70 @@ def export(repository: Path, lora: Path | None) -> Path:
     return repository
 
 
-def run_method(repository: Path, data: Path, records: list, desc: str, timeout: float, grid=None) -> list:
-    """Scores of one served model (its own embedded server, stopped afterwards)."""
+def model_key(repository: Path) -> str:
+    """What identifies an exported repository's models: its export stamp (content or time)."""
+    for name in (".cellseg1_exported", ".exported"):
+        stamp = repository / name
+        if stamp.is_file():
+            return f"{repository}:{stamp.read_text().strip() or stamp.stat().st_mtime_ns}"
+    return str(repository)
+
+
+def load_checkpoint(path: Path, key: str) -> dict:
+    """Scores already measured for ``key`` (one JSON line each, after a key line), by image id."""
+    from dataclasses import fields
+
+    from cellsam_triton.client.metrics import ImageScore
+
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    if not lines or json.loads(lines[0]).get("key") != key:
+        return {}
+    names = {f.name for f in fields(ImageScore)}
+    scores = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when a run was stopped
+            continue
+        scores[row["id"]] = ImageScore(**{k: v for k, v in row.items() if k in names})
+    return scores
+
+
+def run_method(repository: Path, data: Path, records: list, desc: str, timeout: float, grid=None,
+               checkpoint: Path | None = None) -> list:
+    """Scores of one served model (its own embedded server, stopped afterwards).
+
+    With ``checkpoint``, each image's score is appended there as it is measured and images
+    already there (same model and grid settings) are not run again: a stopped run resumes.
+    """
     from cellsam_triton.client.api import Segmenter
     from cellsam_triton.server import EmbeddedServer
 
     if not repository.is_dir():
         raise UserError(f"model repository {repository} not found; run `make export` first")
-    with EmbeddedServer(repository) as server, Segmenter(server.grpc_url, timeout_s=timeout) as segmenter:
-        return evaluate(data, records, served_predict(segmenter, None, grid), desc)
+    key = f"{model_key(repository)}|{grid!r}"
+    done = load_checkpoint(checkpoint, key) if checkpoint is not None else {}
+    todo = [r for r in records if r.id not in done]
+    if not todo:
+        return [done[r.id] for r in records]
+    with contextlib.ExitStack() as stack:
+        on_score = None
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(checkpoint.open("a" if done else "w"))
+            if not done:
+                log.write(json.dumps({"key": key}) + "\n")
+
+            def on_score(score):
+                log.write(json.dumps(score.as_dict()) + "\n")
+                log.flush()
+        server = stack.enter_context(EmbeddedServer(repository))
+        segmenter = stack.enter_context(Segmenter(server.grpc_url, timeout_s=timeout))
+        for score in evaluate(data, todo, served_predict(segmenter, None, grid), desc, on_score):
+            done[score.id] = score
+    return [done[r.id] for r in records]
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -130,15 +188,20 @@ def measure(args: argparse.Namespace) -> dict:
     tuned = export(args.work / "tuned_repository", lora)
     grid = GridOptions(points_per_side=args.points_per_side)
     side = args.points_per_side or CELLSEG1_LITE.extra["points_per_side"]
+    scores = args.scores or args.work / "scores"
     runs = {
-        f"{LITE.name} (detector boxes)": run_method(args.repository, args.data, records, LITE.name, args.timeout),
-        f"grid {side}x{side}, no fine-tuning": run_method(base, args.data, records, "grid base", args.timeout, grid),
-        f"grid {side}x{side}, one-image fine-tuned": run_method(tuned, args.data, records, "grid tuned", args.timeout, grid),
+        f"{LITE.name} (detector boxes)":
+            run_method(args.repository, args.data, records, LITE.name, args.timeout, None, scores / "default.jsonl"),
+        f"grid {side}x{side}, no fine-tuning":
+            run_method(base, args.data, records, "grid base", args.timeout, grid, scores / "grid_base.jsonl"),
+        f"grid {side}x{side}, one-image fine-tuned":
+            run_method(tuned, args.data, records, "grid tuned", args.timeout, grid, scores / "grid_tuned.jsonl"),
     }
     if args.extra_iou_threshold is not None:
         loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
         name = f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= {args.extra_iou_threshold:g}"
-        runs[name] = run_method(tuned, args.data, records, "grid tuned loose", args.timeout, loose)
+        runs[name] = run_method(tuned, args.data, records, "grid tuned loose", args.timeout, loose,
+                                scores / "grid_tuned_loose.jsonl")
     return {
         "split": SPLIT,
         "images": len(records),

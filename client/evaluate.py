@@ -64,8 +64,10 @@ def gt_boxes(labels: np.ndarray) -> np.ndarray:
     return np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
-def evaluate(data: Path, records: list, predict: Predict, desc: str = "eval") -> list[ImageScore]:
-    """Score ``predict`` on each record; the time of each predict call is kept per image."""
+def evaluate(data: Path, records: list, predict: Predict, desc: str = "eval",
+             on_score: Callable[[ImageScore], None] | None = None) -> list[ImageScore]:
+    """Score ``predict`` on each record; the time of each predict call is kept per image.
+    ``on_score`` sees each score as soon as it exists (a caller's checkpoint)."""
     from tqdm import tqdm
 
     from cellsam_triton.datasets import load_sample
@@ -77,6 +79,8 @@ def evaluate(data: Path, records: list, predict: Predict, desc: str = "eval") ->
         predicted = predict(image, labels)
         seconds = time.perf_counter() - started
         scores.append(score_image(labels, predicted, IOU_THRESHOLD, id=record.id, kind=record.kind, seconds=seconds))
+        if on_score is not None:
+            on_score(scores[-1])
     return scores
 
 

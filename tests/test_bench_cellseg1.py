@@ -1,0 +1,65 @@
+"""bench.cellseg1: the fine-tuning image rule and the resumable per-image checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bench.cellseg1 import load_checkpoint, model_key, run_method, training_image
+from cellsam_triton.client.metrics import ImageScore
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+
+
+def _write(path: Path, key: str, scores: list[ImageScore], tail: str = "") -> None:
+    lines = [json.dumps({"key": key})] + [json.dumps(s.as_dict()) for s in scores]
+    path.write_text("\n".join(lines) + "\n" + tail)
+
+
+def test_checkpoint_round_trip_ignores_cut_lines_and_other_keys(tmp_path):
+    scores = [ImageScore(3, 1, 2, 2.4, id="a", kind="fluorescence", seconds=1.5), ImageScore(0, 0, 4, 0.0, id="b")]
+    path = tmp_path / "scores.jsonl"
+    _write(path, "k1", scores, tail='{"tp": 1, "fp"')  # last line cut short by a stopped run
+    loaded = load_checkpoint(path, "k1")
+    assert list(loaded) == ["a", "b"]
+    assert loaded["a"] == scores[0] and loaded["b"] == scores[1]
+    assert load_checkpoint(path, "k2") == {}  # another model or other grid settings
+    assert load_checkpoint(tmp_path / "missing.jsonl", "k1") == {}
+
+
+def test_model_key_follows_the_export_stamp(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".cellseg1_exported").write_text("abc\n")
+    first = model_key(repo)
+    (repo / ".cellseg1_exported").write_text("def\n")
+    assert model_key(repo) != first and model_key(repo).endswith(":def")
+
+
+def test_finished_checkpoint_is_reused_without_a_server(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / ".cellseg1_exported").write_text("base\n")
+    records = [SimpleNamespace(id="b"), SimpleNamespace(id="a")]
+    scores = [ImageScore(1, 0, 0, 0.9, id="a"), ImageScore(2, 1, 0, 1.5, id="b")]
+    path = tmp_path / "scores.jsonl"
+    _write(path, f"{model_key(repo)}|None", scores)
+    # every image is done: no tritonserver is started, scores come back in record order
+    assert [s.id for s in run_method(repo, tmp_path, records, "t", 1.0, None, path)] == ["b", "a"]
+
+
+@pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason=f"DSB2018 data not found at {DATA}")
+def test_training_image_rule_picks_a_train_image():
+    from cellsam_triton.datasets import load_manifest, split_of
+
+    chosen = training_image(DATA)
+    records = {r.id: r for r in load_manifest(DATA)}
+    assert split_of(chosen) == "train"
+    record = records[chosen]
+    assert record.kind == "fluorescence" and (record.height, record.width) == (256, 256)
+    peers = [r for r in records.values() if split_of(r.id) == "train" and r.kind == "fluorescence"
+             and (r.height, r.width) == (256, 256)]
+    assert record.objects == max(r.objects for r in peers)
