@@ -18,9 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[export,server,dev,dask]"
 	touch $@
 
-$(REPO)/.exported: $(VENV)/.installed export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt
+WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt
+
+$(REPO)/.exported: $(VENV)/.installed $(WEIGHTS)
 	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
-	sha256sum export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt > $@
+	sha256sum $(WEIGHTS) > $@
 
 export: $(REPO)/.exported
 
