@@ -1,9 +1,12 @@
-"""`make bench-cellseg1`: CellSeg1 on the DSB2018 validation split, three methods in one table.
+"""`make bench-cellseg1`: CellSeg1 on the DSB2018 validation split, every method in one table.
 
 1. the served default model (LiteMedSAM + CellFinder-lite, detector boxes),
 2. grid prompts, no fine-tuning (``cellseg1_lite`` = plain LiteMedSAM through ``<model>_grid``),
 3. grid prompts after one-image fine-tuning (``cellsam-triton finetune`` on the training image
-   chosen by :func:`training_image`, exported with ``export --model cellseg1 --lora``).
+   chosen by :func:`training_image`, exported with ``export --model cellseg1 --lora``), with
+   CellSeg1's predicted-IoU threshold 0.8,
+4. the same fine-tuned model with the threshold `finetune` calibrated on the training image
+   (export/grid_calibration.py; what ``export --lora`` serves by default).
 
 Each method runs on its own embedded tritonserver (one after the other). Writes
 ``cellseg1.json`` (summaries, per-image rows, the training record) and ``cellseg1.md`` (table).
@@ -83,8 +86,21 @@ def finetune(data: Path, sample_id: str, out: Path, settings: dict) -> dict:
     return provenance
 
 
+def calibrate(data: Path, sample_id: str, lora: Path) -> dict:
+    """`finetune`'s grid calibration of an existing adapter on its training image (in process)."""
+    from cellsam_triton.contracts import CELLSEG1_LITE
+    from cellsam_triton.datasets import load_sample
+    from cellsam_triton.export.cellseg1_export import load_lite_base
+    from cellsam_triton.export.grid_calibration import calibrate as calibrate_grid
+
+    image, labels = load_sample(data, sample_id)
+    encoder, decoder = load_lite_base(lora)
+    return calibrate_grid(encoder, decoder, CELLSEG1_LITE, image, labels)
+
+
 def export(repository: Path, lora: Path | None) -> Path:
-    """``export --model cellseg1 [--lora]`` (LiteMedSAM base) into ``repository``, unless done for this adapter."""
+    """``export --model cellseg1 [--lora]`` (LiteMedSAM base, CellSeg1's grid threshold 0.8) into
+    ``repository``, unless done for this adapter; other thresholds are sent per request."""
     from cellsam_triton.cli import main as cli
     from cellsam_triton.export.finetune import sha256_file
 
@@ -92,7 +108,7 @@ def export(repository: Path, lora: Path | None) -> Path:
     key = "base" if lora is None else sha256_file(lora)
     if stamp.is_file() and stamp.read_text().strip() == key:
         return repository
-    argv = ["export", "--model", "cellseg1", "--repository", str(repository), "--target", "cpu"]
+    argv = ["export", "--model", "cellseg1", "--repository", str(repository), "--target", "cpu", "--grid-iou-threshold", "0.8"]
     if cli(argv + ([] if lora is None else ["--lora", str(lora)])) != 0:
         raise UserError(f"export of {repository} failed")
     stamp.write_text(key + "\n")
@@ -184,6 +200,10 @@ def measure(args: argparse.Namespace) -> dict:
     else:
         path = provenance_path(lora)
         provenance = json.loads(path.read_text()) if path.is_file() else {"adapter": str(lora)}
+    if "grid" not in provenance:  # an adapter trained before finetune calibrated: calibrate it now
+        provenance["grid"] = calibrate(args.data, sample_id, lora)
+        if provenance_path(lora).is_file():
+            provenance_path(lora).write_text(json.dumps(provenance, indent=2) + "\n")
     base = export(args.work / "base_repository", None)
     tuned = export(args.work / "tuned_repository", lora)
     grid = GridOptions(points_per_side=args.points_per_side)
@@ -194,9 +214,13 @@ def measure(args: argparse.Namespace) -> dict:
             run_method(args.repository, args.data, records, LITE.name, args.timeout, None, scores / "default.jsonl"),
         f"grid {side}x{side}, no fine-tuning":
             run_method(base, args.data, records, "grid base", args.timeout, grid, scores / "grid_base.jsonl"),
-        f"grid {side}x{side}, one-image fine-tuned":
+        f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= 0.8 (CellSeg1)":
             run_method(tuned, args.data, records, "grid tuned", args.timeout, grid, scores / "grid_tuned.jsonl"),
     }
+    calibrated = provenance["grid"]["pred_iou_threshold"]
+    tuned_grid = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=calibrated)
+    runs[f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= {calibrated:g} (calibrated)"] = run_method(
+        tuned, args.data, records, "grid tuned calibrated", args.timeout, tuned_grid, scores / "grid_tuned_calibrated.jsonl")
     if args.extra_iou_threshold is not None:
         loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
         name = f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= {args.extra_iou_threshold:g}"
@@ -226,6 +250,10 @@ def report(result: dict) -> str:
         + (f"{ft['config']['epochs']} epochs in {seconds:.0f} s, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}."
            if seconds is not None else "adapter file given."),
     ]
+    grid = ft.get("grid")
+    if grid:
+        f1 = ", ".join(f"{t}: {v:.3f}" for t, v in grid["training_f1_by_threshold"].items())
+        lines += ["", f"Calibrated threshold: {grid['rule']}; F1 on the training image by threshold: {f1}."]
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", choices=("detector", "grid"), default="detector",
                         help="detector boxes, or grid: a point grid through the model's detector-free <model>_grid (CellSeg1) (default %(default)s)")
     parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
+    parser.add_argument("--grid-iou-threshold", type=float, default=None, metavar="T",
+                        help="--prompts grid: keep masks whose predicted IoU >= T (default: the model's: calibrated by finetune, or CellSeg1's 0.8)")
     parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: add 2x2 (1) / and 4x4 (2) zoomed crops (default: model's, 0)")
     parser.add_argument("--bbox-threshold", type=float, default=None, help="detector score threshold (default 0.4)")
     parser.add_argument("--iou-threshold", type=float, default=None, help="drop masks whose predicted IoU is lower; -1 keeps all (default 0.5)")
@@ -94,18 +96,16 @@ def _scale(text: str) -> float | None:
 def _grid(args: argparse.Namespace) -> object:
     """GridOptions of --prompts grid (checked before any server is contacted), else None."""
     if args.prompts != "grid":
-        if args.points_per_side is not None or args.crop_layers is not None:
-            raise UserError("--points-per-side and --crop-layers need --prompts grid")
+        if args.points_per_side is not None or args.crop_layers is not None or args.grid_iou_threshold is not None:
+            raise UserError("--points-per-side, --crop-layers and --grid-iou-threshold need --prompts grid")
         return None
-    from .grid_rules import GridOptions
+    from .grid_rules import grid_options
 
     if args.boxes is not None:
         raise UserError("--boxes and --prompts grid exclude each other")
     if getattr(args, "slide", None) or getattr(args, "dask", None):
         raise UserError("--prompts grid works on image files and folders (not with --slide or --dask)")
-    grid = GridOptions(points_per_side=args.points_per_side, crop_n_layers=args.crop_layers)
-    grid.arrays()  # validates
-    return grid
+    return grid_options(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", choices=("gt",), default=None, help="gt: prompt with ground-truth boxes (no detector)")
     parser.add_argument("--prompts", choices=("detector", "grid"), default="detector", help="grid: point-grid prompts (default %(default)s)")
     parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
+    parser.add_argument("--grid-iou-threshold", type=float, default=None, metavar="T",
+                        help="--prompts grid: keep masks whose predicted IoU >= T (default: the model's: calibrated by finetune, or CellSeg1's 0.8)")
     parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: crop layers (default: model's)")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the result with per-image rows")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
@@ -104,12 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
     grid = None
     if args.prompts == "grid":
-        from .grid_rules import GridOptions
+        from .grid_rules import grid_options
 
         if args.boxes is not None:
             raise UserError("--boxes gt and --prompts grid exclude each other")
-        grid = GridOptions(points_per_side=args.points_per_side, crop_n_layers=args.crop_layers)
-        grid.arrays()  # validates
+        grid = grid_options(args)
     records = select(args.data, args.split, args.limit)
     with Segmenter(args.url, args.model, timeout_s=args.timeout) as segmenter:
         model = args.model or segmenter.family.pipeline_name

@@ -66,6 +66,16 @@ class GridOptions:
         return out
 
 
+def grid_options(args) -> GridOptions:
+    """Validated GridOptions from the CLI's --points-per-side, --grid-iou-threshold, --crop-layers."""
+    if args.grid_iou_threshold is not None and not 0.0 <= args.grid_iou_threshold <= 1.0:  # also catches NaN
+        raise UserError(f"--grid-iou-threshold must be in [0, 1], got {args.grid_iou_threshold}")
+    grid = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.grid_iou_threshold,
+                       crop_n_layers=args.crop_layers)
+    grid.arrays()  # validates
+    return grid
+
+
 def run_grid(infer: Infer, family: Family, requests: list[dict[str, np.ndarray]]) -> list[PipelineResult]:
     """Send requests to ``<family>_grid`` (a few at a time); results in request order."""
     from .transport import to_result

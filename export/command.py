@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="checkpoint file (required for --model cellsam)")
     parser.add_argument("--sam-checkpoint", type=Path, help="official segment_anything ViT-B/L/H .pth (--model cellseg1; without it the base is LiteMedSAM: cellseg1_lite)")
     parser.add_argument("--lora", type=Path, help="CellSeg1 LoRA adapter file, merged before export (--model cellseg1; `cellsam-triton finetune` writes one)")
+    parser.add_argument("--grid-iou-threshold", type=float, default=None, metavar="T",
+                        help="--model cellseg1: grid masks kept at predicted IoU >= T by default (default: the threshold `finetune` "
+                             "calibrated, in the adapter's .json, else CellSeg1's 0.8)")
     parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
     parser.add_argument("--decoder-weights", metavar="PATH|none", help="fine-tuned LiteMedSAM mask decoder (default: the committed one; none: LiteMedSAM's own)")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
@@ -81,6 +84,28 @@ def decoder_weights(args: argparse.Namespace) -> Path | None:
     return None if given.lower() == "none" else Path(given)
 
 
+def served_grid_family(family: Family, args: argparse.Namespace) -> tuple[Family, str]:
+    """A CellSeg1 family with its served predicted-IoU threshold: ``--grid-iou-threshold``, else
+    the one `finetune` calibrated (``grid`` in the adapter's provenance file), else CellSeg1's."""
+    import dataclasses
+    import json
+
+    from .finetune import provenance_path
+
+    threshold, source = args.grid_iou_threshold, "--grid-iou-threshold"
+    if threshold is None and args.lora is not None and provenance_path(args.lora).is_file():
+        try:
+            grid = json.loads(provenance_path(args.lora).read_text()).get("grid") or {}
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError(f"{provenance_path(args.lora)}: not a `finetune` provenance file (bad JSON)") from None
+        threshold, source = grid.get("pred_iou_threshold"), f"calibrated on the training image ({provenance_path(args.lora).name})"
+    if threshold is None:
+        return family, f"CellSeg1's {family.extra['pred_iou_threshold']:g}"
+    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise UserError(f"grid predicted-IoU threshold must be in [0, 1], got {threshold!r} ({source})")
+    return dataclasses.replace(family, extra={**family.extra, "pred_iou_threshold": float(threshold)}), source
+
+
 def install(staging: Path, repository: Path, family: Family) -> list[Path]:
     """Move the staged model folders into the repository, replacing older versions."""
     repository.mkdir(parents=True, exist_ok=True)
@@ -107,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
     for given in (args.checkpoint, args.sam_checkpoint, args.lora):
         if given is not None and not given.is_file():
             raise UserError(f"file not found: {given}")
+    served, grid_note = family, ""
+    if family is CELLSEG1 or family is CELLSEG1_LITE:
+        served, source = served_grid_family(family, args)
+        grid_note = f"; grid masks kept at predicted IoU >= {served.extra['pred_iou_threshold']:g} ({source})"
+    elif args.grid_iou_threshold is not None:
+        raise UserError("--grid-iou-threshold is for --model cellseg1 (detector-free grid segmentation)")
     started = time.perf_counter()
     args.repository.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=args.repository.parent) as tmp:
@@ -116,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             from .lite_export import served_family
 
             family = served_family(decoder_weights(args))
+        else:
+            family = served  # CellSeg1: with its grid threshold
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)
         if family.detector == "none":  # detector-free (CellSeg1): served with grid prompts
             write_served(staging, family, args.target, threads=args.threads, gpu=gpu)
@@ -126,5 +159,5 @@ def run(args: argparse.Namespace) -> int:
         print(report)
     names = ", ".join(p.name for p in installed)
     target = f"gpu, {args.precision}" if args.target == "gpu" else args.target
-    print(f"exported {family.name} ({target}) to {args.repository}: {names} in {time.perf_counter() - started:.0f} s")
+    print(f"exported {family.name} ({target}) to {args.repository}: {names} in {time.perf_counter() - started:.0f} s{grid_note}")
     return 0

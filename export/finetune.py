@@ -13,8 +13,11 @@ views are embedded once and reused): point
 prompts drawn from up to ``--prompts`` instances, loss = BCE + Dice of the mask logits against
 the instance + MSE of the IoU head against the real IoU of its mask. ``--background`` adds that
 many points off the cells with an empty target (IoU target 0), an addition to CellSeg1's recipe
-so that grid points on the background score low. Writes the adapter file (CellSeg1 layout) and
-``<out>.json`` (provenance: inputs' sha256, seed, settings, loss curve, time, adapter sha256).
+so that grid points on the background score low. After training, the grid's predicted-IoU
+threshold is calibrated on the training image itself (export/grid_calibration.py; CellSeg1's 0.8
+suits SAM ViT-H's IoU head, not a fine-tuned LiteMedSAM's) and export serves it by default.
+Writes the adapter file (CellSeg1 layout) and ``<out>.json`` (provenance: inputs' sha256, seed,
+settings, loss curve, time, grid calibration, adapter sha256).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class FinetuneConfig:
     encoder_lora: bool = False  # CellSeg1 adapts the encoder too: --encoder-lora (about 4x slower a step on a CPU)
     views: int = 8  # frozen encoder only: augmented views embedded once and reused
     size: int = 256
+    calibrate: bool = True  # calibrate the grid's predicted-IoU threshold on the training image
+    calibration_points: int = 0  # grid points per side for that (0: the served model's)
     extra: dict = field(default_factory=dict)
 
 
@@ -67,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LoRA on the image encoder's q/v too, as CellSeg1 (a new view and an encoder backward pass every step: "
                              "about 4x slower on a CPU); without it the augmented --views are embedded once (default: off)")
     parser.add_argument("--views", type=int, default=d.views, help="frozen encoder: augmented views embedded once and reused (default %(default)s)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d.calibrate,
+                        help="after training, pick the grid's predicted-IoU threshold on the training image (export serves it; default on)")
+    parser.add_argument("--calibration-points", type=int, default=d.calibration_points, metavar="N",
+                        help="grid points per side for the calibration (default: the served model's)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr (default on)")
 
 
@@ -76,6 +85,8 @@ def _check(config: FinetuneConfig) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(config, name)}")
     if config.background < 0:
         raise UserError(f"--background must not be negative, got {config.background}")
+    if not 0 <= config.calibration_points <= 128:
+        raise UserError(f"--calibration-points must be in [0, 128], got {config.calibration_points}")
     if not (np.isfinite(config.lr) and config.lr > 0):
         raise UserError(f"--lr must be a positive number, got {config.lr}")
 
@@ -113,7 +124,20 @@ def finetune_arrays(image: np.ndarray, labels: np.ndarray, config: FinetuneConfi
         "base": trainer.base,
         "trainable_parameters": trainer.trainable,
     }
+    if config.calibrate:
+        record["grid"] = calibrate_trained(trainer, image, labels, config.calibration_points)
     return trainer.adapters(), record
+
+
+def calibrate_trained(trainer, image: np.ndarray, labels: np.ndarray, points_per_side: int = 0) -> dict:
+    """The grid calibration record of a trained model (its unmerged modules) on its training image."""
+    from cellsam_triton.contracts import CELLSEG1_LITE
+
+    from .grid_calibration import calibrate
+
+    started = time.perf_counter()
+    record = calibrate(trainer.encoder, trainer.decoder, CELLSEG1_LITE, image, labels, points_per_side or None)
+    return {**record, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         epochs=args.epochs, prompts=args.prompts, background=args.background, rank=args.rank,
         lr=args.lr, seed=args.seed, encoder_lora=args.encoder_lora, views=args.views,
+        calibrate=args.calibrate, calibration_points=args.calibration_points,
     )
     _check(config)
     image, labels = read_pair(args.image, args.labels)
@@ -140,6 +165,10 @@ def run(args: argparse.Namespace) -> int:
     provenance_path(out).write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"wrote {out} ({len(adapters)} tensors) and {provenance_path(out).name}: {record['instances']} instances, "
           f"{config.epochs} epochs in {record['seconds']:.0f} s, loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")
+    if "grid" in record:
+        threshold = record["grid"]["pred_iou_threshold"]
+        f1 = record["grid"]["training_f1_by_threshold"][f"{threshold:g}"]
+        print(f"grid threshold calibrated on the training image: predicted IoU >= {threshold:g} (its F1 there {f1:.3f})")
     print(f"serve it: cellsam-triton export --model cellseg1 --lora {out} --repository DIR")
     return 0
 

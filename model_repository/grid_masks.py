@@ -1,6 +1,6 @@
 """Automatic (point-grid) mask generation rules, numpy + scipy only (CellSeg1 / SAM AMG style).
 
-Runs inside Triton's Python backend beside grid_pipeline.py, so it imports nothing from the
+Runs inside Triton's Python backend beside grid_generator.py, so it imports nothing from the
 project. All masks are low-resolution logits [N,m,m] of one crop; a mask is ``logit > 0``.
   point_grid       n x n points at cell centres of a box (SAM's build_point_grid)
   stability_score  |logit > +offset| / |logit > -offset|

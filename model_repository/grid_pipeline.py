@@ -1,13 +1,9 @@
 """Triton Python BLS model: detector-free segmentation of one image with a grid of point prompts.
 
-Copied by export/grid_repository.py to ``<family>_grid/1/model.py`` with grid_masks.py and bls.py
-beside it (numpy + scipy). Config parameter ``family`` (Family JSON; its ``extra`` may override the
-defaults below). Steps (CellSeg1's automatic mask generation):
-for the frame and, with ``crop_n_layers`` >= 1, each overlapping crop (zoomed to the input size):
-encoder -> n x n points over its valid part -> point decoder in chunks -> keep predicted IoU >=
-t_iou, stability (offset 0.8) >= t_stab, area < 10 % of the crop, and (crops) not cut by the crop
-border -> crop masks resampled onto the frame's low-res grid; then over all of them: mask-IoU
-NMS (0.05) -> holes/islands < 20 px cleaned -> sorted by area, largest first.
+Copied by export/grid_repository.py to ``<family>_grid/1/model.py`` with grid_generator.py,
+grid_masks.py and bls.py beside it (numpy + scipy). Config parameter ``family`` (Family JSON; its
+``extra`` may override grid_generator.DEFAULTS). This file checks the request and answers it;
+the rules themselves (CellSeg1's automatic mask generation) are grid_generator.GridGenerator.
 Outputs follow the box pipeline's contract; masks are decided at logit 0 (after clean-up).
 """
 
@@ -20,24 +16,10 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bls  # noqa: E402
-import grid_masks  # noqa: E402
+import grid_generator  # noqa: E402
 
-DEFAULTS = {
-    "points_per_side": 32,
-    "pred_iou_threshold": 0.8,
-    "stability_threshold": 0.6,
-    "stability_offset": 0.8,
-    "max_area_fraction": 0.1,
-    "mask_nms_iou": 0.05,
-    "min_region_area": 20,
-    "crop_n_layers": 0,
-    "crop_overlap_ratio": 512 / 1500,  # SAM's default
-    "crop_edge_fraction": 20 / 1024,  # SAM's 20 px at 1024 input, as a fraction of the input
-}
 MAX_POINTS_PER_SIDE = 128
 MAX_CROP_LAYERS = 2
-DECIDED_LOGIT = 0.5  # smallest |logit| of a pixel after clean-up, so logit > 0 is the clean mask
-MAX_LOGIT = 8.0  # largest |logit| sent: up-sampling a decided mask keeps its edges where they were
 
 
 class RequestError(Exception):
@@ -62,11 +44,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         family = json.loads(params["family"])
         name = family["name"]
-        self.encoder, self.decoder = f"{name}_encoder", f"{name}_point_decoder"
         self.size = int(family["input_size"])
-        self.low_res = int(family["low_res_size"])
-        self.chunk = max(1, int(family["decoder_chunk"]))
-        self.rules = {**DEFAULTS, **{k: v for k, v in family.get("extra", {}).items() if k in DEFAULTS}}
+        self.generator = grid_generator.GridGenerator(
+            self._call, f"{name}_encoder", f"{name}_point_decoder", self.size, int(family["low_res_size"]),
+            int(family["decoder_chunk"]), family.get("extra", {}))
+        self.rules = self.generator.rules
         self.request_options = bls.request_options()
 
     def _call(self, stage, model, inputs, outputs):
@@ -74,37 +56,6 @@ class TritonPythonModel:
             return bls.call(stage, model, inputs, outputs, self.request_options)
         except bls.ComposingModelError as exc:
             raise RequestError(str(exc)) from None
-
-    def _decode(self, embeddings, points):
-        """Low-res logits [N,m,m] and predicted IoU [N] of N foreground points, chunked."""
-        masks, ious = [], []
-        for start in range(0, len(points), self.chunk):
-            chunk = points[start:start + self.chunk]
-            low_res, iou = self._call(
-                "point decoder", self.decoder,
-                {"image_embeddings": embeddings, "point_coords": chunk[:, None, :],
-                 "point_labels": np.ones((len(chunk), 1), np.float32)},
-                ("low_res_masks", "iou_predictions"),
-            )
-            masks.append(low_res[:, 0])
-            ious.append(iou[:, 0])
-        return np.concatenate(masks), np.concatenate(ious)
-
-    def _candidates(self, image, valid, n, t_iou, t_stab):
-        """Filtered masks of one frame or crop: (logits [k,m,m] in its own frame, IoU [k], prompt index [k])."""
-        s, m = self.size, self.low_res
-        height, width = valid
-        (embeddings,) = self._call("encoder", self.encoder, {"image": image}, ("image_embeddings",))
-        points = grid_masks.point_grid(n, (0.0, 0.0, float(width), float(height)))
-        logits, ious = self._decode(embeddings, points)
-        scale = m / s
-        logits[:, int(np.ceil(height * scale)):, :] = -np.inf  # nothing outside the image
-        logits[:, :, int(np.ceil(width * scale)):] = -np.inf
-        stable = grid_masks.stability_score(logits, self.rules["stability_offset"])
-        areas = (logits > 0).reshape(len(logits), m * m).sum(1)
-        max_area = self.rules["max_area_fraction"] * height * width * scale * scale
-        keep = np.flatnonzero((ious >= t_iou) & (stable >= t_stab) & (areas > 0) & (areas < max_area))
-        return logits[keep], ious[keep], keep
 
     def _inputs(self, request):
         """(image, (height, width), points per side, IoU and stability thresholds, crop layers)."""
@@ -126,39 +77,7 @@ class TritonPythonModel:
         return image, (height, width), n, t_iou, t_stab, layers
 
     def _segment(self, request):
-        s, m = self.size, self.low_res
-        image, (height, width), n, t_iou, t_stab, layers = self._inputs(request)
-        logits, ious, index = self._candidates(image, (height, width), n, t_iou, t_stab)
-        found = [(logits, ious, index)]
-        frame = (0, 0, width, height)
-        tolerance = self.rules["crop_edge_fraction"] * s
-        for c, box in enumerate(grid_masks.crop_boxes(width, height, layers, self.rules["crop_overlap_ratio"])):
-            crop, valid = grid_masks.crop_input(image, box)
-            logits, ious, index = self._candidates(crop, valid, n, t_iou, t_stab)
-            logits = grid_masks.crop_to_frame(logits, box, s)
-            boxes = grid_masks.mask_boxes(logits > 0) * np.float32(s / m)
-            inside = ~grid_masks.near_crop_edge(boxes, box, frame, tolerance) & (logits > 0).any(axis=(1, 2))
-            found.append((logits[inside], ious[inside], index[inside] + (c + 1) * n * n))
-        logits = np.concatenate([f[0] for f in found])
-        ious = np.concatenate([f[1] for f in found])
-        index = np.concatenate([f[2] for f in found])
-        kept = grid_masks.mask_nms(logits > 0, ious, self.rules["mask_nms_iou"])
-        clean = np.stack([grid_masks.clean_mask(logits[i] > 0, int(self.rules["min_region_area"])) for i in kept]) \
-            if len(kept) else np.zeros((0, m, m), bool)
-        nonempty = clean.reshape(len(clean), m * m).any(1)
-        kept, clean = kept[nonempty], clean[nonempty]
-        order = np.argsort(-clean.reshape(len(clean), m * m).sum(1), kind="stable")  # largest first
-        kept, clean = kept[order], clean[order]
-        decided = np.where(clean, np.maximum(logits[kept], DECIDED_LOGIT), np.minimum(logits[kept], -DECIDED_LOGIT))
-        decided = np.clip(decided, -MAX_LOGIT, MAX_LOGIT)
-        boxes = grid_masks.mask_boxes(clean) / np.float32(m / s)
-        return {
-            "boxes": boxes.astype(np.float32).reshape(-1, 4),
-            "scores": ious[kept].astype(np.float32),
-            "iou_predictions": ious[kept].astype(np.float32),
-            "masks": decided.astype(np.float16).reshape(-1, m, m),
-            "prompt_index": index[kept].astype(np.int32),
-        }
+        return self.generator.segment(*self._inputs(request))
 
     def execute(self, requests):
         responses = []

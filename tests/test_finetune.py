@@ -1,6 +1,6 @@
-"""CellSeg1 on the LiteMedSAM base: TinyViT LoRA merge, `finetune` CLI, merged ONNX vs unmerged
-PyTorch (random adapters), and `segment --prompts grid` through the served pipeline on a real
-DSB2018 image."""
+"""CellSeg1 on the LiteMedSAM base: TinyViT LoRA merge, `finetune` CLI (with its grid calibration),
+merged ONNX vs unmerged PyTorch (random adapters), the calibrated threshold served by export, the
+in-process grid rules vs the served pipeline, and `segment --prompts grid` on a real DSB2018 image."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 
 from cellsam_triton.cli import main as cli
 from cellsam_triton.contracts import CELLSEG1_LITE
-from cellsam_triton.export.finetune_data import Prompts, View, check_labels, random_view, sample_prompts
+from cellsam_triton.export.finetune_data import check_labels, random_view, sample_prompts
+from cellsam_triton.export.grid_calibration import CANDIDATES
 from cellsam_triton.export.models import lite_lora
 from cellsam_triton.errors import UserError
 
@@ -136,7 +137,8 @@ def test_finetune_cli_writes_adapters_and_provenance(dsb_pair, tmp_path: Path, c
     image, labels, _ = dsb_pair
     out = tmp_path / "lora.pth"
     code = cli(["finetune", "--image", str(image), "--labels", str(labels), "--out", str(out),
-                "--epochs", "2", "--prompts", "4", "--background", "1", "--seed", "3", "--no-progress", "--encoder-lora"])
+                "--epochs", "2", "--prompts", "4", "--background", "1", "--seed", "3", "--no-progress", "--encoder-lora",
+                "--calibration-points", "4"])
     assert code == 0
     adapters = torch.load(out, weights_only=True)
     assert "w_a_000" in adapters and "fati_vb" in adapters and "mask_decoder.iou_token.weight" in adapters
@@ -144,7 +146,12 @@ def test_finetune_cli_writes_adapters_and_provenance(dsb_pair, tmp_path: Path, c
     assert provenance["config"]["seed"] == 3 and provenance["config"]["epochs"] == 2
     assert len(provenance["image_sha256"]) == 64 and provenance["adapter_sha256"]
     assert np.isfinite(provenance["loss_last"]) and provenance["instances"] > 0
-    assert "wrote" in capsys.readouterr().out
+    grid = provenance["grid"]
+    assert grid["points_per_side"] == 4 and grid["pred_iou_threshold"] in CANDIDATES
+    f1 = {float(t): v for t, v in grid["training_f1_by_threshold"].items()}
+    assert sorted(f1) == sorted(CANDIDATES) and f1[grid["pred_iou_threshold"]] == max(f1.values())
+    out_text = capsys.readouterr().out
+    assert "wrote" in out_text and f"predicted IoU >= {grid['pred_iou_threshold']:g}" in out_text
     encoder, decoder = _lite()  # the file merges into a fresh base
     lite_lora.merge_lite_lora(encoder, decoder.prompt_encoder, decoder.mask_decoder, adapters)
 
@@ -160,12 +167,47 @@ def test_finetune_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     assert code != 0 and "no such file" in capsys.readouterr().err
 
 
+SERVED_IOU = 0.3  # the "calibrated" threshold written beside the random adapters
+
+
 @pytest.fixture(scope="module")
 def lite_repository(unmerged, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`export --model cellseg1 --lora` (no --sam-checkpoint: LiteMedSAM base) with the random adapters."""
+    """`export --model cellseg1 --lora` (no --sam-checkpoint: LiteMedSAM base) with the random adapters
+    and a provenance file beside them holding a calibrated grid threshold."""
+    provenance = unmerged[3].with_suffix(".json")
+    provenance.write_text(json.dumps({"grid": {"pred_iou_threshold": SERVED_IOU}}))
     repo = tmp_path_factory.mktemp("cellseg1_lite") / "repository"
-    assert cli(["export", "--model", "cellseg1", "--lora", str(unmerged[3]), "--repository", str(repo), "--threads", "1"]) == 0
+    try:
+        assert cli(["export", "--model", "cellseg1", "--lora", str(unmerged[3]), "--repository", str(repo), "--threads", "1"]) == 0
+    finally:
+        provenance.unlink()
     return repo
+
+
+def _served_family(repo: Path) -> dict:
+    from cellsam_triton.export.repository import parse_config
+
+    config = parse_config(repo / "cellseg1_lite_grid" / "config.pbtxt")
+    return json.loads(config.parameters["family"].string_value)
+
+
+def test_export_serves_the_calibrated_grid_threshold(lite_repository: Path, unmerged, tmp_path: Path, capsys) -> None:
+    assert _served_family(lite_repository)["extra"]["pred_iou_threshold"] == SERVED_IOU
+    from argparse import Namespace
+
+    from cellsam_triton.export.command import served_grid_family
+
+    lora = unmerged[3]
+    family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=0.7, lora=lora))
+    assert family.extra["pred_iou_threshold"] == 0.7 and source == "--grid-iou-threshold"
+    family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=None, lora=lora))
+    assert family.extra["pred_iou_threshold"] == 0.8 and "CellSeg1" in source  # no provenance file: CellSeg1's
+    assert cli(["export", "--model", "cellseg1", "--lora", str(lora), "--repository", str(tmp_path / "r"),
+                "--grid-iou-threshold", "1.5"]) != 0
+    err = capsys.readouterr().err
+    assert "must be in [0, 1]" in err and "Traceback" not in err and not (tmp_path / "r").exists()
+    assert cli(["export", "--repository", str(tmp_path / "r"), "--grid-iou-threshold", "0.5"]) != 0
+    assert "is for --model cellseg1" in capsys.readouterr().err
 
 
 def test_merged_onnx_matches_unmerged_pytorch(unmerged, lite_repository: Path) -> None:
@@ -191,6 +233,35 @@ def test_merged_onnx_matches_unmerged_pytorch(unmerged, lite_repository: Path) -
         assert (lite_repository / pipeline / "1" / "bls.py").is_file()  # shared BLS glue beside both
 
 
+def test_in_process_grid_matches_the_served_pipeline(dsb_pair, unmerged, lite_repository: Path, server_factory) -> None:
+    """The calibration's in-process grid (PyTorch, unmerged adapters) segments as the served
+    `<model>_grid` does (merged ONNX): same rules, same code. The served default threshold is the
+    calibrated one from the provenance file."""
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.client.grid_rules import GridOptions, segment_grid
+    from cellsam_triton.client.metrics import score_image
+    from cellsam_triton.client.types import SegmentOptions
+    from cellsam_triton.export.grid_calibration import InProcessGrid
+
+    image, _, truth = dsb_pair
+    array = tifffile.imread(image)
+    server = server_factory(lite_repository)
+    server.start(120)
+    with Segmenter(server.grpc_url, timeout_s=600) as segmenter:
+        served = segmenter.segment(array, prompts="grid", grid=GridOptions(points_per_side=8, stability_threshold=0.0)).labels
+    encoder, decoder, _, _ = unmerged
+    local_grid = InProcessGrid(encoder, decoder, CELLSEG1_LITE)
+    local = segment_grid(array, local_grid, CELLSEG1_LITE, SegmentOptions(),
+                         GridOptions(points_per_side=8, pred_iou_threshold=SERVED_IOU, stability_threshold=0.0)).labels
+    assert served.max() >= 3, "the random adapters at the served threshold should keep some masks"
+    same = score_image(served, local)  # instance by instance
+    assert same.f1 >= 0.95 and same.mean_iou >= 0.95, same
+    strict = segment_grid(array, local_grid, CELLSEG1_LITE, SegmentOptions(),
+                          GridOptions(points_per_side=8, pred_iou_threshold=0.8, stability_threshold=0.0)).labels
+    assert strict.max() < served.max()  # the served default is not CellSeg1's 0.8
+    assert truth.shape == served.shape
+
+
 def test_segment_grid_cli_on_a_real_image(dsb_pair, lite_repository: Path, server_factory, tmp_path: Path, capsys) -> None:
     """`segment --prompts grid` through the served grid pipeline on a real DSB image (no --model:
     the repository's only pipeline family is found; the `_grid` model is reached through it)."""
@@ -204,6 +275,9 @@ def test_segment_grid_cli_on_a_real_image(dsb_pair, lite_repository: Path, serve
     labels = tifffile.imread(out / "image_labels.tif")
     assert labels.shape == truth.shape
     assert (out / "image_cells.csv").is_file() and (out / "image_overlay.png").is_file()
+    code = cli(["segment", str(image), "--out", str(out), "--url", server.grpc_url, "--prompts", "grid", "--grid-iou-threshold", "1.5"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--grid-iou-threshold must be in [0, 1]" in err and "Traceback" not in err
     code = cli(["segment", str(image), "--out", str(out), "--url", server.grpc_url])  # no detector here
     err = capsys.readouterr().err
     assert code != 0 and "--prompts grid" in err and "Traceback" not in err

@@ -1,0 +1,109 @@
+"""Automatic mask generation of one frame with a grid of point prompts (numpy + scipy only).
+
+The core of ``<family>_grid`` (grid_pipeline.py), kept free of Triton so that the same rules run
+in process too (export/grid_calibration.py calibrates a fine-tuned model's thresholds with it).
+``call(stage, model, inputs, outputs)`` runs a composing model: a BLS request when served, the
+PyTorch modules in process. Steps (CellSeg1's automatic mask generation): for the frame and,
+with ``crop_n_layers`` >= 1, each overlapping crop (zoomed to the input size): encoder -> n x n
+points over its valid part -> point decoder in chunks -> keep predicted IoU >= t_iou, stability
+(offset 0.8) >= t_stab, area < 10 % of the crop, and (crops) not cut by the crop border -> crop
+masks resampled onto the frame's low-res grid; then over all of them: mask-IoU NMS (0.05) ->
+holes/islands < 20 px cleaned -> sorted by area, largest first.
+"""
+
+import numpy as np
+
+try:  # a package in the project, loose files beside model.py inside Triton
+    from . import grid_masks
+except ImportError:
+    import grid_masks
+
+DEFAULTS = {
+    "points_per_side": 32,
+    "pred_iou_threshold": 0.8,
+    "stability_threshold": 0.6,
+    "stability_offset": 0.8,
+    "max_area_fraction": 0.1,
+    "mask_nms_iou": 0.05,
+    "min_region_area": 20,
+    "crop_n_layers": 0,
+    "crop_overlap_ratio": 512 / 1500,  # SAM's default
+    "crop_edge_fraction": 20 / 1024,  # SAM's 20 px at 1024 input, as a fraction of the input
+}
+DECIDED_LOGIT = 0.5  # smallest |logit| of a pixel after clean-up, so logit > 0 is the clean mask
+MAX_LOGIT = 8.0  # largest |logit| sent: up-sampling a decided mask keeps its edges where they were
+
+
+class GridGenerator:
+    """Grid segmentation of frames of ``size`` x ``size`` (low-res masks ``low_res``), ``rules`` over DEFAULTS."""
+
+    def __init__(self, call, encoder: str, decoder: str, size: int, low_res: int, chunk: int, rules: dict) -> None:
+        self.call, self.encoder, self.decoder = call, encoder, decoder
+        self.size, self.low_res, self.chunk = size, low_res, max(1, chunk)
+        self.rules = {**DEFAULTS, **{k: v for k, v in rules.items() if k in DEFAULTS}}
+
+    def decode(self, embeddings, points):
+        """Low-res logits [N,m,m] and predicted IoU [N] of N foreground points, chunked."""
+        masks, ious = [], []
+        for start in range(0, len(points), self.chunk):
+            chunk = points[start:start + self.chunk]
+            low_res, iou = self.call(
+                "point decoder", self.decoder,
+                {"image_embeddings": embeddings, "point_coords": chunk[:, None, :],
+                 "point_labels": np.ones((len(chunk), 1), np.float32)},
+                ("low_res_masks", "iou_predictions"),
+            )
+            masks.append(low_res[:, 0])
+            ious.append(iou[:, 0])
+        return np.concatenate(masks), np.concatenate(ious)
+
+    def candidates(self, image, valid, n, t_iou, t_stab):
+        """Filtered masks of one frame or crop: (logits [k,m,m] in its own frame, IoU [k], prompt index [k])."""
+        s, m = self.size, self.low_res
+        height, width = valid
+        (embeddings,) = self.call("encoder", self.encoder, {"image": image}, ("image_embeddings",))
+        points = grid_masks.point_grid(n, (0.0, 0.0, float(width), float(height)))
+        logits, ious = self.decode(embeddings, points)
+        scale = m / s
+        logits[:, int(np.ceil(height * scale)):, :] = -np.inf  # nothing outside the image
+        logits[:, :, int(np.ceil(width * scale)):] = -np.inf
+        stable = grid_masks.stability_score(logits, self.rules["stability_offset"])
+        areas = (logits > 0).reshape(len(logits), m * m).sum(1)
+        max_area = self.rules["max_area_fraction"] * height * width * scale * scale
+        keep = np.flatnonzero((ious >= t_iou) & (stable >= t_stab) & (areas > 0) & (areas < max_area))
+        return logits[keep], ious[keep], keep
+
+    def segment(self, image, valid, n, t_iou, t_stab, layers):
+        """The pipeline's outputs (boxes, scores, iou_predictions, masks, prompt_index) for one frame."""
+        s, m = self.size, self.low_res
+        height, width = valid
+        found = [self.candidates(image, valid, n, t_iou, t_stab)]
+        frame = (0, 0, width, height)
+        tolerance = self.rules["crop_edge_fraction"] * s
+        for c, box in enumerate(grid_masks.crop_boxes(width, height, layers, self.rules["crop_overlap_ratio"])):
+            crop, crop_valid = grid_masks.crop_input(image, box)
+            logits, ious, index = self.candidates(crop, crop_valid, n, t_iou, t_stab)
+            logits = grid_masks.crop_to_frame(logits, box, s)
+            boxes = grid_masks.mask_boxes(logits > 0) * np.float32(s / m)
+            inside = ~grid_masks.near_crop_edge(boxes, box, frame, tolerance) & (logits > 0).any(axis=(1, 2))
+            found.append((logits[inside], ious[inside], index[inside] + (c + 1) * n * n))
+        logits = np.concatenate([f[0] for f in found])
+        ious = np.concatenate([f[1] for f in found])
+        index = np.concatenate([f[2] for f in found])
+        kept = grid_masks.mask_nms(logits > 0, ious, self.rules["mask_nms_iou"])
+        clean = np.stack([grid_masks.clean_mask(logits[i] > 0, int(self.rules["min_region_area"])) for i in kept]) \
+            if len(kept) else np.zeros((0, m, m), bool)
+        nonempty = clean.reshape(len(clean), m * m).any(1)
+        kept, clean = kept[nonempty], clean[nonempty]
+        order = np.argsort(-clean.reshape(len(clean), m * m).sum(1), kind="stable")  # largest first
+        kept, clean = kept[order], clean[order]
+        decided = np.where(clean, np.maximum(logits[kept], DECIDED_LOGIT), np.minimum(logits[kept], -DECIDED_LOGIT))
+        decided = np.clip(decided, -MAX_LOGIT, MAX_LOGIT)
+        boxes = grid_masks.mask_boxes(clean) / np.float32(m / s)
+        return {
+            "boxes": boxes.astype(np.float32).reshape(-1, 4),
+            "scores": ious[kept].astype(np.float32),
+            "iou_predictions": ious[kept].astype(np.float32),
+            "masks": decided.astype(np.float16).reshape(-1, m, m),
+            "prompt_index": index[kept].astype(np.int32),
+        }
