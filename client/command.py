@@ -23,6 +23,8 @@ DEFAULT_URL = "127.0.0.1:8001"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .grid_rules import add_grid_arguments
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="TIFF, PNG or NPY images, or folders of them")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument("--url", action="append", default=None, help=f"Triton gRPC address; repeat for several servers (default {DEFAULT_URL})")
@@ -30,10 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", type=Path, metavar="CSV", help="prompt boxes x0,y0,x1,y1 in input pixels; skips the detector")
     parser.add_argument("--prompts", choices=("detector", "grid"), default="detector",
                         help="detector boxes, or grid: a point grid through the model's detector-free <model>_grid (CellSeg1) (default %(default)s)")
-    parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
-    parser.add_argument("--grid-iou-threshold", type=float, default=None, metavar="T",
-                        help="--prompts grid: keep masks whose predicted IoU >= T (default: the model's: calibrated by finetune, or CellSeg1's 0.8)")
-    parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: add 2x2 (1) / and 4x4 (2) zoomed crops (default: model's, 0)")
+    add_grid_arguments(parser)
     parser.add_argument("--bbox-threshold", type=float, default=None, help="detector score threshold (default 0.4)")
     parser.add_argument("--iou-threshold", type=float, default=None, help="drop masks whose predicted IoU is lower; -1 keeps all (default 0.5)")
     parser.add_argument("--mask-threshold", type=float, default=None, help="sigmoid threshold of mask logits (default: model's)")

@@ -28,6 +28,8 @@ Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .grid_rules import add_grid_arguments
+
     parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="DSB-layout folder (manifest.csv, images/)")
     parser.add_argument("--split", choices=SPLITS, default="val", help="images to use (default %(default)s)")
     parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default %(default)s)")
@@ -35,10 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of the split only")
     parser.add_argument("--boxes", choices=("gt",), default=None, help="gt: prompt with ground-truth boxes (no detector)")
     parser.add_argument("--prompts", choices=("detector", "grid"), default="detector", help="grid: point-grid prompts (default %(default)s)")
-    parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
-    parser.add_argument("--grid-iou-threshold", type=float, default=None, metavar="T",
-                        help="--prompts grid: keep masks whose predicted IoU >= T (default: the model's: calibrated by finetune, or CellSeg1's 0.8)")
-    parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: crop layers (default: model's)")
+    add_grid_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the result with per-image rows")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
 

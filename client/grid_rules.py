@@ -66,6 +66,14 @@ class GridOptions:
         return out
 
 
+def add_grid_arguments(parser) -> None:
+    """The --prompts grid options of `segment` and `eval` (read back by :func:`grid_options`)."""
+    parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="--prompts grid: N x N points per frame (default: model's)")
+    parser.add_argument("--grid-iou-threshold", type=float, default=None, metavar="T",
+                        help="--prompts grid: keep masks whose predicted IoU >= T (default: the model's: calibrated by finetune, or CellSeg1's 0.8)")
+    parser.add_argument("--crop-layers", type=int, default=None, choices=(0, 1, 2), help="--prompts grid: add 2x2 (1) / and 4x4 (2) zoomed crops (default: model's, 0)")
+
+
 def grid_options(args) -> GridOptions:
     """Validated GridOptions from the CLI's --points-per-side, --grid-iou-threshold, --crop-layers."""
     if args.grid_iou_threshold is not None and not 0.0 <= args.grid_iou_threshold <= 1.0:  # also catches NaN

@@ -124,20 +124,13 @@ def finetune_arrays(image: np.ndarray, labels: np.ndarray, config: FinetuneConfi
         "base": trainer.base,
         "trainable_parameters": trainer.trainable,
     }
-    if config.calibrate:
-        record["grid"] = calibrate_trained(trainer, image, labels, config.calibration_points)
+    if config.calibrate:  # on the unmerged modules just trained
+        from cellsam_triton.contracts import CELLSEG1_LITE
+
+        from .grid_calibration import calibrate
+
+        record["grid"] = calibrate(trainer.encoder, trainer.decoder, CELLSEG1_LITE, image, labels, config.calibration_points or None)
     return trainer.adapters(), record
-
-
-def calibrate_trained(trainer, image: np.ndarray, labels: np.ndarray, points_per_side: int = 0) -> dict:
-    """The grid calibration record of a trained model (its unmerged modules) on its training image."""
-    from cellsam_triton.contracts import CELLSEG1_LITE
-
-    from .grid_calibration import calibrate
-
-    started = time.perf_counter()
-    record = calibrate(trainer.encoder, trainer.decoder, CELLSEG1_LITE, image, labels, points_per_side or None)
-    return {**record, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ answers are cached, so the sweep costs one grid pass.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import torch
@@ -62,11 +63,12 @@ def calibrate(
     encoder: torch.nn.Module, point_decoder: torch.nn.Module, family: Family, image: np.ndarray, labels: np.ndarray,
     points_per_side: int | None = None, candidates: tuple[float, ...] = CANDIDATES,
 ) -> dict:
-    """The calibration record: chosen ``pred_iou_threshold``, the rule, F1 per candidate, grid size."""
+    """The calibration record: chosen ``pred_iou_threshold``, the rule, F1 per candidate, grid size, seconds."""
     from cellsam_triton.client.grid_rules import GridOptions, segment_grid
     from cellsam_triton.client.metrics import score_image
     from cellsam_triton.client.types import SegmentOptions
 
+    started = time.perf_counter()
     infer = InProcessGrid(encoder, point_decoder, family)
     side = int(points_per_side or family.extra.get("points_per_side", infer.generator.rules["points_per_side"]))
     f1 = {}
@@ -76,4 +78,5 @@ def calibrate(
         f1[threshold] = round(score_image(np.asarray(labels), found.labels).f1, 4)
     best = max(candidates, key=lambda t: (f1[t], t))
     return {"pred_iou_threshold": best, "rule": RULE, "points_per_side": side,
-            "training_f1_by_threshold": {f"{t:g}": v for t, v in f1.items()}}
+            "training_f1_by_threshold": {f"{t:g}": v for t, v in f1.items()},
+            "seconds": round(time.perf_counter() - started, 1)}
