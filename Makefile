@@ -7,7 +7,7 @@ REPO   ?= build/repository
 DATA   ?= ../shared/data/dsb2018
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench clean
+.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench bench-default clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[export,server,dev,dask]"
 	touch $@
 
-WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt
+WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt export/weights/lite_decoder_roi.pt
 
 $(REPO)/.exported: $(VENV)/.installed $(WEIGHTS)
 	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
@@ -37,6 +37,17 @@ test-fast: setup
 
 bench-accuracy: export
 	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA)
+
+# Speed of the default model: served roi vs served full vs the same steps on raw ONNX Runtime vs
+# the classical baseline, one run on the val split (bench/speed_default.{json,md}).
+BENCH_DEFAULT := build/bench-default
+$(BENCH_DEFAULT)/%/.exported: $(VENV)/.installed $(WEIGHTS)
+	$(BIN)/cellsam-triton export --repository $(BENCH_DEFAULT)/$* --decoder-context $* --target cpu
+	sha256sum $(WEIGHTS) > $@
+
+BENCH_DEFAULT_ARGS ?=
+bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported
+	$(BIN)/python -m bench.speed_default --roi $(BENCH_DEFAULT)/roi --full $(BENCH_DEFAULT)/full --data $(DATA) $(BENCH_DEFAULT_ARGS)
 
 # CellSeg1: default model vs grid prompts without / after one-image fine-tuning, full val split
 # (bench/cellseg1.md); CELLSEG1_ARGS="--limit N" for a shorter run.

@@ -16,6 +16,11 @@ FP32, FP16, INT32, INT64, UINT8 = "FP32", "FP16", "INT32", "INT64", "UINT8"
 
 NUMPY_DTYPES = {FP32: "float32", FP16: "float16", INT32: "int32", INT64: "int64", UINT8: "uint8"}
 
+# How the pipeline decodes detector or given boxes: "full" runs SAM's decoder on the whole
+# embedding for every box; "roi" decodes each box on a window of it (``Family.roi_windows``) and
+# falls back to the full decoder for boxes too large for every window.
+DECODER_CONTEXTS = ("full", "roi")
+
 
 @dataclass(frozen=True)
 class Tensor:
@@ -65,6 +70,9 @@ class Family:
     iou_threshold: float = 0.5
     mask_threshold: float = 0.4  # on sigmoid(logit)
     min_cell_area: int = 25
+    decoder_context: str = "full"  # one of DECODER_CONTEXTS
+    roi_windows: tuple[int, ...] = (16, 32)  # window sides, embedding cells (model_repository/roi_windows.py)
+    roi_margin: int = 4  # embedding cells kept around a box inside its window
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     # --- model names in the repository -------------------------------------------------
@@ -83,6 +91,10 @@ class Family:
     @property
     def decoder_name(self) -> str:
         return f"{self.name}_decoder"
+
+    @property
+    def roi_decoder_name(self) -> str:
+        return f"{self.name}_roi_decoder"
 
     # --- tensor contracts ----------------------------------------------------------------
     def encoder(self) -> ModelSpec:
@@ -118,6 +130,21 @@ class Family:
             ),
         )
 
+    def roi_decoder(self) -> ModelSpec:
+        """Box decoding on embedding windows: window side w is dynamic, boxes on axis 0."""
+        return ModelSpec(
+            self.roi_decoder_name,
+            inputs=(
+                Tensor("embedding_windows", FP32, (-1, self.embed_dim, -1, -1)),  # [N,C,w,w] crops
+                Tensor("window_origins", FP32, (-1, 2)),  # (x, y) of each window, embedding cells
+                Tensor("boxes", FP32, (-1, 4)),  # xyxy in the encoder frame (not the window's)
+            ),
+            outputs=(
+                Tensor("low_res_masks", FP32, (-1, 1, -1, -1)),  # the window's logits [N,1,sw,sw]
+                Tensor("iou_predictions", FP32, (-1, 1)),
+            ),
+        )
+
     def pipeline(self) -> ModelSpec:
         s, m = self.input_size, self.low_res_size
         inputs = [Tensor("image", FP32, (1, 3, s, s))]
@@ -125,6 +152,8 @@ class Family:
             inputs.append(Tensor("detector_image", FP32, (1, 3, s, s), optional=True))
         inputs += [
             Tensor("boxes", FP32, (-1, 4), optional=True),  # prompts: skip the detector
+            # x0, y0, x1, y1 (encoder frame): detections whose box centre lies outside are not decoded
+            Tensor("core", FP32, (4,), optional=True),
             Tensor("bbox_threshold", FP32, (1,), optional=True),
             Tensor("iou_threshold", FP32, (1,), optional=True),
         ]
@@ -179,7 +208,8 @@ class Family:
         return ModelSpec(self.grid_name, inputs, self.pipeline().outputs)
 
     def models(self) -> tuple[ModelSpec, ...]:
-        return (self.encoder(), self.detector_model(), self.decoder(), self.pipeline())
+        roi = (self.roi_decoder(),) if self.decoder_context == "roi" else ()
+        return (self.encoder(), self.detector_model(), self.decoder(), *roi, self.pipeline())
 
     # --- serialisation: the pipeline config carries its family, so clients learn it ------
     def to_json(self) -> str:
@@ -189,7 +219,10 @@ class Family:
     def from_json(cls, text: str) -> "Family":
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        if "roi_windows" in fields:  # JSON has lists; the frozen dataclass keeps tuples (hashable)
+            fields["roi_windows"] = tuple(int(v) for v in fields["roi_windows"])
+        return cls(**fields)
 
 
 CELLSAM = Family(name="cellsam", input_size=1024, detector="cellfinder", preprocess="cellsam")
@@ -201,12 +234,17 @@ LITE = Family(
     encoder_batch=16,
     low_res_size=256,
     # Chosen on the DSB2018 validation split (export/weights/cellfinder_lite.json): NMS 0.3 beats
-    # 0.5. Images whose cells are < 16 px (median box side) are segmented again at 2x (autoscale).
+    # 0.5. Images whose cells are < 16 px (median box side) are segmented again, enlarged by the
+    # factor in [1.5, 2] that needs the fewest tiles (client/autoscale.py).
     # Mask threshold 0.5: the committed decoder is fine-tuned with BCE (export/weights/
     # lite_decoder.json); export writes 0.12 for LiteMedSAM's own decoder, whose cells run small.
     bbox_threshold=0.5,
     mask_threshold=0.5,
-    extra={"nms_iou": 0.3, "tile_overlap": 64, "auto_scale_below": 16.0, "auto_scale_factor": 2.0},
+    # Each box decoded on a window of the embedding (export/models/window_decoder.py), with the
+    # decoder fine-tuned on those windows (export/weights/lite_decoder_roi.json).
+    decoder_context="roi",
+    extra={"nms_iou": 0.3, "tile_overlap": 64, "auto_scale_below": 16.0, "auto_scale_factor": 2.0,
+           "auto_scale_min_factor": 1.5},
 )
 
 # CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in

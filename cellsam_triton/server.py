@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 # Python backend shared memory per model instance: room for a 1024x1024x3 FP32 image (12 MB)
 # and a chunk of 256x256 masks without a growth step on every request.
-SHM_DEFAULT_BYTES = 32 * 1024 * 1024
-SHM_GROWTH_BYTES = 32 * 1024 * 1024
+SHM_DEFAULT_BYTES = 32 * 1024 * 1024  # also the growth step
 SHM_DIR = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1
 DEFAULT_START_TIMEOUT_S = 300.0  # ViT-B sessions take a while to build on a small CPU
@@ -166,6 +165,42 @@ def admin_args(key: str) -> list[str]:
     return [f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}", f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}"]
 
 
+# --- the command line ------------------------------------------------------------------------------
+def tritonserver_args(
+    repository: str | os.PathLike,
+    host: str,
+    ports: dict[str, int],
+    exit_timeout_s: int,
+    shm_prefix: str,
+    log_verbose: int = 0,
+    gpu_metrics: bool = False,
+    shm_bytes: int = SHM_DEFAULT_BYTES,
+) -> list[str]:
+    """The tritonserver options (after the binary) of every way this project runs it: the embedded
+    server (``serve``, tests, benchmarks) and the container (``docker/entrypoint.sh`` execs
+    tritonserver with what ``serve --print-args`` prints). No model-control API, strict readiness,
+    metrics on, Python-backend shared memory sized and named (``shm_prefix``) so that a stop can
+    remove what a killed stub leaves in /dev/shm."""
+    return [
+        f"--model-repository={repository}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        f"--http-address={host}",
+        f"--http-port={ports['http']}",
+        f"--grpc-address={host}",
+        f"--grpc-port={ports['grpc']}",
+        "--allow-metrics=true",
+        f"--allow-gpu-metrics={'true' if gpu_metrics else 'false'}",
+        f"--metrics-address={host}",
+        f"--metrics-port={ports['metrics']}",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        f"--log-verbose={log_verbose}",
+        f"--backend-config=python,shm-default-byte-size={shm_bytes}",
+        f"--backend-config=python,shm-growth-byte-size={shm_bytes}",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+    ]
+
+
 # --- the server process --------------------------------------------------------------------------
 class EmbeddedServer:
     """A tritonserver child process on a model repository; use as a context manager.
@@ -187,8 +222,10 @@ class EmbeddedServer:
         log_verbose: int = 0,
         tls: TlsConfig | None = None,
         admin_key: str | None = None,
+        shm_bytes: int = SHM_DEFAULT_BYTES,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.shm_bytes = int(shm_bytes)
         self.host = host
         self._requested = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         self.ports: dict[str, int] = {}
@@ -236,23 +273,9 @@ class EmbeddedServer:
         """The tritonserver command line."""
         return [
             str(runtime / "bin" / "tritonserver"),
-            f"--model-repository={self.repository}",
             f"--backend-directory={runtime / 'backends'}",
-            "--model-control-mode=none",
-            "--strict-readiness=true",
-            f"--http-address={self.host}",
-            f"--http-port={self.ports['http']}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.ports['grpc']}",
-            "--allow-metrics=true",
-            "--allow-gpu-metrics=false",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.ports['metrics']}",
-            f"--exit-timeout-secs={self.exit_timeout_s}",
-            f"--log-verbose={self.log_verbose}",
-            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
-            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *tritonserver_args(self.repository, self.host, self.ports, self.exit_timeout_s, self.shm_prefix,
+                               self.log_verbose, shm_bytes=self.shm_bytes),
             *(self.tls.args() if self.tls else []),
             *(admin_args(self._admin_key) if self._admin_key else []),
             *self.extra_args,
@@ -452,6 +475,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", type=Path, default=None, metavar="PATH", help="server log (default: a temp file)")
     parser.add_argument("--log-verbose", type=int, default=0, metavar="N", help="tritonserver log verbosity (default 0)")
     parser.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default %(default)s)")
+    parser.add_argument("--exit-timeout", type=int, default=5, metavar="S", help="seconds in-flight requests get on stop (default %(default)s)")
+    parser.add_argument("--gpu-metrics", action="store_true", help="also export GPU metrics (needs a GPU)")
+    parser.add_argument("--shm-mib", type=int, default=SHM_DEFAULT_BYTES >> 20, metavar="MIB",
+                        help="Python-backend shared memory per model instance and growth step (default %(default)s)")
+    parser.add_argument("--print-args", action="store_true",
+                        help="print the tritonserver options these settings give, one per line, and exit (the container's "
+                             "entrypoint runs its own tritonserver with them)")
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve gRPC over TLS with this server certificate (needs --tls-key)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
     parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="also demand client certificates signed by this CA (mutual TLS)")
@@ -474,18 +504,30 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
     return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca)
 
 
+CONTAINER_SHM_PREFIX = "cellsam_triton_"
+
+
 def run(args: argparse.Namespace) -> int:
-    if not args.repository.is_dir():
-        raise UserError(f"repository not found: {args.repository}")
+    if args.shm_mib < 1 or args.exit_timeout < 0:
+        raise UserError("--shm-mib must be at least 1 and --exit-timeout at least 0")
     tls = tls_config(args)
     admin_key = read_admin_key(args.admin_key_file) if args.admin_key_file is not None else None
+    if args.print_args:  # the repository may not exist yet (a container exports it first)
+        ports = {"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}
+        lines = tritonserver_args(args.repository, args.host, ports, args.exit_timeout, CONTAINER_SHM_PREFIX,
+                                  args.log_verbose, args.gpu_metrics, args.shm_mib << 20)
+        lines += (tls.args() if tls else []) + (admin_args(admin_key) if admin_key else [])
+        print("\n".join(lines))
+        return 0
+    if not args.repository.is_dir():
+        raise UserError(f"repository not found: {args.repository}")
     if args.host not in LOOPBACK_HOSTS:
         log.warning("serving on %s: reachable from other machines%s; HTTP and metrics are never encrypted",
                     args.host, "" if tls else " over plain gRPC (add --tls-cert/--tls-key)")
     server = EmbeddedServer(
         args.repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, log_path=args.log_file, log_verbose=args.log_verbose,
-        tls=tls, admin_key=admin_key,
+        tls=tls, admin_key=admin_key, exit_timeout_s=args.exit_timeout, shm_bytes=args.shm_mib << 20,
     )
     stop, ready = threading.Event(), threading.Event()
 

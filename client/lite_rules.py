@@ -50,6 +50,13 @@ def assign_boxes(boxes: np.ndarray, tiles: list[Tile]) -> list[list[int]]:
     return per_tile
 
 
+def core_prompt(tile: Tile) -> np.ndarray:
+    """The tile's core in its own frame (x0, y0, x1, y1), one pixel wider on every side: the
+    pipeline decodes only detections centred there, a superset of the ones :func:`owned` keeps
+    (the margin absorbs float32 rounding), so the cells are the same and no unowned box is decoded."""
+    return np.array([tile.cx0 - tile.x0 - 1, tile.cy0 - tile.y0 - 1, tile.cx1 - tile.x0 + 1, tile.cy1 - tile.y0 + 1], np.float32)
+
+
 def build_requests(
     norm: np.ndarray, tiles: list[Tile], boxes: np.ndarray | None, bbox_threshold: float, iou_threshold: float
 ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
@@ -59,7 +66,7 @@ def build_requests(
         "iou_threshold": np.array([iou_threshold], np.float32),
     }
     if boxes is None:
-        return [{"image": tile_input(norm, t), **thresholds} for t in tiles], list(range(len(tiles)))
+        return [{"image": tile_input(norm, t), "core": core_prompt(t), **thresholds} for t in tiles], list(range(len(tiles)))
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     requests, used = [], []
     for k, indices in enumerate(assign_boxes(boxes, tiles)):

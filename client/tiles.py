@@ -47,11 +47,16 @@ class Tile:
         return self.cy0 <= y < self.cy1 and self.cx0 <= x < self.cx1
 
 
+def axis_tiles(length: int, tile: int, overlap: int) -> int:
+    """How many windows cover ``length`` pixels along one axis."""
+    return 1 if length <= tile else math.ceil((length - overlap) / (tile - overlap))
+
+
 def _starts(length: int, tile: int, overlap: int) -> list[int]:
     """Evenly spread window starts along one axis, consecutive windows overlapping >= overlap."""
     if length <= tile:
         return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
+    count = axis_tiles(length, tile, overlap)
     span = length - tile
     return [round(i * span / (count - 1)) for i in range(count)]
 

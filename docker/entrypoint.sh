@@ -19,15 +19,13 @@ fi
 [ "${1:-}" = "export-only" ] && exit 0
 mkdir -p "$trt_cache"
 
-# Python-backend shared memory: 64 MiB per model instance, growing in 64 MiB steps (a 1024^2
-# FP32 image is 12 MiB; a chunk of 16 mask logits 4 MiB). Give the container --shm-size=2g.
-exec tritonserver \
-  --model-repository="$repo" \
-  --model-control-mode=none \
-  --strict-readiness=true \
-  --http-port=8000 --grpc-port=8001 --metrics-port=8002 \
-  --allow-metrics=true --allow-gpu-metrics=true --metrics-interval-ms=2000 \
-  --backend-config=python,shm-default-byte-size=67108864 \
-  --backend-config=python,shm-growth-byte-size=67108864 \
-  --exit-timeout-secs=30 \
-  "$@"
+# The tritonserver options are the ones `cellsam-triton serve` uses (one definition:
+# cellsam_triton/server.py, tritonserver_args), here on all interfaces with GPU metrics, 64 MiB of
+# Python-backend shared memory per model instance (a 1024^2 FP32 image is 12 MiB; give the
+# container --shm-size=2g) and 30 s for in-flight requests on SIGTERM.
+serve_args=(serve --repository "$repo" --host 0.0.0.0 --grpc-port 8001 --http-port 8000 --metrics-port 8002
+            --exit-timeout 30 --shm-mib 64 --print-args)
+if [ "$target" = "gpu" ]; then serve_args+=(--gpu-metrics); fi
+mapfile -t triton_args < <(cellsam-triton "${serve_args[@]}")
+[ "${#triton_args[@]}" -gt 0 ] || { echo "cellsam-entrypoint: no tritonserver options" >&2; exit 1; }
+exec tritonserver "${triton_args[@]}" --metrics-interval-ms=2000 "$@"

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellsam_triton.contracts import CELLSAM, CELLSEG1, CELLSEG1_LITE, LITE, Family
+from cellsam_triton.contracts import CELLSAM, CELLSEG1, CELLSEG1_LITE, DECODER_CONTEXTS, LITE, Family
 from cellsam_triton.errors import UserError
 
 # Literal copies of export.repository's choices would drift; that module is light (no torch).
@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--model cellseg1: grid masks kept at predicted IoU >= T by default (default: the threshold `finetune` "
                              "calibrated, in the adapter's .json, else CellSeg1's 0.8)")
     parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
-    parser.add_argument("--decoder-weights", metavar="PATH|none", help="fine-tuned LiteMedSAM mask decoder (default: the committed one; none: LiteMedSAM's own)")
+    parser.add_argument("--decoder-weights", metavar="PATH|none", help="fine-tuned LiteMedSAM mask decoder (default: the committed one for the decoder context; none: LiteMedSAM's own)")
+    parser.add_argument("--decoder-context", choices=DECODER_CONTEXTS, default=None,
+                        help=f"default model: roi decodes each box on an embedding window (fast), full on the whole embedding "
+                             f"(the decoder served before ROI decoding, exactly) (default {LITE.decoder_context})")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model on cpu (default: all cores)")
@@ -68,19 +71,25 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
         return export_cellseg1(args.sam_checkpoint, args.lora, staging, tolerance=args.tolerance)
     from .lite_export import export_lite
 
-    kwargs = {"tolerance": args.tolerance, "decoder_weights": decoder_weights(args)}
+    kwargs = {"tolerance": args.tolerance, "decoder_weights": decoder_weights(args), "decoder_context": decoder_context(args)}
     if args.detector_weights is not None:
         kwargs["detector_weights"] = args.detector_weights
     return export_lite(staging, **kwargs)
 
 
+def decoder_context(args: argparse.Namespace) -> str:
+    """The LITE decoder context ``--decoder-context`` names (default: the family's)."""
+    return getattr(args, "decoder_context", None) or LITE.decoder_context
+
+
 def decoder_weights(args: argparse.Namespace) -> Path | None:
-    """The LITE decoder weights ``--decoder-weights`` names (None: LiteMedSAM's own decoder)."""
+    """The LITE decoder weights ``--decoder-weights`` names (None: LiteMedSAM's own decoder;
+    not given: the committed weights for the decoder context)."""
     from .lite_export import DEFAULT_DECODER_WEIGHTS
 
     given = getattr(args, "decoder_weights", None)
     if given is None:
-        return DEFAULT_DECODER_WEIGHTS
+        return DEFAULT_DECODER_WEIGHTS[decoder_context(args)]
     return None if given.lower() == "none" else Path(given)
 
 
@@ -127,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
     family = MODEL_CHOICES[args.model]
     if family is CELLSEG1 and args.sam_checkpoint is None:
         family = CELLSEG1_LITE  # CellSeg1 on the LiteMedSAM base (adapters from `finetune`)
-    if family is not LITE and (args.detector_weights is not None or args.decoder_weights is not None):
-        raise UserError("--detector-weights/--decoder-weights are for the default model (LiteMedSAM + CellFinder-lite)")
+    if family is not LITE and (args.detector_weights is not None or args.decoder_weights is not None or args.decoder_context is not None):
+        raise UserError("--detector-weights/--decoder-weights/--decoder-context are for the default model (LiteMedSAM + CellFinder-lite)")
     for given in (args.checkpoint, args.sam_checkpoint, args.lora):
         if given is not None and not given.is_file():
             raise UserError(f"file not found: {given}")
@@ -146,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if family is LITE:  # its mask threshold depends on the decoder weights
             from .lite_export import served_family
 
-            family = served_family(decoder_weights(args))
+            family = served_family(decoder_weights(args), decoder_context(args))
         else:
             family = served  # CellSeg1: with its grid threshold
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)

@@ -1,8 +1,10 @@
-"""Export the default model family (LITE): LiteMedSAM encoder, CellFinder-lite, box decoder.
+"""Export the default model family (LITE): LiteMedSAM encoder, CellFinder-lite, box decoder(s).
 
-Writes ``DIR/<model>/1/model.onnx`` for the three LITE models with the contract's tensor
-names, each parity-checked against PyTorch on a second batch size or box count too, so the
-dynamic axes are proven, not only declared. Detector and decoder go through ``export_onnx``;
+Writes ``DIR/<model>/1/model.onnx`` for the LITE models with the contract's tensor names, each
+parity-checked against PyTorch on a second batch size, box count or window side too, so the
+dynamic axes are proven, not only declared. With ``decoder_context="roi"`` (the default) the
+window decoder (``<model>_roi_decoder``) is exported beside the full one, both from the decoder
+weights fine-tuned on windows. Detector and decoder go through ``export_onnx``;
 the TinyViT encoder needs the dynamo exporter (TorchScript tracing freezes its batch size),
 which ``export_onnx`` does not offer, so :func:`export_encoder` runs it and the same checks.
 """
@@ -16,19 +18,25 @@ from cellsam_triton.errors import UserError
 
 DEFAULT_DETECTOR_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cellfinder_lite.pt"
 # LiteMedSAM's mask decoder fine-tuned on DSB cells (`cellsam-triton train-decoder`); None: frozen.
-DEFAULT_DECODER_WEIGHTS = Path(__file__).resolve().parent / "weights" / "lite_decoder.pt"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Per decoder context, the committed decoder weights: "full" fine-tuned on whole embeddings (the
+# decoder served before ROI decoding), "roi" fine-tuned on the windows it is served with.
+DEFAULT_DECODER_WEIGHTS = {"full": WEIGHTS_DIR / "lite_decoder.pt", "roi": WEIGHTS_DIR / "lite_decoder_roi.pt"}
 FROZEN_MASK_THRESHOLD = 0.12  # frozen LiteMedSAM draws cells small: a low threshold (logit ~ -2)
 
 
-def served_family(decoder_weights: Path | None):
-    """LITE with the mask threshold its decoder is served with (recorded beside fine-tuned weights)."""
+def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context):
+    """LITE with its decoder context and the mask threshold its decoder is served with (recorded
+    beside fine-tuned weights)."""
     import dataclasses
 
     from .train_decoder import served_mask_threshold
 
     if decoder_weights is None:
-        return dataclasses.replace(LITE, mask_threshold=FROZEN_MASK_THRESHOLD)
-    return dataclasses.replace(LITE, mask_threshold=served_mask_threshold(Path(decoder_weights), LITE.mask_threshold))
+        threshold = FROZEN_MASK_THRESHOLD
+    else:
+        threshold = served_mask_threshold(Path(decoder_weights), LITE.mask_threshold)
+    return dataclasses.replace(LITE, mask_threshold=threshold, decoder_context=decoder_context)
 
 
 def export_encoder(encoder, examples: list, path: Path, tolerance: float):
@@ -75,7 +83,7 @@ def export_encoder(encoder, examples: list, path: Path, tolerance: float):
     return report
 
 
-PARTS = ("encoder", "detector", "decoder")
+PARTS = ("encoder", "detector", "decoder", "roi_decoder")
 
 
 def export_lite(
@@ -83,12 +91,14 @@ def export_lite(
     detector_weights: str | Path = DEFAULT_DETECTOR_WEIGHTS,
     tolerance: float = 1e-3,
     parts: tuple[str, ...] = PARTS,
-    decoder_weights: str | Path | None = DEFAULT_DECODER_WEIGHTS,
+    decoder_weights: str | Path | None = DEFAULT_DECODER_WEIGHTS[LITE.decoder_context],
+    decoder_context: str = LITE.decoder_context,
 ) -> list:
     """Export the LITE models named in ``parts`` under ``repository_dir``; their parity reports.
 
     ``decoder_weights``: fine-tuned mask decoder (``train-decoder``) loaded before export; None
-    exports LiteMedSAM's own (frozen) decoder."""
+    exports LiteMedSAM's own (frozen) decoder. The ROI decoder is exported only with
+    ``decoder_context`` "roi"."""
     import torch
 
     from .models.detector_lite import load_detector
@@ -99,7 +109,9 @@ def export_lite(
     if "detector" in parts and not weights.is_file():
         raise UserError(f"CellFinder-lite weights not found: {weights} (train them with `cellsam-triton train-detector`)")
     lite = load_litemedsam()
-    if "decoder" in parts and decoder_weights is not None:
+    if decoder_context != "roi":
+        parts = tuple(p for p in parts if p != "roi_decoder")
+    if decoder_weights is not None and {"decoder", "roi_decoder"} & set(parts):
         from .train_decoder import load_decoder_weights
 
         load_decoder_weights(lite.decoder, Path(decoder_weights))
@@ -148,4 +160,26 @@ def export_lite(
                 check_inputs=[{"image_embeddings": one, "boxes": boxes(1)}, {"image_embeddings": embeddings(1), "boxes": boxes(7)}],
             )
         )
+    if "roi_decoder" in parts:
+        reports.append(export_window_decoder(lite.decoder, path(LITE.roi_decoder()), tolerance, embeddings, boxes, generator))
     return reports
+
+
+def export_window_decoder(decoder, path: Path, tolerance: float, embeddings, boxes, generator) -> object:
+    """The ROI decoder (window side a dynamic axis), checked on two sides and box counts."""
+    import torch
+
+    from .models.window_decoder import WindowDecoder
+    from .onnx_export import export_onnx
+
+    window = WindowDecoder(decoder.prompt_encoder, decoder.mask_decoder).eval()
+    sides = sorted(LITE.roi_windows)
+
+    def example(n: int, side: int) -> dict:
+        origins = torch.randint(0, LITE.embed_size - side + 1, (n, 2), generator=generator).float()
+        return {"embedding_windows": embeddings(n)[:, :, :side, :side].contiguous(), "window_origins": origins, "boxes": boxes(n)}
+
+    axes = {"embedding_windows": {0: "boxes", 2: "side", 3: "side"}, "window_origins": {0: "boxes"}, "boxes": {0: "boxes"},
+            "low_res_masks": {0: "boxes", 2: "mask_side", 3: "mask_side"}, "iou_predictions": {0: "boxes"}}
+    return export_onnx(window, example(3, sides[0]), ["low_res_masks", "iou_predictions"], axes, path, tolerance,
+                       check_inputs=[example(1, sides[-1]), example(5, sides[0])])

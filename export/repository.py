@@ -24,15 +24,20 @@ from cellsam_triton.errors import UserError
 # editable and regular installs (the Docker image) find it the same way.
 GLUE_DIR = Path(str(importlib.resources.files("cellsam_triton.model_repository")))
 RUNNER_GLUE = ("onnx_runner.py",)
-PIPELINE_GLUE = ("pipeline.py", "selection.py", "bls.py")  # first file becomes model.py
+PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py")  # first file becomes model.py
 ONNX_FILE = "model.onnx"
-ROLES = ("encoder", "detector", "decoder", "pipeline")
+ROLES = ("encoder", "detector", "decoder", "roi_decoder", "pipeline")
 MAX_QUEUE_DELAY_US = 2000
 DEFAULT_NMS_IOU = 0.5
 DEFAULT_MAX_DETECTIONS = 1000
-# Concurrent pipeline requests overlap (one in the decoder while the next is in the encoder),
-# which also lets the encoder's dynamic batcher see more than one image at a time.
-PIPELINE_INSTANCES = 2
+# cpu target: one pipeline request at a time through the networks, whose ONNX Runtime threads
+# sleep as soon as they are idle. Two overlapping requests (2 instances) and spinning threads made
+# every model share the cores with another one: measured on 12 val images (2 cores, `make
+# bench-default --limit 12`), encoder 793 -> 745 ms per tile (raw ONNX Runtime 721), detector
+# 0.115 -> 0.071 s and ROI decoder 0.46 -> 0.25 s per image. The client still overlaps its own
+# work with the server's (requests queue at the pipeline).
+PIPELINE_INSTANCES = 1
+CPU_SPINNING = "0"  # ONNX Runtime "session.intra_op.allow_spinning" of the cpu runners
 
 # --- gpu target ---------------------------------------------------------------------------------
 PRECISIONS = ("fp32", "fp16")
@@ -46,7 +51,7 @@ DECODER_MAX_BOXES = 256
 # instance, big batches); the decoder is small and latency-bound, so two instances let two
 # pipeline requests decode at once. The pipeline (Python BLS on CPU) needs as many instances as
 # requests in flight, or the encoder's batcher never sees a full batch: encoder_batch of them.
-GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2}
+GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2, "roi_decoder": 2}
 
 
 @dataclass(frozen=True)
@@ -94,27 +99,28 @@ def _dynamic_batching(spec: ModelSpec, delay_us: int = MAX_QUEUE_DELAY_US, prefe
     return f"dynamic_batching {{ {sizes}max_queue_delay_microseconds: {delay_us} }}"
 
 
-def _concrete_dims(tensor: Tensor, boxes: int) -> tuple[int, ...]:
-    """The tensor's dims with every dynamic axis made concrete (``boxes`` for the box axis)."""
-    return tuple(boxes if d < 0 else d for d in tensor.dims)
+def _concrete_dims(tensor: Tensor, boxes: int, window: int = 0) -> tuple[int, ...]:
+    """The tensor's dims with every dynamic axis made concrete: ``boxes`` for the leading (box)
+    axis, ``window`` for the others (the ROI decoder's window side)."""
+    return tuple((boxes if i == 0 else window) if d < 0 else d for i, d in enumerate(tensor.dims))
 
 
-def _profile_shape(spec: ModelSpec, batch: int, boxes: int) -> str:
+def _profile_shape(spec: ModelSpec, batch: int, boxes: int, window: int = 0) -> str:
     """TensorRT profile string "name:AxBxC,..." of every input (batch axis first when batched)."""
     shapes = []
     for t in spec.inputs:
-        dims = ((batch,) if spec.max_batch_size > 0 else ()) + _concrete_dims(t, boxes)
+        dims = ((batch,) if spec.max_batch_size > 0 else ()) + _concrete_dims(t, boxes, window)
         shapes.append(f"{t.name}:{'x'.join(map(str, dims))}")
     return ",".join(shapes)
 
 
-def _warmup(spec: ModelSpec, batch_sizes: tuple[int, ...], boxes: int) -> str:
+def _warmup(spec: ModelSpec, batch_sizes: tuple[int, ...], boxes: int, window: int = 0) -> str:
     """`model_warmup`: one random-data request per batch size, so engines exist before traffic."""
     entries = []
     for batch in batch_sizes:
         inputs = " ".join(
             f"inputs {{ key: {_quote(t.name)} value: {{ data_type: TYPE_{t.dtype} "
-            f"dims: [ {', '.join(map(str, _concrete_dims(t, boxes)))} ] random_data: true }} }}"
+            f"dims: [ {', '.join(map(str, _concrete_dims(t, boxes, window)))} ] random_data: true }} }}"
             for t in spec.inputs
         )
         entries.append(f"  {{ name: {_quote(f'warmup_batch_{batch}')} batch_size: {batch} {inputs} }}")
@@ -124,22 +130,29 @@ def _warmup(spec: ModelSpec, batch_sizes: tuple[int, ...], boxes: int) -> str:
 # --- per-target runtime sections ---------------------------------------------------------------
 def _cpu_runner(spec: ModelSpec, threads: int | None) -> list[str]:
     """ONNX model on CPU: the Python-backend ONNX Runtime runner."""
-    params = {"onnx_file": ONNX_FILE, "intra_op_threads": 0 if threads is None else threads, "inter_op_threads": 1}
+    params = {"onnx_file": ONNX_FILE, "intra_op_threads": 0 if threads is None else threads, "inter_op_threads": 1,
+              "allow_spinning": CPU_SPINNING}
     return ['backend: "python"', _instances("KIND_CPU"), _dynamic_batching(spec), _parameters(params)]
 
 
-def tensorrt_parameters(spec: ModelSpec, gpu: GpuOptions, decoder_chunk: int) -> dict[str, str]:
+def tensorrt_parameters(
+    spec: ModelSpec, gpu: GpuOptions, decoder_chunk: int, windows: tuple[int, ...] = (0,)
+) -> dict[str, str]:
     """Parameters of the "tensorrt" execution accelerator of Triton's onnxruntime backend.
 
     Key names are the backend's (precision_mode, max_workspace_size_bytes) or ONNX Runtime's
     TensorRT EP options it passes through (trt_*). Explicit profiles: batch 1..max_batch_size
     (optimised for the full batch) for encoder/detector, 1..DECODER_MAX_BOXES boxes (optimised
-    for one pipeline chunk) for the decoder, so no engine is rebuilt under traffic.
+    for one pipeline chunk) for the decoders, window sides min..max of ``windows`` (optimised for
+    the smallest) for the ROI decoder, so no engine is rebuilt under traffic.
     """
+    small, large = min(windows), max(windows)
     if spec.max_batch_size > 0:
         low, opt, high = (_profile_shape(spec, b, 1) for b in (1, spec.max_batch_size, spec.max_batch_size))
     else:
-        low, opt, high = (_profile_shape(spec, 1, n) for n in (1, decoder_chunk, DECODER_MAX_BOXES))
+        low, opt, high = (
+            _profile_shape(spec, 1, n, w) for n, w in ((1, small), (decoder_chunk, small), (DECODER_MAX_BOXES, large))
+        )
     params = {
         "precision_mode": gpu.precision.upper(),
         "max_workspace_size_bytes": str(gpu.workspace_bytes),
@@ -162,18 +175,19 @@ def _accelerator(params: dict[str, str]) -> str:
     return f'optimization {{ execution_accelerators {{ gpu_execution_accelerator: [ {{ name: "tensorrt" {body} }} ] }} }}'
 
 
-def _gpu_runner(spec: ModelSpec, role: str, gpu: GpuOptions, decoder_chunk: int) -> list[str]:
+def _gpu_runner(spec: ModelSpec, role: str, gpu: GpuOptions, family: Family) -> list[str]:
     """ONNX model on GPU: Triton's native onnxruntime backend with the TensorRT accelerator."""
     batched = spec.max_batch_size > 0
     preferred = tuple(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})) if batched else ()
     warm = (1, spec.max_batch_size) if batched and spec.max_batch_size > 1 else (1,)
+    windows = tuple(family.roi_windows) if role == "roi_decoder" else (0,)
     return [
         'platform: "onnxruntime_onnx"',
         f'default_model_filename: "{ONNX_FILE}"',
         _instances("KIND_GPU", GPU_INSTANCES[role]),
         _dynamic_batching(spec, GPU_QUEUE_DELAY_US, preferred),
-        _accelerator(tensorrt_parameters(spec, gpu, decoder_chunk)),
-        _warmup(spec, warm, decoder_chunk),
+        _accelerator(tensorrt_parameters(spec, gpu, family.decoder_chunk, windows)),
+        _warmup(spec, warm, family.decoder_chunk, min(windows)),
     ]
 
 
@@ -197,7 +211,7 @@ def render_config(
     family: Family | None = None,
     gpu: GpuOptions | None = None,
 ) -> str:
-    """The config.pbtxt text of one model. ``role`` is one of ROLES; the pipeline needs ``family``;
+    """The config.pbtxt text of one model. ``role`` is one of ROLES; the pipeline and the gpu target need ``family``;
     ``gpu`` (default `GpuOptions()`) applies to the gpu target only."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -212,15 +226,18 @@ def render_config(
     elif target == "cpu":
         body = _cpu_runner(spec, threads)
     else:
-        chunk = family.decoder_chunk if family is not None else Family.decoder_chunk
-        body = _gpu_runner(spec, role, gpu or GpuOptions(), chunk)
+        if family is None:
+            raise ValueError("the gpu target needs the model's family (decoder chunk, ROI windows)")
+        body = _gpu_runner(spec, role, gpu or GpuOptions(), family)
     sections = head + [_tensors("input", spec.inputs), _tensors("output", spec.outputs)] + body
     return "\n".join(s for s in sections if s) + "\n"
 
 
 def family_roles(family: Family) -> list[tuple[str, ModelSpec]]:
-    """(role, spec) of every model a family serves."""
-    return list(zip(ROLES, (family.encoder(), family.detector_model(), family.decoder(), family.pipeline())))
+    """(role, spec) of every model a family serves (the ROI decoder only with ``decoder_context`` roi)."""
+    roi = [("roi_decoder", family.roi_decoder())] if family.decoder_context == "roi" else []
+    base = [("encoder", family.encoder()), ("detector", family.detector_model()), ("decoder", family.decoder())]
+    return base + roi + [("pipeline", family.pipeline())]
 
 
 def _glue_files(role: str, target: str) -> tuple[str, ...]:

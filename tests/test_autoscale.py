@@ -28,9 +28,23 @@ def test_median_size_and_factor_follow_the_family_settings() -> None:
     assert median_cell_size([]) == 0.0
     assert median_cell_size(_cells([8, 10, 30])) == 10.0
     below = LITE.extra["auto_scale_below"]
-    assert auto_factor(_cells([int(below) - 4] * 5), LITE, (256, 256)) == LITE.extra["auto_scale_factor"]
+    # small cells: the largest factor in [1.5, 2] with the fewest tiles (448x448: 4 tiles, 512x512: 9)
+    assert auto_factor(_cells([int(below) - 4] * 5), LITE, (256, 256)) == 1.75
     assert auto_factor(_cells([int(below) + 4] * 5), LITE, (256, 256)) == 1.0
     assert auto_factor([], LITE, (256, 256)) == 1.0  # nothing found: nothing to measure
+
+
+def test_tile_snapped_factor_takes_the_largest_factor_of_the_fewest_tiles() -> None:
+    from cellsam_triton.client.autoscale import tile_snapped_factor
+    from cellsam_triton.client.tiles import tile_grid
+
+    for shape in ((256, 256), (260, 347), (520, 696), (603, 1272), (100, 900)):
+        factor = tile_snapped_factor(shape, 1.5, 2.0, LITE)
+        count = lambda f: len(tile_grid(round(shape[0] * f), round(shape[1] * f)))  # noqa: E731
+        counts = {round(1.5 + k / 100, 2): count(1.5 + k / 100) for k in range(51)}
+        assert 1.5 <= factor <= 2.0 and counts[factor] == min(counts.values())
+        assert all(f <= factor for f, c in counts.items() if c == counts[factor])
+    assert tile_snapped_factor((256, 256), 2.0, 2.0, LITE) == 2.0
 
 
 def test_factor_is_capped_by_the_pixel_budget() -> None:

@@ -43,11 +43,37 @@ def test_entrypoint_export_line_parses_with_the_cli() -> None:
     assert (args.model, args.target, args.precision, args.trt_cache) == ("cellsam", "gpu", "fp16", "/trt")
 
 
-def test_entrypoint_runs_tritonserver_with_health_metrics_and_shm() -> None:
-    for flag in ("--model-control-mode=none", "--strict-readiness=true", "--allow-metrics=true",
-                 "--metrics-port=8002", "shm-default-byte-size=", "shm-growth-byte-size="):
-        assert flag in ENTRYPOINT
-    assert "exec tritonserver" in ENTRYPOINT  # signals reach the server directly
+def option_names(options: list[str]) -> set[str]:
+    """"--grpc-port=8001" -> "--grpc-port"; "--backend-config=python,shm-x=1" -> "--backend-config=python,shm-x"."""
+    return {o.rsplit("=", 1)[0] if o.startswith("--backend-config") else o.split("=")[0] for o in options}
+
+
+def test_entrypoint_runs_tritonserver_with_the_serve_command_line(capsys: pytest.CaptureFixture) -> None:
+    """The container's tritonserver options are what `serve --print-args` prints for the entrypoint's
+    words: the embedded server's command line, with the container's ports, shm size and timeout."""
+    from cellsam_triton.cli import main as cli
+    from cellsam_triton.server import EmbeddedServer
+
+    line = re.search(r"serve_args=\((serve [^)]*)\)", ENTRYPOINT)
+    assert line, "entrypoint must build the serve command in serve_args=(...)"
+    words = [{"$repo": "/models"}.get(w, w) for w in shlex.split(line.group(1))]
+    assert not [w for w in words if w.startswith("$")], f"unfilled variables in {words}"
+    assert cli([*words, "--gpu-metrics"]) == 0
+    flags = capsys.readouterr().out.splitlines()
+    for flag in ("--model-repository=/models", "--model-control-mode=none", "--strict-readiness=true",
+                 "--allow-metrics=true", "--allow-gpu-metrics=true", "--grpc-address=0.0.0.0", "--grpc-port=8001",
+                 "--http-port=8000", "--metrics-port=8002", "--exit-timeout-secs=30",
+                 f"--backend-config=python,shm-default-byte-size={64 << 20}",
+                 f"--backend-config=python,shm-growth-byte-size={64 << 20}",
+                 "--backend-config=python,shm-region-prefix-name=cellsam_triton_"):
+        assert flag in flags, flag
+    # the embedded server runs the same options (its own ports, shm prefix and size)
+    embedded = EmbeddedServer(ROOT)
+    embedded.ports = {"grpc": 1, "http": 2, "metrics": 3}
+    command = embedded.command(Path("/runtime"))
+    assert option_names(command[2:]) == option_names(flags)
+    assert "mapfile -t triton_args < <(cellsam-triton" in ENTRYPOINT
+    assert 'exec tritonserver "${triton_args[@]}"' in ENTRYPOINT  # signals reach the server directly
 
 
 def test_image_is_healthchecked_non_root_and_configurable() -> None:

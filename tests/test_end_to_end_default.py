@@ -55,7 +55,7 @@ SMALL_CELLS = "094afe3675"  # a validation image whose nuclei are ~10 px wide
 
 def test_auto_scale_enlarges_images_of_small_cells_and_helps(default_server: EmbeddedServer) -> None:
     from cellsam_triton.client.api import Segmenter
-    from cellsam_triton.client.autoscale import median_cell_size
+    from cellsam_triton.client.autoscale import median_cell_size, tile_snapped_factor
     from cellsam_triton.client.types import SegmentOptions
     from cellsam_triton.contracts import LITE
     from cellsam_triton.datasets import load_manifest, load_sample
@@ -65,8 +65,10 @@ def test_auto_scale_enlarges_images_of_small_cells_and_helps(default_server: Emb
     with Segmenter(default_server.grpc_url) as segmenter:
         native = segmenter.segment(image, options=SegmentOptions(scale=1.0))
         auto = segmenter.segment(image)
-        doubled = segmenter.segment(image, options=SegmentOptions(scale=2.0))
+        factor = tile_snapped_factor(image.shape[:2], LITE.extra["auto_scale_min_factor"], LITE.extra["auto_scale_factor"], LITE)
+        enlarged = segmenter.segment(image, options=SegmentOptions(scale=factor))
+    assert factor == 1.75  # 256x256 -> 448x448, 4 tiles (2x would need 9)
     assert median_cell_size(native.cells) < LITE.extra["auto_scale_below"]
     assert auto.labels.shape == truth.shape
-    assert np.array_equal(auto.labels, doubled.labels)  # auto chose the 2x pass
+    assert np.array_equal(auto.labels, enlarged.labels)  # auto chose the tile-snapped enlargement
     assert score_image(truth, auto.labels).f1 > score_image(truth, native.labels).f1 + 0.05

@@ -55,7 +55,7 @@ def test_pipeline_optional_inputs_are_marked() -> None:
     family = FAMILIES["cellsam"]
     config = parse_config(render_config(family.pipeline(), "cpu", "pipeline", family=family))
     optional = {t.name for t in config.input if t.optional}
-    assert optional == {"detector_image", "boxes", "bbox_threshold", "iou_threshold"}
+    assert optional == {"detector_image", "boxes", "core", "bbox_threshold", "iou_threshold"}
 
 
 def test_family_extra_reaches_the_pipeline_parameters() -> None:
@@ -123,10 +123,12 @@ def test_gpu_configs_carry_tensorrt_batching_and_warmup(family: Family, precisio
             if spec.max_batch_size > 0:  # batch axis 1..max_batch_size, optimised for the full batch
                 assert [low[t.name][0], opt[t.name][0], high[t.name][0]] == [1, spec.max_batch_size, spec.max_batch_size]
                 assert low[t.name][1:] == list(t.dims)
-            else:  # decoder: 1 .. DECODER_MAX_BOXES boxes, optimised for one pipeline chunk
-                want = {1: low, family.decoder_chunk: opt, DECODER_MAX_BOXES: high}
-                for boxes, profile in want.items():
-                    assert profile[t.name] == [boxes if d < 0 else d for d in t.dims]
+            else:  # decoders: 1 .. DECODER_MAX_BOXES boxes, optimised for one pipeline chunk;
+                # the ROI decoder's window sides from the smallest to the largest ROI window
+                small, large = (min(family.roi_windows), max(family.roi_windows)) if role == "roi_decoder" else (None, None)
+                want = {(1, small): low, (family.decoder_chunk, small): opt, (DECODER_MAX_BOXES, large): high}
+                for (boxes, side), profile in want.items():
+                    assert profile[t.name] == [(boxes if i == 0 else side) if d < 0 else d for i, d in enumerate(t.dims)]
         batching = config.dynamic_batching
         assert config.HasField("dynamic_batching") == (spec.max_batch_size > 0)
         if spec.max_batch_size > 0:

@@ -16,7 +16,8 @@ from cellsam_triton.errors import UserError
 from cellsam_triton.export import train_decoder
 from tiny_dsb import split_ids, tiny_encoder_onnx, write_dataset
 
-COMMITTED = train_decoder.DEFAULT_OUT
+COMMITTED = train_decoder.DEFAULT_OUT["full"]
+COMMITTED_ROI = train_decoder.DEFAULT_OUT["roi"]
 
 
 def test_tile_cells_pads_and_keeps_visible_cells_with_their_boxes() -> None:
@@ -76,6 +77,36 @@ def test_train_decoder_smoke_writes_weights_that_export_loads(tmp_path: Path) ->
     assert set(after) == set(before) and any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_roi_context_trains_on_the_served_windows_from_init_weights(tmp_path: Path) -> None:
+    from cellsam_triton.contracts import LITE
+    from cellsam_triton.model_repository.roi_windows import plan_windows
+
+    first = _run(tmp_path, "--out", str(tmp_path / "w" / "full.pt"))
+    assert train_decoder.run(first) == 0
+    args = _run(tmp_path, "--context", "roi", "--init", str(first.out), "--out", str(tmp_path / "w" / "roi.pt"))
+    assert train_decoder.run(args) == 0
+    provenance = json.loads(args.out.with_suffix(".json").read_text())
+    assert provenance["context"] == "roi" and provenance["roi"] == {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin}
+    assert provenance["init"] == {"path": "full.pt", "sha256": hashlib.sha256(first.out.read_bytes()).hexdigest()}
+    assert provenance["val_after_full_context"]["cells"] == provenance["val_after"]["cells"] == 6
+    # the windows of training are the served ones: outside its window a box's logits are ROI_FILL
+    trainer = train_decoder.DecoderTrainer(Path("unused"), 1, 1e-4, 1.0, "roi", args.out)
+    boxes = np.array([[10, 10, 30, 30], [200, 180, 250, 240], [0, 0, 255, 200]], np.float32)
+    with torch.no_grad():
+        logits, iou = trainer.predict_windows(torch.randn(1, 256, 64, 64), boxes)
+    assert logits.shape == (3, 256, 256) and iou.shape == (3,)
+    sides, origins = plan_windows(boxes, 64, 4, LITE.roi_windows, LITE.roi_margin)
+    assert sides.tolist() == [16, 32, 0]
+    for k in (0, 1):
+        (x, y), w = origins[k] * 4, sides[k] * 4
+        inside = torch.zeros(256, 256, dtype=torch.bool)
+        inside[y:y + w, x:x + w] = True
+        assert (logits[k][~inside] == train_decoder.ROI_FILL).all() and (logits[k][inside] != train_decoder.ROI_FILL).any()
+    assert (logits[2] != train_decoder.ROI_FILL).all()  # too large for every window: full context
+    with pytest.raises(UserError, match="--init"):
+        train_decoder.run(_run(tmp_path, "--init", str(tmp_path / "absent.pt")))
+
+
 def test_bad_decoder_weights_and_options_are_user_errors(tmp_path: Path) -> None:
     from cellsam_triton.export.models.litemedsam import load_litemedsam
 
@@ -105,16 +136,31 @@ def test_committed_decoder_weights_have_their_provenance() -> None:
     assert served_family(None).mask_threshold == FROZEN_MASK_THRESHOLD
 
 
+def test_committed_roi_decoder_weights_start_from_the_full_ones_and_record_it() -> None:
+    from cellsam_triton.contracts import LITE
+
+    provenance = json.loads(COMMITTED_ROI.with_suffix(".json").read_text())
+    assert provenance["weights_sha256"] == hashlib.sha256(COMMITTED_ROI.read_bytes()).hexdigest()
+    assert provenance["context"] == "roi" and provenance["roi"]["windows"] == list(LITE.roi_windows)
+    assert provenance["roi"]["margin"] == LITE.roi_margin
+    assert provenance["init"]["sha256"] == hashlib.sha256(COMMITTED.read_bytes()).hexdigest()
+    # windows lose no mask quality against the full decoder it started from (val split, GT boxes)
+    full = json.loads(COMMITTED.with_suffix(".json").read_text())["val_after"]["threshold 0.5"]["mean_iou"]
+    assert provenance["val_after"]["threshold 0.5"]["mean_iou"] >= full - 0.005
+
+
 def test_default_repository_serves_the_threshold_of_its_decoder(default_repository: Path) -> None:
     from cellsam_triton.contracts import LITE, Family
     from cellsam_triton.export.repository import parse_config
 
     config = parse_config(default_repository / LITE.name / "config.pbtxt")
     family = Family.from_json(config.parameters["family"].string_value)
-    assert family.mask_threshold == json.loads(COMMITTED.with_suffix(".json").read_text())["mask_threshold"]
+    assert family.decoder_context == LITE.decoder_context
+    weights = train_decoder.DEFAULT_OUT[family.decoder_context]
+    assert family.mask_threshold == json.loads(weights.with_suffix(".json").read_text())["mask_threshold"]
 
 
-@pytest.mark.parametrize("extra", [["--decoder-weights", "none"], ["--detector-weights", "x.pt"]])
+@pytest.mark.parametrize("extra", [["--decoder-weights", "none"], ["--detector-weights", "x.pt"], ["--decoder-context", "roi"]])
 def test_lite_weight_options_with_another_model_are_a_user_error(tmp_path: Path, extra: list[str], capsys) -> None:
     from cellsam_triton.cli import main as cli
 

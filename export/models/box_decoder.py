@@ -44,14 +44,19 @@ class BoxDecoder(nn.Module):
         SAM's mask decoder with ``multimask_output=False`` and no mask prompt, the single image
         embedding expanded (not copied) per prompt.
         """
-        pe, md = self.prompt_encoder, self.mask_decoder
+        pe = self.prompt_encoder
         n = sparse.shape[0]
         _, c, h, w = image_embeddings.shape
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        src = (image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)).expand(n, c, h, w)
+        return self.decode_dense(src, pe.get_dense_pe().expand(n, c, h, w), sparse)
+
+    def decode_dense(self, src: torch.Tensor, pos_src: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks [N,1,4h,4w] and IoU [N,1] from per-prompt image tokens ``src`` [N,C,h,w] (dense
+        prompt added), their positional encoding ``pos_src`` and sparse prompts [N,T,C]."""
+        md = self.mask_decoder
+        n, c, h, w = src.shape
         output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
-        src = (image_embeddings + dense).expand(n, c, h, w)
-        pos_src = pe.get_dense_pe().expand(n, c, h, w)
 
         hs, src = md.transformer(src, pos_src, tokens)
         iou_token_out = hs[:, 0, :]
