@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt export/weights/lite_decoder_roi.pt
+# what an exported repository is made from besides the weights: a change re-exports
+EXPORT_SOURCES := $(wildcard model_repository/*.py export/*.py export/models/*.py) cellsam_triton/contracts.py
 
-$(REPO)/.exported: $(VENV)/.installed $(WEIGHTS)
+$(REPO)/.exported: $(VENV)/.installed $(WEIGHTS) $(EXPORT_SOURCES)
 	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
 	sha256sum $(WEIGHTS) > $@
 
@@ -41,13 +43,18 @@ bench-accuracy: export
 # Speed of the default model: served roi vs served full vs the same steps on raw ONNX Runtime vs
 # the classical baseline, one run on the val split (bench/speed_default.{json,md}).
 BENCH_DEFAULT := build/bench-default
-$(BENCH_DEFAULT)/%/.exported: $(VENV)/.installed $(WEIGHTS)
+$(BENCH_DEFAULT)/%/.exported: $(VENV)/.installed $(WEIGHTS) $(EXPORT_SOURCES)
 	$(BIN)/cellsam-triton export --repository $(BENCH_DEFAULT)/$* --decoder-context $* --target cpu
 	sha256sum $(WEIGHTS) > $@
 
+$(BENCH_DEFAULT)/roi_fp32/.exported: $(VENV)/.installed $(WEIGHTS) $(EXPORT_SOURCES)
+	$(BIN)/cellsam-triton export --repository $(BENCH_DEFAULT)/roi_fp32 --encoder-precision fp32 --target cpu
+	sha256sum $(WEIGHTS) > $@
+
 BENCH_DEFAULT_ARGS ?=
-bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported
-	$(BIN)/python -m bench.speed_default --roi $(BENCH_DEFAULT)/roi --full $(BENCH_DEFAULT)/full --data $(DATA) $(BENCH_DEFAULT_ARGS)
+bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported $(BENCH_DEFAULT)/roi_fp32/.exported
+	$(BIN)/python -m bench.speed_default --roi $(BENCH_DEFAULT)/roi --full $(BENCH_DEFAULT)/full \
+	  --roi-fp32 $(BENCH_DEFAULT)/roi_fp32 --data $(DATA) $(BENCH_DEFAULT_ARGS)
 
 # CellSeg1: default model vs grid prompts without / after one-image fine-tuning, full val split
 # (bench/cellseg1.md); CELLSEG1_ARGS="--limit N" for a shorter run.

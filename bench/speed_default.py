@@ -5,7 +5,8 @@ its own embedded tritonserver, the others stopped; every method warmed up alike 
 image before its timed pass):
 
 1. served, ``--decoder-context roi`` (the default export),
-2. served, ``--decoder-context full`` (SAM's decoder on the whole embedding for every box),
+2. served, ``--decoder-context full`` (SAM's decoder on the whole embedding for every box), same
+   encoder; optionally (``--roi-fp32``) the roi export with the FP32 encoder instead of INT8,
 3. raw ONNX Runtime: the very same pipeline steps (``model_repository/box_pipeline.py``) and
    client rules on plain ONNX Runtime sessions of the same ONNX files, same threads, no Triton,
    for both contexts,
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roi", type=Path, required=True, help="repository exported with --decoder-context roi")
     parser.add_argument("--full", type=Path, required=True, help="repository exported with --decoder-context full")
+    parser.add_argument("--roi-fp32", type=Path, default=None, metavar="REPO",
+                        help="also serve this repository (exported with --encoder-precision fp32): the INT8 encoder's cost in F1")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), help="DSB-layout folder")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N validation images only")
     parser.add_argument("--out", type=Path, default=HERE, metavar="DIR", help="output folder (default bench/)")
@@ -213,6 +216,9 @@ def ratios(methods: dict) -> dict:
                 out[f"encoder_served_over_raw_{context}"] = ratio(served_enc, raw_enc)
         if context in methods:
             out[f"bls_overhead_{context}"] = methods[context]["stages"]["pipeline"]["bls_overhead"]
+    if "roi_fp32" in s and "roi" in s:
+        out["fp32_over_int8_encoder_per_image"] = ratio(s["roi_fp32"], s["roi"])
+        out["f1_int8_minus_fp32_encoder"] = methods["roi"]["f1_mean"] - methods["roi_fp32"]["f1_mean"]
     if "classical" in s and "roi" in s:
         out["roi_over_classical_per_image"] = ratio(s["roi"], s["classical"])
     return out
@@ -236,6 +242,7 @@ def machine() -> dict:
 
 
 TITLES = {"roi": "served, decoder context roi (default)", "full": "served, decoder context full",
+          "roi_fp32": "served, roi, FP32 encoder",
           "raw_roi": "raw ONNX Runtime, roi", "raw_full": "raw ONNX Runtime, full", "classical": "classical (Otsu + watershed)"}
 
 
@@ -266,7 +273,8 @@ def measure(args: argparse.Namespace) -> dict:
     records = select(args.data, "val", args.limit)
     methods: dict[str, dict] = {}
     families: dict[str, str] = {}
-    for context, repository in (("roi", args.roi), ("full", args.full)):
+    served_rows = [("roi", args.roi), ("full", args.full)] + ([("roi_fp32", args.roi_fp32)] if args.roi_fp32 else [])
+    for context, repository in served_rows:
         if context not in skip:
             methods[context] = served(repository, args.data, records, f"served {context}")
             families[context] = methods[context].pop("family")

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellsam_triton.contracts import CELLSAM, CELLSEG1, CELLSEG1_LITE, DECODER_CONTEXTS, LITE, Family
+from cellsam_triton.contracts import CELLSAM, CELLSEG1, CELLSEG1_LITE, DECODER_CONTEXTS, ENCODER_PRECISIONS, LITE, Family
 from cellsam_triton.errors import UserError
 
 # Literal copies of export.repository's choices would drift; that module is light (no torch).
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-context", choices=DECODER_CONTEXTS, default=None,
                         help=f"default model: roi decodes each box on an embedding window (fast), full on the whole embedding "
                              f"(the decoder served before ROI decoding, exactly) (default {LITE.decoder_context})")
+    parser.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default=None,
+                        help=f"default model, cpu target: int8 quantises the encoder's weight MatMuls (faster on CPU, "
+                             f"checked against PyTorch) (default {LITE.encoder_precision}; the gpu target serves fp32/fp16)")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR", help="Triton model repository to write")
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu", help="cpu: embedded server (Python-backend ONNX Runtime); gpu: native onnxruntime_onnx, KIND_GPU")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per model on cpu (default: all cores)")
@@ -71,7 +74,8 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
         return export_cellseg1(args.sam_checkpoint, args.lora, staging, tolerance=args.tolerance)
     from .lite_export import export_lite
 
-    kwargs = {"tolerance": args.tolerance, "decoder_weights": decoder_weights(args), "decoder_context": decoder_context(args)}
+    kwargs = {"tolerance": args.tolerance, "decoder_weights": decoder_weights(args), "decoder_context": decoder_context(args),
+              "encoder_precision": encoder_precision(args)}
     if args.detector_weights is not None:
         kwargs["detector_weights"] = args.detector_weights
     return export_lite(staging, **kwargs)
@@ -80,6 +84,16 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
 def decoder_context(args: argparse.Namespace) -> str:
     """The LITE decoder context ``--decoder-context`` names (default: the family's)."""
     return getattr(args, "decoder_context", None) or LITE.decoder_context
+
+
+def encoder_precision(args: argparse.Namespace) -> str:
+    """The LITE encoder precision: ``--encoder-precision``, else the family's on cpu, fp32 on gpu."""
+    given = getattr(args, "encoder_precision", None)
+    if getattr(args, "target", "cpu") == "gpu":
+        if given == "int8":
+            raise UserError("--encoder-precision int8 is for --target cpu (on a GPU use --precision fp16)")
+        return "fp32"
+    return given or LITE.encoder_precision
 
 
 def decoder_weights(args: argparse.Namespace) -> Path | None:
@@ -136,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
     family = MODEL_CHOICES[args.model]
     if family is CELLSEG1 and args.sam_checkpoint is None:
         family = CELLSEG1_LITE  # CellSeg1 on the LiteMedSAM base (adapters from `finetune`)
-    if family is not LITE and (args.detector_weights is not None or args.decoder_weights is not None or args.decoder_context is not None):
-        raise UserError("--detector-weights/--decoder-weights/--decoder-context are for the default model (LiteMedSAM + CellFinder-lite)")
+    lite_only = (args.detector_weights, args.decoder_weights, args.decoder_context, args.encoder_precision)
+    if family is not LITE and any(option is not None for option in lite_only):
+        raise UserError("--detector-weights/--decoder-weights/--decoder-context/--encoder-precision are for the default model "
+                        "(LiteMedSAM + CellFinder-lite)")
     for given in (args.checkpoint, args.sam_checkpoint, args.lora):
         if given is not None and not given.is_file():
             raise UserError(f"file not found: {given}")
@@ -155,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         if family is LITE:  # its mask threshold depends on the decoder weights
             from .lite_export import served_family
 
-            family = served_family(decoder_weights(args), decoder_context(args))
+            family = served_family(decoder_weights(args), decoder_context(args), encoder_precision(args))
         else:
             family = served  # CellSeg1: with its grid threshold
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)

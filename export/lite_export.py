@@ -25,9 +25,10 @@ DEFAULT_DECODER_WEIGHTS = {"full": WEIGHTS_DIR / "lite_decoder.pt", "roi": WEIGH
 FROZEN_MASK_THRESHOLD = 0.12  # frozen LiteMedSAM draws cells small: a low threshold (logit ~ -2)
 
 
-def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context):
-    """LITE with its decoder context and the mask threshold its decoder is served with (recorded
-    beside fine-tuned weights)."""
+def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context,
+                  encoder_precision: str = LITE.encoder_precision):
+    """LITE with its decoder context, encoder precision and the mask threshold its decoder is
+    served with (recorded beside fine-tuned weights)."""
     import dataclasses
 
     from .train_decoder import served_mask_threshold
@@ -36,7 +37,8 @@ def served_family(decoder_weights: Path | None, decoder_context: str = LITE.deco
         threshold = FROZEN_MASK_THRESHOLD
     else:
         threshold = served_mask_threshold(Path(decoder_weights), LITE.mask_threshold)
-    return dataclasses.replace(LITE, mask_threshold=threshold, decoder_context=decoder_context)
+    return dataclasses.replace(LITE, mask_threshold=threshold, decoder_context=decoder_context,
+                               encoder_precision=encoder_precision)
 
 
 def export_encoder(encoder, examples: list, path: Path, tolerance: float):
@@ -93,12 +95,14 @@ def export_lite(
     parts: tuple[str, ...] = PARTS,
     decoder_weights: str | Path | None = DEFAULT_DECODER_WEIGHTS[LITE.decoder_context],
     decoder_context: str = LITE.decoder_context,
+    encoder_precision: str = LITE.encoder_precision,
 ) -> list:
     """Export the LITE models named in ``parts`` under ``repository_dir``; their parity reports.
 
     ``decoder_weights``: fine-tuned mask decoder (``train-decoder``) loaded before export; None
     exports LiteMedSAM's own (frozen) decoder. The ROI decoder is exported only with
-    ``decoder_context`` "roi"."""
+    ``decoder_context`` "roi". ``encoder_precision`` "int8": the encoder's weight MatMuls are
+    quantised after the FP32 parity check (export/encoder_int8.py, cpu target)."""
     import torch
 
     from .models.detector_lite import load_detector
@@ -135,6 +139,8 @@ def export_lite(
     reports = []
     if "encoder" in parts:
         reports.append(export_encoder(lite.encoder, [image(2), image(1)], path(LITE.encoder()), tolerance))
+        if encoder_precision == "int8":
+            reports.append(quantize_lite_encoder(lite.encoder, path(LITE.encoder()), image(1)))
     if "detector" in parts:
         reports.append(
             export_onnx(
@@ -163,6 +169,23 @@ def export_lite(
     if "roi_decoder" in parts:
         reports.append(export_window_decoder(lite.decoder, path(LITE.roi_decoder()), tolerance, embeddings, boxes, generator))
     return reports
+
+
+def quantize_lite_encoder(encoder, path: Path, noise) -> object:
+    """INT8 encoder checked on a synthetic nuclei tile (as the client normalises it) and a noise image."""
+    import torch
+
+    from cellsam_triton.client.tiles import lite_normalize, tile_grid, tile_input
+    from cellsam_triton.demo import synthetic_nuclei
+
+    from .encoder_int8 import quantize_encoder
+
+    cells = synthetic_nuclei(LITE.input_size)
+    tile = torch.from_numpy(tile_input(lite_normalize(cells), tile_grid(*cells.shape)[0]))
+    inputs = [tile, noise]
+    with torch.no_grad():
+        want = [encoder(x).numpy() for x in inputs]
+    return quantize_encoder(path, [x.numpy() for x in inputs], want)
 
 
 def export_window_decoder(decoder, path: Path, tolerance: float, embeddings, boxes, generator) -> object:

@@ -84,12 +84,13 @@ def test_peak_memory_reset_and_statistics_delta() -> None:
     del block
     assert tritonserver_pids() == []  # no server started by this process here
     before = {"m": {"requests": 1, "executions": 1, "request_ns": 1_000_000, "queue_ns": 0, "compute_input_ns": 0,
-                    "compute_infer_ns": 0, "compute_output_ns": 0}}
+                    "compute_infer_ns": 0, "compute_output_ns": 0, "executed_infer_ns": 0}}
     after = {"m": {"requests": 5, "executions": 2, "request_ns": 9_000_000, "queue_ns": 400_000, "compute_input_ns": 0,
-                   "compute_infer_ns": 8_000_000, "compute_output_ns": 0}}
+                   "compute_infer_ns": 8_000_000, "compute_output_ns": 0, "executed_infer_ns": 7_000_000}}
     delta = statistics_delta(before, after)["m"]
     assert (delta["requests"], delta["executions"]) == (4, 1)
     assert delta["request_ms"] == pytest.approx(2.0) and delta["queue_ms"] == pytest.approx(0.1) and delta["total_ms"] == pytest.approx(8.0)
+    assert delta["executed_infer_ms"] == pytest.approx(7.0)  # per batch, not divided by requests
 
 
 @pytest.mark.data

@@ -4,13 +4,15 @@ probe Triton's health endpoints, and autoscale on a queue metric a real tritonse
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
 import urllib.request
 from pathlib import Path
 
 import yaml
 
-from cellsam_triton.server import add_arguments
+from cellsam_triton.server import add_arguments, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -38,8 +40,14 @@ def test_ports_match_the_dockerfile_entrypoint_and_serve_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     serve = parser.parse_args(["--repository", "x"])
+    block = re.search(r"serve_args=\((.+?)\)", entry, re.S).group(1).split()
+    assert block[0] == "serve" and "--print-args" in block
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run(parser.parse_args([a.replace('"$repo"', "/models") for a in block[1:]])) == 0
+    triton = printed.getvalue().split()
     for name, port in PORTS.items():
-        assert f"--{name}-port={port}" in entry
+        assert f"--{name}-port={port}" in triton
         assert getattr(serve, f"{name}_port") == port
     (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     declared = {p["name"]: p["containerPort"] for p in container["ports"]}

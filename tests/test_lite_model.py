@@ -99,9 +99,42 @@ def test_missing_detector_weights_is_a_user_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_encoder_export_keeps_the_batch_axis_dynamic(tmp_path: Path) -> None:
-    (report,) = export_lite(tmp_path / "repo", parts=("encoder",))
+    (report,) = export_lite(tmp_path / "repo", parts=("encoder",), encoder_precision="fp32")
     assert report.max_abs_error["image_embeddings"] <= 1e-3 * max(1.0, report.output_scale["image_embeddings"])
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     out = session.run(None, {"image": np.random.default_rng(0).random((3, 3, 256, 256), np.float32)})[0]
     assert out.shape == (3, 256, 64, 64)
+
+
+def test_int8_encoder_replaces_the_fp32_one_only_when_it_agrees(tmp_path: Path, lite) -> None:
+    import onnx
+
+    from cellsam_triton.export.encoder_int8 import MIN_MEAN_COSINE, quantize_encoder
+    from cellsam_triton.export.lite_export import quantize_lite_encoder
+
+    (report,) = export_lite(tmp_path / "repo", parts=("encoder",), encoder_precision="fp32")
+    path = report.path
+    fp32 = path.read_bytes()
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = lite.encoder(x).numpy()
+    # embeddings that disagree (sign flipped): refused, the FP32 file stays
+    with pytest.raises(UserError, match="INT8 encoder disagrees"):
+        quantize_encoder(path, [x.numpy()], [-want])
+    assert path.read_bytes() == fp32
+    int8 = quantize_lite_encoder(lite.encoder, path, x)
+    assert int8.mean_cosine >= MIN_MEAN_COSINE and int8.quantized >= 20
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    have = session.run(["image_embeddings"], {"image": x.numpy()})[0]
+    assert have.shape == want.shape and np.corrcoef(have.ravel(), want.ravel())[0, 1] > 0.99
+    assert session.run(None, {"image": np.repeat(x.numpy(), 3, 0)})[0].shape == (3, 256, 64, 64)  # batch stays dynamic
+
+
+def test_int8_encoder_is_for_the_cpu_target(tmp_path: Path, capsys) -> None:
+    from cellsam_triton.cli import main as cli
+
+    assert cli(["export", "--repository", str(tmp_path / "r"), "--target", "gpu", "--encoder-precision", "int8"]) != 0
+    assert "--encoder-precision int8 is for --target cpu" in capsys.readouterr().err

@@ -160,7 +160,7 @@ def test_default_repository_serves_the_threshold_of_its_decoder(default_reposito
     assert family.mask_threshold == json.loads(weights.with_suffix(".json").read_text())["mask_threshold"]
 
 
-@pytest.mark.parametrize("extra", [["--decoder-weights", "none"], ["--detector-weights", "x.pt"], ["--decoder-context", "roi"]])
+@pytest.mark.parametrize("extra", [["--decoder-weights", "none"], ["--detector-weights", "x.pt"], ["--decoder-context", "roi"], ["--encoder-precision", "int8"]])
 def test_lite_weight_options_with_another_model_are_a_user_error(tmp_path: Path, extra: list[str], capsys) -> None:
     from cellsam_triton.cli import main as cli
 
