@@ -68,7 +68,7 @@ BENCH_CKPT := build/bench/cellsam_vit_b_random.pt
 bench: setup
 	mkdir -p build/bench
 	test -f $(BENCH_CKPT) || $(BIN)/python -c "from cellsam_triton.export.models.cellsam import make_random_checkpoint; make_random_checkpoint('$(BENCH_CKPT)', 'vit_b')"
-	$(BIN)/cellsam-triton bench --checkpoint $(BENCH_CKPT) --repository build/bench/repository --data $(DATA) --out bench
+	$(BIN)/python -m bench.serving --checkpoint $(BENCH_CKPT) --repository build/bench/repository --data $(DATA) --out bench
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis

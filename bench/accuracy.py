@@ -18,8 +18,10 @@ import contextlib
 import sys
 from pathlib import Path
 
-from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary, write_json
+from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.errors import UserError
+
+from .report import run_main, write_results
 
 SPLIT = "val"
 HERE = Path(__file__).resolve().parent
@@ -131,21 +133,16 @@ def bar_plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> tuple[str, list[Path]]:
         result = measure(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "accuracy.json", result)
         table = markdown_table(result)
-        (args.out / "accuracy.md").write_text(
-            f"# Accuracy, DSB2018 {result['split']} split ({result['images']} images)\n\n{table}"
-        )
+        heading = f"# Accuracy, DSB2018 {result['split']} split ({result['images']} images)\n\n"
+        written = write_results(args.out, "accuracy", result, heading + table)
         bar_plot(result, args.out / "accuracy.png")
-    except UserError as exc:
-        print(f"bench-accuracy: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(table)
-    print(f"wrote {args.out / 'accuracy.json'}, accuracy.md, accuracy.png")
-    return 0
+        return table, written + [args.out / "accuracy.png"]
+
+    return run_main("bench-accuracy", work)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary, write_json
+from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.errors import UserError
+
+from .report import run_main, write_results
 
 from .accuracy import SPLIT, markdown_table
 
@@ -69,7 +71,8 @@ def finetune(data: Path, sample_id: str, out: Path, settings: dict) -> dict:
     import torch
 
     from cellsam_triton.datasets import load_sample, sample_path
-    from cellsam_triton.export.finetune import FinetuneConfig, finetune_arrays, provenance_path, sha256_file, write_provenance_fields
+    from cellsam_triton.export.finetune import FinetuneConfig, finetune_arrays, provenance_path, write_provenance_fields
+    from cellsam_triton.export.training import sha256_file
 
     image, labels = load_sample(data, sample_id)
     config = FinetuneConfig(**{k: v for k, v in settings.items() if v is not None})
@@ -102,7 +105,7 @@ def export(repository: Path, lora: Path | None) -> Path:
     """``export --model cellseg1 [--lora]`` (LiteMedSAM base, CellSeg1's grid threshold 0.8) into
     ``repository``, unless done for this adapter; other thresholds are sent per request."""
     from cellsam_triton.cli import main as cli
-    from cellsam_triton.export.finetune import sha256_file
+    from cellsam_triton.export.training import sha256_file
 
     stamp = repository / ".cellseg1_exported"
     key = "base" if lora is None else sha256_file(lora)
@@ -259,18 +262,13 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> tuple[str, list[Path]]:
         result = measure(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "cellseg1.json", result)
         text = report(result)
-        (args.out / "cellseg1.md").write_text(text)
-    except UserError as exc:
-        print(f"bench-cellseg1: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(text)
-    print(f"wrote {args.out / 'cellseg1.json'}, cellseg1.md")
-    return 0
+        return text, write_results(args.out, "cellseg1", result, text)
+
+    return run_main("bench-cellseg1", work)
 
 
 if __name__ == "__main__":

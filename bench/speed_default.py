@@ -25,8 +25,6 @@ share of the pipeline's time spent outside its composing models (the BLS overhea
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -36,6 +34,8 @@ from typing import Callable
 import numpy as np
 
 from cellsam_triton.errors import UserError
+
+from .report import machine, run_main, write_results
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("encoder", "detector", "decoder", "roi_decoder")
@@ -88,7 +88,7 @@ def served(repository: Path, data: Path, records: list, desc: str) -> dict:
     """The default model through an embedded tritonserver on ``repository``; Triton's own stage figures."""
     import tritonclient.grpc as grpcclient
 
-    from cellsam_triton.bench_measure import statistics_delta, triton_statistics
+    from .measure import statistics_delta, triton_statistics
     from cellsam_triton.client.api import Segmenter
     from cellsam_triton.server import EmbeddedServer
 
@@ -224,23 +224,6 @@ def ratios(methods: dict) -> dict:
     return out
 
 
-def machine() -> dict:
-    import os
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=HERE).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", None
-    import onnxruntime
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "git_commit": commit, "git_dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 TITLES = {"roi": "served, decoder context roi (default)", "full": "served, decoder context full",
           "roi_fp32": "served, roi, FP32 encoder",
           "raw_roi": "raw ONNX Runtime, roi", "raw_full": "raw ONNX Runtime, full", "classical": "classical (Otsu + watershed)"}
@@ -294,21 +277,14 @@ def _family_json(repository: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
     args = parse_args(argv)
-    try:
+
+    def work() -> tuple[str, list[Path]]:
         result = measure(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "speed_default.json").write_text(json.dumps(result, indent=2) + "\n")
         text = markdown(result)
-        (args.out / "speed_default.md").write_text(text)
-    except UserError as exc:
-        print(f"bench-default: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(text)
-    print(f"wrote {args.out / 'speed_default.json'} and speed_default.md")
-    return 0
+        return text, write_results(args.out, "speed_default", result, text)
+
+    return run_main("bench-default", work)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-detector": ("cellsam_triton.export.train_detector", "train CellFinder-lite on DSB-layout data"),
     "train-decoder": ("cellsam_triton.export.train_decoder", "fine-tune LiteMedSAM's mask decoder on DSB-layout data (box prompts)"),
     "finetune": ("cellsam_triton.export.finetune", "train CellSeg1 LoRA adapters from one annotated image (LiteMedSAM base)"),
-    "bench": ("cellsam_triton.bench", "speed: served CellSAM vs in-process PyTorch vs raw ONNX Runtime, one run"),
 }
 
 

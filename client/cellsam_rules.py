@@ -24,7 +24,7 @@ from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
 
 from .images import to_channels_last3, validate_image
-from .labels import cells_table, fill_holes_and_remove_small, logit_threshold, paint_labels
+from .labels import cells_table, logit_threshold, paint_cells
 from .resize import iter_mask_logits, resize
 from .types import RunRequests, Segmentation, SegmentOptions
 
@@ -169,7 +169,6 @@ def segment(
     result = run([request])[0]
     cut = logit_threshold(options.mask_threshold)
     blocks = iter_mask_logits(result.masks, family.input_size, (height, width), above=cut)
-    labels = paint_labels(blocks, (height, width), cut)
-    labels, origin = fill_holes_and_remove_small(labels, options.min_cell_area)
-    scores = np.asarray(result.scores, np.float64)[origin - 1] if origin.size else np.zeros(0)
+    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area)
+    scores = np.asarray(result.scores, np.float64)[index]
     return Segmentation(labels, cells_table(labels, scores))

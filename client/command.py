@@ -129,11 +129,20 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or 2 * len(urls)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    from .large_images import segment_large_jobs, takes_slide_path
+    from .slide_command import check as check_slide_options
+
+    if boxes is None:  # the options of the slide path that large inputs take
+        check_slide_options(args)
     with ServerPool(urls, args.model, **connection) as pool:
+        large = [] if boxes is not None or grid is not None else [
+            job for job in jobs if takes_slide_path(job.source, pool.family, args.slide_above)]
         report = run_batch(
-            jobs, args.out, lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid),
+            [job for job in jobs if job not in large], args.out,
+            lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid),
             overlay=args.overlay, overwrite=args.overwrite, workers=workers, progress=args.progress,
         )
+        segment_large_jobs(large, args.out, pool, options, args, report)
     print(report.summary())
     if report.failed:
         print(f"failed ({len(report.failed)}): {', '.join(str(source) for source, _ in report.failed)}", file=sys.stderr)

@@ -58,11 +58,9 @@ def select(data: Path, split: str, limit: int | None = None) -> list:
 
 def gt_boxes(labels: np.ndarray) -> np.ndarray:
     """[N,4] float32 boxes x0,y0,x1,y1 of the labelled objects (pixel extent, x1/y1 exclusive)."""
-    from scipy import ndimage
+    from cellsam_triton.model_repository.raster import label_boxes
 
-    slices = [s for s in ndimage.find_objects(np.asarray(labels)) if s is not None]
-    boxes = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices]
-    return np.asarray(boxes, np.float32).reshape(-1, 4)
+    return label_boxes(labels)
 
 
 def evaluate(data: Path, records: list, predict: Predict, desc: str = "eval",

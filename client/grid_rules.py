@@ -21,10 +21,10 @@ from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
 
 from .images import validate_image
-from .labels import cells_table, fill_holes_and_remove_small, paint_labels
-from .lite_rules import channels_last, mask_block, owned
+from .labels import cells_table, paint_cells
+from .lite_rules import channels_last
 from .resize import resize, resize_weights
-from .tiles import OVERLAP, Tile, lite_normalize, tile_grid, tile_input
+from .tiles import Tile, family_tiles, lite_normalize, mask_block, owned, tile_input
 from .types import PipelineResult, Segmentation, SegmentOptions
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -107,11 +107,11 @@ def _tile_requests(norm: np.ndarray, tiles: list[Tile], extra: dict) -> list[dic
 def _tiled_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) -> list[tuple[float, float, tuple]]:
     norm = lite_normalize(image)
     height, width = norm.shape[:2]
-    tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    tiles = family_tiles(family, height, width)
     results = run_grid(infer, family, _tile_requests(norm, tiles, extra))
     found = []
     for tile, result in zip(tiles, results):
-        for i in owned(result, tile):
+        for i in owned(result.boxes, tile):
             block = mask_block(result.masks[i], tile, (height, width), DECIDED)
             found.append((float((block[2] > DECIDED).sum()), float(result.scores[i]), block))
     return found
@@ -168,8 +168,7 @@ def segment_grid(image: np.ndarray, infer: Infer, family: Family, options: Segme
     found = FRAMES[family.preprocess](image, infer, family, grid.arrays())
     found.sort(key=lambda item: -item[0])  # paint large to small: smaller cells win overlaps
     blocks: Iterator = (block for _, _, block in found)
-    labels = paint_labels(blocks, image.shape[:2], DECIDED)
     min_area = family.min_cell_area if options.min_cell_area is None else options.min_cell_area
-    labels, origin = fill_holes_and_remove_small(labels, min_area)
-    scores = np.array([found[o - 1][1] for o in origin], np.float64)
+    labels, index = paint_cells(blocks, image.shape[:2], DECIDED, min_area)
+    scores = np.array([found[i][1] for i in index], np.float64)
     return Segmentation(labels, cells_table(labels, scores))

@@ -41,6 +41,15 @@ def paint_labels(
     return labels
 
 
+def paint_cells(
+    blocks: Iterable[tuple[slice, slice, np.ndarray]], shape: tuple[int, int], above: float, min_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`paint_labels` (later blocks on top) then :func:`fill_holes_and_remove_small`: the
+    label image and, for each label 1..n, the index of the block it was painted from."""
+    labels, origin = fill_holes_and_remove_small(paint_labels(blocks, shape, above), min_size)
+    return labels, origin - 1
+
+
 def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = 25) -> tuple[np.ndarray, np.ndarray]:
     """Fill holes in each label and drop labels of fewer than ``min_size`` pixels; relabel in order.
 

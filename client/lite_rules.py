@@ -22,9 +22,9 @@ from cellsam_triton.contracts import Family
 
 from .autoscale import auto_factor, capped, check_scale, segment_rescaled
 from .images import validate_image
-from .labels import cells_table, fill_holes_and_remove_small, logit_threshold, paint_labels
-from .tiles import OVERLAP, Tile, lite_normalize, tile_grid, tile_input
-from .types import PipelineResult, RunRequests, Segmentation, SegmentOptions
+from .labels import cells_table, logit_threshold, paint_cells
+from .tiles import Tile, core_prompt, family_tiles, lite_normalize, mask_block, owned, tile_input
+from .types import RunRequests, Segmentation, SegmentOptions
 
 
 def channels_last(image: np.ndarray) -> np.ndarray:
@@ -50,13 +50,6 @@ def assign_boxes(boxes: np.ndarray, tiles: list[Tile]) -> list[list[int]]:
     return per_tile
 
 
-def core_prompt(tile: Tile) -> np.ndarray:
-    """The tile's core in its own frame (x0, y0, x1, y1), one pixel wider on every side: the
-    pipeline decodes only detections centred there, a superset of the ones :func:`owned` keeps
-    (the margin absorbs float32 rounding), so the cells are the same and no unowned box is decoded."""
-    return np.array([tile.cx0 - tile.x0 - 1, tile.cy0 - tile.y0 - 1, tile.cx1 - tile.x0 + 1, tile.cy1 - tile.y0 + 1], np.float32)
-
-
 def build_requests(
     norm: np.ndarray, tiles: list[Tile], boxes: np.ndarray | None, bbox_threshold: float, iou_threshold: float
 ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
@@ -78,27 +71,6 @@ def build_requests(
         requests.append({"image": tile_input(norm, t), "boxes": prompt, **thresholds})
         used.append(k)
     return requests, used
-
-
-def owned(result: PipelineResult, tile: Tile) -> np.ndarray:
-    """Indices of the masks whose box centre lies in the tile's core."""
-    b = np.asarray(result.boxes, np.float64).reshape(-1, 4)
-    cy = tile.y0 + (b[:, 1] + b[:, 3]) / 2
-    cx = tile.x0 + (b[:, 0] + b[:, 2]) / 2
-    return np.array([k for k in range(len(b)) if tile.owns(cy[k], cx[k])], np.int64)
-
-
-def mask_block(logits: np.ndarray, tile: Tile, shape: tuple[int, int], above: float) -> tuple[slice, slice, np.ndarray]:
-    """A tile mask's logits as a ``(rows, cols, logits)`` block in the image, cropped to its hot part."""
-    h = min(tile.size, shape[0] - tile.y0)
-    w = min(tile.size, shape[1] - tile.x0)
-    mask = np.asarray(logits[:h, :w], np.float32)
-    hot = mask > above
-    rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
-    if rows.size == 0:
-        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    return slice(tile.y0 + r0, tile.y0 + r1), slice(tile.x0 + c0, tile.x0 + c1), mask[r0:r1, c0:c1]
 
 
 def segment(
@@ -146,7 +118,7 @@ def segment_native(
     """
     norm = lite_normalize(image)
     height, width = norm.shape[:2]
-    tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    tiles = family_tiles(family, height, width)
     requests, used = build_requests(
         norm,
         tiles,
@@ -159,11 +131,10 @@ def segment_native(
     kept = []  # (score, tile, result, mask index)
     for k, result in zip(used, results):
         tile = tiles[k]
-        indices = np.arange(len(result.scores)) if boxes is not None else owned(result, tile)
+        indices = np.arange(len(result.scores)) if boxes is not None else owned(result.boxes, tile)
         kept += [(float(result.scores[i]), tile, result, int(i)) for i in indices]
     kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile and prompt order
     blocks = (mask_block(r.masks[i], t, (height, width), cut) for _, t, r, i in kept)
-    labels = paint_labels(blocks, (height, width), cut)
-    labels, origin = fill_holes_and_remove_small(labels, options.min_cell_area)
-    scores = np.array([kept[o - 1][0] for o in origin], np.float64)
+    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area)
+    scores = np.array([kept[i][0] for i in index], np.float64)
     return Segmentation(labels, cells_table(labels, scores))

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from cellsam_triton.errors import UserError
+from cellsam_triton.model_repository.raster import linear_weights
 
 
 @lru_cache(maxsize=32)
@@ -52,32 +53,25 @@ def _antialias_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return first, table
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Plain bilinear: left tap, right tap (repeats the last pixel at the end), float32 right weight."""
-    # source coordinates in float32, as PyTorch computes them for float32 tensors: far from
-    # the origin their rounding moves the taps by up to ~1e-4 of a pixel, which shows in logits
+def _linear_source(n_in: int, n_out: int) -> np.ndarray:
+    """Plain bilinear's source coordinate of each output pixel, in float32 as PyTorch computes
+    them for float32 tensors: far from the origin their rounding moves the taps by up to ~1e-4 of
+    a pixel, which shows in logits."""
     half = np.float32(0.5)
-    source = np.float32(n_in) / np.float32(n_out) * (np.arange(n_out, dtype=np.float32) + half) - half
-    source = np.maximum(source, np.float32(0))
-    left = np.minimum(source.astype(np.int64), n_in - 1)
-    right = np.minimum(left + 1, n_in - 1)
-    return left, right, np.clip(source - left.astype(np.float32), 0, 1)
+    return np.float32(n_in) / np.float32(n_out) * (np.arange(n_out, dtype=np.float32) + half) - half
 
 
 def resize_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """Weights [n_out, n_in] (float64 holding PyTorch's float32 weights) of a 1-D resize n_in -> n_out."""
     if n_in < 1 or n_out < 1:
         raise UserError(f"cannot resize {n_in} pixels to {n_out}")
+    if not antialias:
+        return linear_weights(_linear_source(n_in, n_out), n_in)
     weights = np.zeros((n_out, n_in), np.float64)
     rows = np.arange(n_out)
-    if antialias:
-        first, table = _antialias_taps(n_in, n_out)
-        for k in range(table.shape[1]):
-            np.add.at(weights, (rows, np.minimum(first + k, n_in - 1)), table[:, k])
-        return weights
-    left, right, frac = _linear_taps(n_in, n_out)
-    np.add.at(weights, (rows, left), np.float32(1) - frac)
-    np.add.at(weights, (rows, right), frac)
+    first, table = _antialias_taps(n_in, n_out)
+    for k in range(table.shape[1]):
+        np.add.at(weights, (rows, np.minimum(first + k, n_in - 1)), table[:, k])
     return weights
 
 

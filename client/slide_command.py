@@ -19,6 +19,8 @@ from typing import Callable
 
 from cellsam_triton.errors import ServerError, UserError
 
+from .large_images import LARGE_IMAGE_PIXELS
+
 DEFAULT_MAX_MEMORY_MB = 1024.0  # windows' working memory; the interpreter and libraries (~150 MB) come on top
 
 
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--windows", type=int, default=2, metavar="N", help="windows in flight at once (default %(default)s)")
     group.add_argument("--skip-background", action=argparse.BooleanOptionalAction, default=True,
                        help="do not send tiles whose pixels are uniform (default on)")
+    group.add_argument("--slide-above", type=int, default=LARGE_IMAGE_PIXELS, metavar="PIXELS",
+                       help="plain inputs of at least this many pixels are segmented like --slide: bounded memory, "
+                            "tile progress (default %(default)s = 4096 x 4096; 0: never)")
     group.add_argument("--background-tolerance", type=float, default=0.0, metavar="F",
                        help="a tile is background when max - min <= F x the slide's value range (default 0: exactly uniform)")
 
@@ -43,6 +48,8 @@ def check(args: argparse.Namespace) -> None:
         raise UserError(f"--max-memory must be positive, got {args.max_memory}")
     if args.windows < 1:
         raise UserError(f"--windows must be at least 1, got {args.windows}")
+    if getattr(args, "slide_above", 0) < 0:
+        raise UserError(f"--slide-above must be 0 (never) or a pixel count, got {args.slide_above}")
     if not 0.0 <= args.background_tolerance < 1.0:
         raise UserError(f"--background-tolerance must be in [0, 1), got {args.background_tolerance}")
     if args.boxes is not None:

@@ -40,9 +40,9 @@ import numpy as np
 from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
 
-from .labels import fill_holes_and_remove_small, logit_threshold, paint_labels
-from .lite_rules import build_requests, mask_block, owned
-from .tiles import OVERLAP, Tile, lite_normalize, tile_grid
+from .labels import logit_threshold, paint_cells
+from .lite_rules import build_requests
+from .tiles import Tile, family_tiles, lite_normalize, mask_block, owned
 from .types import RunRequests, SegmentOptions
 from .writers import atomic_path
 
@@ -138,6 +138,7 @@ class SlideReport:
     elapsed_s: float
     path: Path
     tiles_sent: int = 0
+    scores: list[float] = dataclasses.field(default_factory=list, repr=False)  # scores[label]; [0] background
 
     def summary(self) -> str:
         skipped = self.tiles - self.tiles_sent
@@ -282,7 +283,7 @@ def segment_slide(
     height, width = slide.shape
     low, high = slide.value_range(band=max(1, int(window) ** 2 // max(1, width)))
     flat = float(background_tolerance) * (high - low) if skip_background else -1.0
-    tiles = tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    tiles = family_tiles(family, height, width)
     groups = group_tiles(tiles, max(int(window), family.input_size))
     work = Path(tempfile.mkdtemp(prefix=".slide-", dir=out_path.parent))
     try:
@@ -310,12 +311,12 @@ def segment_slide(
                 for t, r in zip(batch, run(requests)):
                     rank = grid_index[(t.y0 + y0, t.x0 + x0)] * masks_per_tile
                     kept += [(float(r.scores[i]), rank + int(i), _compact(mask_block(r.masks[i], t, norm.shape[:2], cut)))
-                             for i in owned(r, t)]
+                             for i in owned(r.boxes, t)]
                 with sent_lock:
                     sent[0] += len(batch)
             kept.sort(key=lambda item: (-item[0], item[1]))  # paint order of the whole-image path
-            labels, origin = fill_holes_and_remove_small(paint_labels((b for _, _, b in kept), norm.shape[:2], cut), min_area)
-            chosen = [kept[o - 1] for o in origin]
+            labels, index = paint_cells((b for _, _, b in kept), norm.shape[:2], cut, min_area)
+            chosen = [kept[i] for i in index]
             return store.merge(y0, x0, labels, np.array([c[0] for c in chosen], np.float64), np.array([c[1] for c in chosen], np.int64))
 
         bar = tqdm(total=len(tiles), unit="tile", file=sys.stderr, disable=None if progress is None else not progress)
@@ -332,4 +333,4 @@ def segment_slide(
         cells = len(store.scores) - 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path, sent[0])
+    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path, sent[0], store.scores)

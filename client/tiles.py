@@ -1,4 +1,6 @@
-"""Native-resolution tiling for the LiteMedSAM family (numpy only).
+"""Native-resolution tiling for the LiteMedSAM family (numpy only): the one tile grid, core
+ownership and tile-to-image mask placement of the whole-image rules, slides, grid mode and the
+detector's evaluation.
 
 An image is covered by ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels;
 images smaller than a tile are zero-padded. Each tile owns a *core* rectangle; the cores
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
 
 TILE = 256
@@ -80,6 +83,41 @@ def tile_grid(height: int, width: int, tile: int = TILE, overlap: int = OVERLAP)
         for y0, (cy0, cy1) in zip(ys, ycores)
         for x0, (cx0, cx1) in zip(xs, xcores)
     ]
+
+
+def family_tiles(family: Family, height: int, width: int) -> list[Tile]:
+    """The tile grid a tiled family (LITE and its kin) segments a ``height`` x ``width`` image with."""
+    return tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+
+
+def owned(boxes: np.ndarray, tile: Tile) -> np.ndarray:
+    """Indices of the boxes (xyxy in the tile's frame) whose centre lies in the tile's core: the
+    cells this tile keeps (each cell of the image is kept by exactly one tile)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    cy = tile.y0 + (b[:, 1] + b[:, 3]) / 2
+    cx = tile.x0 + (b[:, 0] + b[:, 2]) / 2
+    inside = (cy >= tile.cy0) & (cy < tile.cy1) & (cx >= tile.cx0) & (cx < tile.cx1)
+    return np.flatnonzero(inside).astype(np.int64)
+
+
+def core_prompt(tile: Tile) -> np.ndarray:
+    """The tile's core in its own frame (x0, y0, x1, y1), one pixel wider on every side: the
+    pipeline decodes only detections centred there, a superset of the ones :func:`owned` keeps
+    (the margin absorbs float32 rounding), so the cells are the same and no unowned box is decoded."""
+    return np.array([tile.cx0 - tile.x0 - 1, tile.cy0 - tile.y0 - 1, tile.cx1 - tile.x0 + 1, tile.cy1 - tile.y0 + 1], np.float32)
+
+
+def mask_block(logits: np.ndarray, tile: Tile, shape: tuple[int, int], above: float) -> tuple[slice, slice, np.ndarray]:
+    """A tile mask's logits as a ``(rows, cols, logits)`` block in the image, cropped to its hot part."""
+    h = min(tile.size, shape[0] - tile.y0)
+    w = min(tile.size, shape[1] - tile.x0)
+    mask = np.asarray(logits[:h, :w], np.float32)
+    hot = mask > above
+    rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+    if rows.size == 0:
+        return slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32)
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return slice(tile.y0 + r0, tile.y0 + r1), slice(tile.x0 + c0, tile.x0 + c1), mask[r0:r1, c0:c1]
 
 
 def lite_normalize(image: np.ndarray) -> np.ndarray:

@@ -23,7 +23,6 @@ settings, loss curve, time, grid calibration, adapter sha256).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from cellsam_triton.errors import UserError
+
+from .training import sha256_file
 
 
 @dataclass
@@ -89,14 +90,6 @@ def _check(config: FinetuneConfig) -> None:
         raise UserError(f"--calibration-points must be in [0, 128], got {config.calibration_points}")
     if not (np.isfinite(config.lr) and config.lr > 0):
         raise UserError(f"--lr must be a positive number, got {config.lr}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def finetune_arrays(image: np.ndarray, labels: np.ndarray, config: FinetuneConfig, progress: bool = True) -> tuple[dict, dict]:

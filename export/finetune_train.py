@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .finetune_data import random_view, sample_prompts
+from .training import optimiser
 
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,10 +60,8 @@ class Trainer:
         for p in full:
             p.requires_grad_(True)
         self.trainable = int(sum(p.numel() for p in lora + full))
-        self.optimizer = torch.optim.AdamW(
-            [{"params": lora, "lr": config.lr}, {"params": full, "lr": config.full_lr}], weight_decay=config.weight_decay
-        )
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._warmup_cosine)
+        groups = [{"params": lora, "lr": config.lr}, {"params": full, "lr": config.full_lr}]
+        self.optimizer, self.schedule = optimiser(groups, config.lr, config.epochs, config.weight_decay)
         self._cache: list[tuple] = []  # (view, embeddings) when the encoder is frozen
 
     def _view(self, norm: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
@@ -82,12 +81,6 @@ class Trainer:
     def _named(self):
         yield from self.encoder.named_parameters()
         yield from self.decoder.named_parameters()
-
-    def _warmup_cosine(self, step: int) -> float:
-        warm = max(1, self.config.epochs // 20)
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, self.config.epochs - warm)))
 
     def step(self, norm: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> float:
         """One optimiser step on a new view; the loss."""

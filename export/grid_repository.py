@@ -15,7 +15,7 @@ from cellsam_triton.contracts import Family, ModelSpec
 
 from .repository import GLUE_DIR, PIPELINE_GLUE, RUNNER_GLUE, GpuOptions, family_roles, render_config
 
-GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "bls.py")  # bls.py: shared with the box pipeline
+GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "raster.py", "bls.py", "request_checks.py")  # bls.py: the base shared with the box pipeline
 
 
 def grid_roles(family: Family) -> list[tuple[str, ModelSpec]]:

@@ -25,13 +25,21 @@ DEFAULT_DECODER_WEIGHTS = {"full": WEIGHTS_DIR / "lite_decoder.pt", "roi": WEIGH
 FROZEN_MASK_THRESHOLD = 0.12  # frozen LiteMedSAM draws cells small: a low threshold (logit ~ -2)
 
 
+def served_mask_threshold(path: Path, default: float) -> float:
+    """The mask threshold recorded beside decoder weights (``default`` without a provenance file)."""
+    import json
+
+    beside = path.with_suffix(".json")
+    if not beside.is_file():
+        return default
+    return float(json.loads(beside.read_text()).get("mask_threshold", default))
+
+
 def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context,
                   encoder_precision: str = LITE.encoder_precision):
     """LITE with its decoder context, encoder precision and the mask threshold its decoder is
     served with (recorded beside fine-tuned weights)."""
     import dataclasses
-
-    from .train_decoder import served_mask_threshold
 
     if decoder_weights is None:
         threshold = FROZEN_MASK_THRESHOLD

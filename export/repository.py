@@ -24,7 +24,7 @@ from cellsam_triton.errors import UserError
 # editable and regular installs (the Docker image) find it the same way.
 GLUE_DIR = Path(str(importlib.resources.files("cellsam_triton.model_repository")))
 RUNNER_GLUE = ("onnx_runner.py",)
-PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py")  # first file becomes model.py
+PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py", "request_checks.py")  # first file becomes model.py
 ONNX_FILE = "model.onnx"
 ROLES = ("encoder", "detector", "decoder", "roi_decoder", "pipeline")
 MAX_QUEUE_DELAY_US = 2000
@@ -67,36 +67,35 @@ class GpuOptions:
             raise UserError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
 
 
-# --- pbtxt building blocks ---------------------------------------------------------------------
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+# --- config building blocks (model_config_pb2 messages, rendered by text_format) ------------------
+def _pb():
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
 
 
-def _tensor(t: Tensor) -> str:
-    dims = ", ".join(str(d) for d in t.dims)
-    optional = " optional: true" if t.optional else ""
-    return f"  {{ name: {_quote(t.name)} data_type: TYPE_{t.dtype} dims: [ {dims} ]{optional} }}"
+def _add_tensors(repeated, tensors: tuple[Tensor, ...]) -> None:
+    pb = _pb()
+    for t in tensors:
+        entry = repeated.add(name=t.name, data_type=pb.DataType.Value(f"TYPE_{t.dtype}"), dims=list(t.dims))
+        if t.optional:
+            entry.optional = True
 
 
-def _tensors(key: str, tensors: tuple[Tensor, ...]) -> str:
-    return f"{key} [\n" + ",\n".join(_tensor(t) for t in tensors) + "\n]"
+def _add_parameters(config, params: dict[str, object]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
 
 
-def _parameters(params: dict[str, object]) -> str:
-    return "\n".join(
-        f"parameters {{ key: {_quote(k)} value {{ string_value: {_quote(str(v))} }} }}" for k, v in params.items()
-    )
+def _add_instances(config, kind: str, count: int = 1) -> None:
+    config.instance_group.add(kind=_pb().ModelInstanceGroup.Kind.Value(kind), count=count)
 
 
-def _instances(kind: str, count: int = 1) -> str:
-    return f"instance_group [ {{ kind: {kind} count: {count} }} ]"
-
-
-def _dynamic_batching(spec: ModelSpec, delay_us: int = MAX_QUEUE_DELAY_US, preferred: tuple[int, ...] = ()) -> str:
+def _set_dynamic_batching(config, spec: ModelSpec, delay_us: int = MAX_QUEUE_DELAY_US, preferred: tuple[int, ...] = ()) -> None:
     if spec.max_batch_size <= 0:
-        return ""
-    sizes = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ] " if preferred else ""
-    return f"dynamic_batching {{ {sizes}max_queue_delay_microseconds: {delay_us} }}"
+        return
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
 
 
 def _concrete_dims(tensor: Tensor, boxes: int, window: int = 0) -> tuple[int, ...]:
@@ -114,25 +113,27 @@ def _profile_shape(spec: ModelSpec, batch: int, boxes: int, window: int = 0) -> 
     return ",".join(shapes)
 
 
-def _warmup(spec: ModelSpec, batch_sizes: tuple[int, ...], boxes: int, window: int = 0) -> str:
+def _add_warmup(config, spec: ModelSpec, batch_sizes: tuple[int, ...], boxes: int, window: int = 0) -> None:
     """`model_warmup`: one random-data request per batch size, so engines exist before traffic."""
-    entries = []
+    pb = _pb()
     for batch in batch_sizes:
-        inputs = " ".join(
-            f"inputs {{ key: {_quote(t.name)} value: {{ data_type: TYPE_{t.dtype} "
-            f"dims: [ {', '.join(map(str, _concrete_dims(t, boxes, window)))} ] random_data: true }} }}"
-            for t in spec.inputs
-        )
-        entries.append(f"  {{ name: {_quote(f'warmup_batch_{batch}')} batch_size: {batch} {inputs} }}")
-    return "model_warmup [\n" + ",\n".join(entries) + "\n]"
+        warmup = config.model_warmup.add(name=f"warmup_batch_{batch}", batch_size=batch)
+        for t in spec.inputs:
+            entry = warmup.inputs[t.name]
+            entry.data_type = pb.DataType.Value(f"TYPE_{t.dtype}")
+            entry.dims.extend(_concrete_dims(t, boxes, window))
+            entry.random_data = True
 
 
 # --- per-target runtime sections ---------------------------------------------------------------
-def _cpu_runner(spec: ModelSpec, threads: int | None) -> list[str]:
+def _cpu_runner(config, spec: ModelSpec, threads: int | None) -> None:
     """ONNX model on CPU: the Python-backend ONNX Runtime runner."""
     params = {"onnx_file": ONNX_FILE, "intra_op_threads": 0 if threads is None else threads, "inter_op_threads": 1,
               "allow_spinning": CPU_SPINNING}
-    return ['backend: "python"', _instances("KIND_CPU"), _dynamic_batching(spec), _parameters(params)]
+    config.backend = "python"
+    _add_instances(config, "KIND_CPU")
+    _set_dynamic_batching(config, spec)
+    _add_parameters(config, params)
 
 
 def tensorrt_parameters(
@@ -170,25 +171,19 @@ def tensorrt_parameters(
     return params
 
 
-def _accelerator(params: dict[str, str]) -> str:
-    body = " ".join(f"parameters {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in params.items())
-    return f'optimization {{ execution_accelerators {{ gpu_execution_accelerator: [ {{ name: "tensorrt" {body} }} ] }} }}'
-
-
-def _gpu_runner(spec: ModelSpec, role: str, gpu: GpuOptions, family: Family) -> list[str]:
+def _gpu_runner(config, spec: ModelSpec, role: str, gpu: GpuOptions, family: Family) -> None:
     """ONNX model on GPU: Triton's native onnxruntime backend with the TensorRT accelerator."""
     batched = spec.max_batch_size > 0
     preferred = tuple(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})) if batched else ()
     warm = (1, spec.max_batch_size) if batched and spec.max_batch_size > 1 else (1,)
     windows = tuple(family.roi_windows) if role == "roi_decoder" else (0,)
-    return [
-        'platform: "onnxruntime_onnx"',
-        f'default_model_filename: "{ONNX_FILE}"',
-        _instances("KIND_GPU", GPU_INSTANCES[role]),
-        _dynamic_batching(spec, GPU_QUEUE_DELAY_US, preferred),
-        _accelerator(tensorrt_parameters(spec, gpu, family.decoder_chunk, windows)),
-        _warmup(spec, warm, family.decoder_chunk, min(windows)),
-    ]
+    config.platform = "onnxruntime_onnx"
+    config.default_model_filename = ONNX_FILE
+    _add_instances(config, "KIND_GPU", GPU_INSTANCES[role])
+    _set_dynamic_batching(config, spec, GPU_QUEUE_DELAY_US, preferred)
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters.update(tensorrt_parameters(spec, gpu, family.decoder_chunk, windows))
+    _add_warmup(config, spec, warm, family.decoder_chunk, min(windows))
 
 
 def pipeline_parameters(family: Family) -> dict[str, object]:
@@ -211,26 +206,31 @@ def render_config(
     family: Family | None = None,
     gpu: GpuOptions | None = None,
 ) -> str:
-    """The config.pbtxt text of one model. ``role`` is one of ROLES; the pipeline and the gpu target need ``family``;
+    """The config.pbtxt text of one model (a ``model_config_pb2.ModelConfig`` in protobuf text
+    format). ``role`` is one of ROLES; the pipeline and the gpu target need ``family``;
     ``gpu`` (default `GpuOptions()`) applies to the gpu target only."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if role not in ROLES:
         raise UserError(f"unknown model role {role!r}; choose from {', '.join(ROLES)}")
-    head = [f"name: {_quote(spec.name)}", f"max_batch_size: {spec.max_batch_size}"]
+    from google.protobuf import text_format
+
+    config = _pb().ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    _add_tensors(config.input, spec.inputs)
+    _add_tensors(config.output, spec.outputs)
     if role == "pipeline":
         if family is None:
             raise ValueError("the pipeline config needs its family")
-        instances = family.encoder_batch if target == "gpu" else PIPELINE_INSTANCES
-        body = ['backend: "python"', _instances("KIND_CPU", instances), _parameters(pipeline_parameters(family))]
+        config.backend = "python"
+        _add_instances(config, "KIND_CPU", family.encoder_batch if target == "gpu" else PIPELINE_INSTANCES)
+        _add_parameters(config, pipeline_parameters(family))
     elif target == "cpu":
-        body = _cpu_runner(spec, threads)
+        _cpu_runner(config, spec, threads)
     else:
         if family is None:
             raise ValueError("the gpu target needs the model's family (decoder chunk, ROI windows)")
-        body = _gpu_runner(spec, role, gpu or GpuOptions(), family)
-    sections = head + [_tensors("input", spec.inputs), _tensors("output", spec.outputs)] + body
-    return "\n".join(s for s in sections if s) + "\n"
+        _gpu_runner(config, spec, role, gpu or GpuOptions(), family)
+    return text_format.MessageToString(config)
 
 
 def family_roles(family: Family) -> list[tuple[str, ModelSpec]]:

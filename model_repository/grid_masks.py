@@ -1,6 +1,6 @@
 """Automatic (point-grid) mask generation rules, numpy + scipy only (CellSeg1 / SAM AMG style).
 
-Runs inside Triton's Python backend beside grid_generator.py, so it imports nothing from the
+Runs inside Triton's Python backend beside grid_generator.py and raster.py, so it imports nothing from the
 project. All masks are low-resolution logits [N,m,m] of one crop; a mask is ``logit > 0``.
   point_grid       n x n points at cell centres of a box (SAM's build_point_grid)
   stability_score  |logit > +offset| / |logit > -offset|
@@ -16,6 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+try:  # a package in the project, loose files beside model.py inside Triton
+    from .raster import linear_weights, mask_boxes
+except ImportError:
+    from raster import linear_weights, mask_boxes
 
 FAR = -1.0e4  # finite stand-in for -inf where logits are resampled
 
@@ -35,16 +40,6 @@ def stability_score(logits: np.ndarray, offset: float, threshold: float = 0.0) -
     inner = (flat > threshold + offset).sum(1, dtype=np.int64)
     outer = (flat > threshold - offset).sum(1, dtype=np.int64)
     return np.where(outer > 0, inner / np.maximum(outer, 1), 0.0)
-
-
-def mask_boxes(masks: np.ndarray) -> np.ndarray:
-    """[N,4] xyxy extent (x1/y1 exclusive) of boolean masks [N,H,W]; zeros for empty masks."""
-    boxes = np.zeros((len(masks), 4), np.float32)
-    for i, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        if rows.size:
-            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes
 
 
 def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -107,19 +102,6 @@ def crop_boxes(width: int, height: int, n_layers: int, overlap_ratio: float) -> 
                 x0, y0 = (crop_w - overlap) * j, (crop_h - overlap) * i
                 boxes.append((x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)))
     return boxes
-
-
-def linear_weights(coords: np.ndarray, length: int) -> np.ndarray:
-    """[len(coords), length] linear interpolation weights at float source ``coords`` (clamped)."""
-    coords = np.clip(np.asarray(coords, np.float64), 0, length - 1)
-    low = np.floor(coords).astype(np.int64)
-    high = np.minimum(low + 1, length - 1)
-    frac = coords - low
-    weights = np.zeros((len(coords), length), np.float64)
-    rows = np.arange(len(coords))
-    np.add.at(weights, (rows, low), 1 - frac)
-    np.add.at(weights, (rows, high), frac)
-    return weights
 
 
 def crop_scale(box: tuple[int, int, int, int], size: int) -> float:

@@ -1,4 +1,4 @@
-"""`cellsam-triton bench`: the measuring tools, and one quick real run on the small random CellSAM
+"""`make bench` (bench/serving.py): the measuring tools, and one quick real run on the small random CellSAM
 (export -> tritonserver -> three methods -> results.json + plot). Speed targets are not asserted
 here (a small model on a shared CPU); the JSON's shape and the equal work of the methods are."""
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellsam_triton.bench import TARGETS, calibrate_threshold
-from cellsam_triton.bench_measure import (
+from bench.serving import TARGETS, calibrate_threshold
+from bench.serving import main as bench_main
+from bench.measure import (
     closed_loop,
     label_boxes,
     latency_summary,
@@ -23,7 +24,6 @@ from cellsam_triton.bench_measure import (
     statistics_delta,
     tritonserver_pids,
 )
-from cellsam_triton.cli import main as cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
 
@@ -102,7 +102,7 @@ def test_quick_bench_on_the_small_cellsam(tmp_path: Path) -> None:
     checkpoint = tmp_path / "cellsam_small.pt"
     make_random_checkpoint(checkpoint, "small", seed=1)
     out = tmp_path / "out"
-    code = cli(["bench", "--checkpoint", str(checkpoint), "--repository", str(tmp_path / "repo"), "--data", str(DATA),
+    code = bench_main(["--checkpoint", str(checkpoint), "--repository", str(tmp_path / "repo"), "--data", str(DATA),
                 "--out", str(out), "--quick"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())

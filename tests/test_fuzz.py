@@ -11,10 +11,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_grid import TINY as GRID
+from test_grid import grid_repository  # noqa: F401  (the fixture)
 from tiny_family import image_with_cells
 from tritonclient.utils import InferenceServerException
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import Family, ModelSpec
 from cellsam_triton.server import EmbeddedServer
 
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64,
@@ -40,10 +42,10 @@ def client(fuzz_server):
     client.close()
 
 
-def model_inputs(family: Family) -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
+def model_inputs(specs: list[ModelSpec]) -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
     """Input (name, full shape, Triton dtype) of each served model: batch axis 1 where batched, -1 axes 3."""
     inputs = {}
-    for spec in (family.pipeline(), family.encoder(), family.detector_model(), family.decoder()):
+    for spec in specs:
         batch = (1,) if spec.max_batch_size > 0 else ()
         inputs[spec.name] = [(t.name, batch + tuple(3 if d < 0 else d for d in t.dims), t.dtype) for t in spec.inputs]
     return inputs
@@ -86,26 +88,30 @@ def send(client, model: str, arrays: dict[str, np.ndarray]):
 
 
 @st.composite
-def requests(draw, family: Family, wrong: bool):
-    """(model, inputs): the contract's names, shapes and dtypes, or (``wrong``) anything near them."""
-    inputs = model_inputs(family)
+def requests(draw, specs: list[ModelSpec], wrong: bool):
+    """(model, inputs): the contract's names, shapes and dtypes, or (``wrong``) anything near them.
+    One-element integer inputs (grid density, crop layers) are drawn small: their legal range is
+    the server's own limit, and a large grid is slow, not wrong."""
+    inputs = model_inputs(specs)
     model = draw(st.sampled_from(sorted(inputs)))
     arrays = {}
     for name, shape, dtype in inputs[model]:
         if not wrong or draw(st.integers(0, 4)) > 0:  # sometimes missing
             arrays[name] = draw(tensors(shape, dtype, wrong))
+            if arrays[name].shape == (1,) and arrays[name].dtype == np.int32:
+                arrays[name] = np.array([draw(st.integers(-2, 6))], np.int32)
     if wrong and draw(st.integers(0, 9)) == 0:
         arrays["not_an_input"] = np.zeros((1,), np.float32)
     return model, arrays
 
 
-@pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
-def test_random_tensors_get_an_answer_or_a_clean_error(client, tiny: Family, wrong: bool) -> None:
+def fuzz(client, specs: list[ModelSpec], wrong: bool, examples: int, pipeline: str) -> dict[str, int]:
+    """Send random requests to the models of ``specs``; each ends in an answer or a clean INVALID_ARGUMENT."""
     outcomes = {"answer": 0, "error": 0}
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(requests(tiny, wrong))
+    @given(requests(specs, wrong))
     def one(request) -> None:
         model, arrays = request
         try:
@@ -118,14 +124,49 @@ def test_random_tensors_get_an_answer_or_a_clean_error(client, tiny: Family, wro
             assert "\n" not in message.strip(), message
         else:
             outcomes["answer"] += 1
-            if model == tiny.name:
+            if model == pipeline:
                 boxes, masks = result.as_numpy("boxes"), result.as_numpy("masks")
                 assert boxes.shape[1:] == (4,) and masks.shape[0] == boxes.shape[0] and masks.dtype == np.float16
                 assert np.all(np.isfinite(masks.astype(np.float32)))
         assert client.is_server_live(client_timeout=5)
 
     one()
+    return outcomes
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
+def test_random_tensors_get_an_answer_or_a_clean_error(client, tiny: Family, wrong: bool) -> None:
+    specs = [tiny.pipeline(), tiny.encoder(), tiny.detector_model(), tiny.decoder()]
+    outcomes = fuzz(client, specs, wrong, FUZZ_EXAMPLES, tiny.name)
     assert outcomes["answer"] > 0 and outcomes["error"] > 0, outcomes
     good = image_with_cells([3, 9])
     assert send(client, tiny.name, {"image": good, "detector_image": good}).as_numpy("scores").shape == (2,)
     assert client.is_server_ready()
+
+
+# --- the grid pipeline (detector-free), on its own server ------------------------------------
+@pytest.fixture(scope="module")
+def grid_client(grid_repository, tmp_path_factory):
+    server = EmbeddedServer(grid_repository, log_path=tmp_path_factory.mktemp("fuzz_grid") / "server.log", exit_timeout_s=2)
+    try:
+        server.start(90)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        yield client
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
+def test_grid_pipeline_answers_or_refuses_cleanly(grid_client, wrong: bool) -> None:
+    specs = [GRID.grid_pipeline(), GRID.point_decoder()]
+    outcomes = fuzz(grid_client, specs, wrong, FUZZ_EXAMPLES // 2, GRID.grid_name)
+    assert outcomes["error"] > 0 and (wrong or outcomes["answer"] > 0), outcomes
+    s = GRID.input_size
+    good = {"image": np.zeros((1, 3, s, s), np.float32), "points_per_side": np.array([2], np.int32)}
+    assert send(grid_client, GRID.grid_name, good).as_numpy("boxes").shape[1:] == (4,)
+    for name, value in (("points_per_side", np.array([0], np.int32)), ("crop_n_layers", np.array([9], np.int32)),
+                        ("valid_size", np.array([0, s], np.int32)), ("image", np.full((1, 3, s, s), np.nan, np.float32))):
+        with pytest.raises(InferenceServerException) as info:
+            send(grid_client, GRID.grid_name, {**good, name: value})
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and f"'{name}'" in str(info.value), str(info.value)

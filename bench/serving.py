@@ -1,4 +1,4 @@
-"""`cellsam-triton bench`: the served CellSAM pipeline vs in-process PyTorch vs raw ONNX Runtime.
+"""`make bench` (``python -m bench.serving``): the served CellSAM pipeline vs in-process PyTorch vs raw ONNX Runtime.
 
 One run, same images, same weights, same box selection, so that every figure is a ratio from
 one machine at one time:
@@ -21,7 +21,7 @@ import argparse
 import gc
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -30,7 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_measure import (
+from cellsam_triton.contracts import CELLSAM, Family
+from cellsam_triton.errors import UserError
+
+from .measure import (
     BenchImage,
     bench_images,
     closed_loop,
@@ -42,8 +45,7 @@ from .bench_measure import (
     triton_statistics,
     tritonserver_pids,
 )
-from .contracts import CELLSAM, Family
-from .errors import UserError
+from .report import machine
 
 QUICK = {"images": 1, "cells": "3,10", "levels": "1,2", "level_seconds": 0.0, "shm_rounds": 1}
 TARGETS = {"speedup_end_to_end": (">=", 1.0), "speedup_decode": (">=", 1.5), "triton_overhead": ("<=", 0.10)}
@@ -93,7 +95,7 @@ def calibrate_threshold(logits: np.ndarray, boxes: np.ndarray, target: int, size
     threshold that puts the cut between the target-th and the next score is solved for directly
     (it may be negative: random detectors score every query alike).
     """
-    from .model_repository import selection
+    from cellsam_triton.model_repository import selection
 
     _, scores = selection.top_pairs(logits, boxes, size)  # best first
     k = int(np.clip(target, 1, len(scores)))
@@ -113,10 +115,10 @@ class Reference:
         import torch
         import torch.nn.functional as F
 
-        from .client.cellsam_rules import detector_input, normalize, segmenter_input
-        from .client.images import to_channels_last3
-        from .client.labels import fill_holes_and_remove_small
-        from .model_repository import selection
+        from cellsam_triton.client.cellsam_rules import detector_input, normalize, segmenter_input
+        from cellsam_triton.client.images import to_channels_last3
+        from cellsam_triton.client.labels import fill_holes_and_remove_small
+        from cellsam_triton.model_repository import selection
 
         t = [time.perf_counter()]
         norm = normalize(to_channels_last3(item.image))
@@ -189,8 +191,8 @@ class OrtPipeline:
         return (np.concatenate(masks), np.concatenate(ious)) if masks else (np.zeros((0, m, m), np.float32), np.zeros(0, np.float32))
 
     def __call__(self, requests):
-        from .client.types import PipelineResult
-        from .model_repository import selection
+        from cellsam_triton.client.types import PipelineResult
+        from cellsam_triton.model_repository import selection
 
         results = []
         for r in requests:
@@ -226,8 +228,8 @@ class WireCounter:
 
 def segment_with(run, item: BenchImage, threshold: float, boxes: np.ndarray | None = None):
     """The client's CellSAM rules (pre-processing, request, post-processing) over ``run``."""
-    from .client import cellsam_rules
-    from .client.types import SegmentOptions
+    from cellsam_triton.client import cellsam_rules
+    from cellsam_triton.client.types import SegmentOptions
 
     options = SegmentOptions(bbox_threshold=threshold, iou_threshold=-1.0)
     return cellsam_rules.segment(item.image, run, CELLSAM, boxes, options)
@@ -237,8 +239,8 @@ def segment_with(run, item: BenchImage, threshold: float, boxes: np.ndarray | No
 def reference_phase(checkpoint: Path, images: list[BenchImage]) -> dict:
     import torch
 
-    from .client.cellsam_rules import boxes_to_model
-    from .export.models.cellsam import build_cellsam, load_checkpoint
+    from cellsam_triton.client.cellsam_rules import boxes_to_model
+    from cellsam_triton.export.models.cellsam import build_cellsam, load_checkpoint
 
     reference = Reference(build_cellsam(load_checkpoint(checkpoint)))
     rows = []
@@ -255,7 +257,7 @@ def reference_phase(checkpoint: Path, images: list[BenchImage]) -> dict:
 
 
 def ort_phase(repository: Path, images: list[BenchImage], thresholds: list[float]) -> dict:
-    from .client.cellsam_rules import boxes_to_model
+    from cellsam_triton.client.cellsam_rules import boxes_to_model
 
     pipeline = OrtPipeline(repository)
     counter = WireCounter(pipeline)
@@ -278,7 +280,7 @@ def ort_phase(repository: Path, images: list[BenchImage], thresholds: list[float
 def served_phase(url: str, images: list[BenchImage], thresholds: list[float], levels: list[int], budget_s: float, timeout_s: float) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from .client.transport import TritonTransport
+    from cellsam_triton.client.transport import TritonTransport
 
     family = CELLSAM
     models = [family.pipeline_name, family.encoder_name, family.detector_name, family.decoder_name]
@@ -315,7 +317,7 @@ def served_phase(url: str, images: list[BenchImage], thresholds: list[float], le
 def shared_memory_phase(url: str, images: list[BenchImage], rounds: int, timeout_s: float) -> dict:
     """The same served requests (ground-truth box prompts) with inputs over gRPC and over system
     shared memory, alternating which goes first each round; mean client latency of each."""
-    from .client.transport import TritonTransport
+    from cellsam_triton.client.transport import TritonTransport
 
     seconds: dict[str, list[float]] = {"grpc": [], "shared_memory": []}
     labels: dict[str, list[np.ndarray]] = {"grpc": [], "shared_memory": []}
@@ -354,7 +356,7 @@ def ensure_repository(checkpoint: Path, repository: Path) -> None:
     config = repository / CELLSAM.pipeline_name / "config.pbtxt"
     if config.is_file() and config.stat().st_mtime >= checkpoint.stat().st_mtime:
         return
-    from .cli import main
+    from cellsam_triton.cli import main
 
     if main(["export", "--model", "cellsam", "--checkpoint", str(checkpoint), "--repository", str(repository)]) != 0:
         raise UserError(f"export of {checkpoint} failed")
@@ -405,14 +407,6 @@ def summarize(images, ref: dict, ort: dict, served: dict, memory: dict, setup: d
     return results
 
 
-def machine() -> dict:
-    import onnxruntime
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "load_average_start": os.getloadavg()[0]}
-
-
 def plot(results: dict, path: Path) -> None:
     """Four panels: end to end per method, decode ms per box, latency and throughput vs concurrency."""
     import matplotlib
@@ -445,7 +439,7 @@ def plot(results: dict, path: Path) -> None:
 
 def bench(args: argparse.Namespace) -> dict:
     """Run everything; returns the results dict (also written to ``args.out``)."""
-    from .server import EmbeddedServer
+    from cellsam_triton.server import EmbeddedServer
 
     levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()} | {1})
     if min(levels) < 1:
@@ -485,6 +479,17 @@ def bench(args: argparse.Namespace) -> dict:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         for key, value in QUICK.items():
@@ -500,3 +505,7 @@ def run(args: argparse.Namespace) -> int:
     for target, met in results["targets_met"].items():
         print(f"  {'ok  ' if met else 'MISS'} {target}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

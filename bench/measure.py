@@ -1,4 +1,4 @@
-"""Measuring tools of `cellsam-triton bench`: the image set, latency summaries, closed-loop load
+"""Measuring tools of `make bench` (bench/serving.py): the image set, latency summaries, closed-loop load
 at a fixed concurrency, Triton's statistics API and peak memory from /proc (numpy only, no torch)."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from .datasets import load_manifest, load_sample
-from .errors import UserError
+from cellsam_triton.datasets import load_manifest, load_sample
+from cellsam_triton.errors import UserError
+from cellsam_triton.model_repository import raster
 
 MIN_CELL_AREA = 25  # ground-truth cells smaller than this give no prompt box
 
@@ -31,12 +32,7 @@ class BenchImage:
 
 def label_boxes(labels: np.ndarray, min_area: int = MIN_CELL_AREA) -> np.ndarray:
     """xyxy boxes (exclusive max) of every label with at least ``min_area`` pixels, label order."""
-    boxes = []
-    for value in np.unique(labels[labels > 0]):
-        ys, xs = np.nonzero(labels == value)
-        if ys.size >= min_area:
-            boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
-    return np.asarray(boxes, np.float32).reshape(-1, 4)
+    return raster.label_boxes(labels, min_area)
 
 
 def bench_images(data: str | Path, count: int, size: int = 512, cells: tuple[int, int] = (20, 60)) -> list[BenchImage]:
