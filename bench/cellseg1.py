@@ -210,7 +210,7 @@ def measure(args: argparse.Namespace) -> dict:
     base = export(args.work / "base_repository", None)
     tuned = export(args.work / "tuned_repository", lora)
     grid = GridOptions(points_per_side=args.points_per_side)
-    side = args.points_per_side or CELLSEG1_LITE.extra["points_per_side"]
+    side = args.points_per_side or CELLSEG1_LITE.grid.points_per_side
     scores = args.scores or args.work / "scores"
     runs = {
         f"{LITE.name} (detector boxes)":

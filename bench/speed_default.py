@@ -157,21 +157,17 @@ class OrtModels:
 
 def raw(repository: Path, family_json: str, data: Path, records: list, threads: int, desc: str) -> dict:
     """The same pipeline steps and client rules, the models on plain ONNX Runtime sessions."""
-    import json
-
     from cellsam_triton.client.lite_rules import segment
     from cellsam_triton.client.transport import to_result
     from cellsam_triton.client.types import SegmentOptions
     from cellsam_triton.contracts import Family
-    from cellsam_triton.export.repository import pipeline_parameters
     from cellsam_triton.model_repository.box_pipeline import BoxPipeline
 
     family = Family.from_json(family_json)
     names = [n for n in (family.encoder_name, family.detector_name, family.decoder_name, family.roi_decoder_name)
              if (repository / n / "1" / "model.onnx").is_file()]
     models = OrtModels(repository, names, threads)
-    params = pipeline_parameters(family)
-    pipeline = BoxPipeline(json.loads(family_json), models, params["nms_iou"], params["max_detections"])
+    pipeline = BoxPipeline(family, models)
 
     def run(requests: list[dict]) -> list:
         return [to_result(pipeline.segment(r)) for r in requests]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Triton data type names (config.pbtxt spells them TYPE_<name>).
 FP32, FP16, INT32, INT64, UINT8 = "FP32", "FP16", "INT32", "INT64", "UINT8"
@@ -23,6 +23,61 @@ DECODER_CONTEXTS = ("full", "roi")
 # Encoder weights as served on the cpu target: "int8" = per-channel INT8 weight MatMuls
 # (export/encoder_int8.py); the gpu target always serves the FP32 graph (TensorRT FP32/FP16).
 ENCODER_PRECISIONS = ("fp32", "int8")
+
+
+# Tile overlap of whole-image tiling (pixels of the encoder frame) unless a family sets its own.
+TILE_OVERLAP = 64
+
+
+class NAMES:
+    """The one spelling of every tensor name of the contracts below: export, the server glue, the
+    client and the benchmarks read them from here."""
+
+    image = "image"
+    detector_image = "detector_image"
+    image_embeddings = "image_embeddings"
+    boxes = "boxes"
+    core = "core"
+    bbox_threshold = "bbox_threshold"
+    iou_threshold = "iou_threshold"
+    scores = "scores"
+    iou_predictions = "iou_predictions"
+    masks = "masks"
+    prompt_index = "prompt_index"
+    low_res_masks = "low_res_masks"
+    pred_logits = "pred_logits"
+    pred_scores = "pred_scores"
+    pred_boxes = "pred_boxes"
+    embedding_windows = "embedding_windows"
+    window_origins = "window_origins"
+    point_coords = "point_coords"
+    point_labels = "point_labels"
+    valid_size = "valid_size"
+    points_per_side = "points_per_side"
+    pred_iou_threshold = "pred_iou_threshold"
+    stability_threshold = "stability_threshold"
+    crop_n_layers = "crop_n_layers"
+
+
+@dataclass(frozen=True)
+class GridRules:
+    """Detector-free (point-grid) mask generation rules, CellSeg1 / SAM automatic-mask style.
+
+    The grid pipeline (model_repository/grid_generator.py) reads them from the family JSON;
+    ``points_per_side``, ``pred_iou_threshold``, ``stability_threshold`` and ``crop_n_layers`` are
+    also per-request inputs.
+    """
+
+    points_per_side: int = 32
+    pred_iou_threshold: float = 0.8
+    stability_threshold: float = 0.6
+    stability_offset: float = 0.8
+    max_area_fraction: float = 0.1  # of the frame; larger masks are background
+    mask_nms_iou: float = 0.05
+    min_region_area: int = 20  # pixels of the low-res frame; smaller holes and islands are removed
+    crop_n_layers: int = 0
+    crop_overlap_ratio: float = 512 / 1500  # SAM's default
+    crop_edge_fraction: float = 20 / 1024  # SAM's 20 px at 1024 input, as a fraction of the input
 
 
 @dataclass(frozen=True)
@@ -77,7 +132,19 @@ class Family:
     roi_windows: tuple[int, ...] = (16, 32)  # window sides, embedding cells (model_repository/roi_windows.py)
     roi_margin: int = 4  # embedding cells kept around a box inside its window
     encoder_precision: str = "fp32"  # one of ENCODER_PRECISIONS
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
+    # detector post-processing (cellfinder_lite): greedy NMS IoU and the most detections per tile
+    nms_iou: float = 0.5
+    max_detections: int = 1000
+    tile_overlap: int = TILE_OVERLAP  # whole-image tiling, pixels of the encoder frame
+    # auto-scale (client/autoscale.py): images whose median cell size is below ``auto_scale_below``
+    # px (0: never) are segmented again, enlarged by the tile-snapped factor in
+    # [auto_scale_min_factor (None: = auto_scale_factor), auto_scale_factor], at most
+    # ``auto_scale_max_pixels`` pixels
+    auto_scale_below: float = 0.0
+    auto_scale_factor: float = 2.0
+    auto_scale_min_factor: float | None = None
+    auto_scale_max_pixels: int = 64_000_000
+    grid: GridRules = GridRules()  # `<family>_grid` (detector-free)
 
     # --- model names in the repository -------------------------------------------------
     @property
@@ -105,19 +172,19 @@ class Family:
         s = self.input_size
         return ModelSpec(
             self.encoder_name,
-            inputs=(Tensor("image", FP32, (3, s, s)),),
-            outputs=(Tensor("image_embeddings", FP32, (self.embed_dim, self.embed_size, self.embed_size)),),
+            inputs=(Tensor(NAMES.image, FP32, (3, s, s)),),
+            outputs=(Tensor(NAMES.image_embeddings, FP32, (self.embed_dim, self.embed_size, self.embed_size)),),
             max_batch_size=self.encoder_batch,
         )
 
     def detector_model(self) -> ModelSpec:
         s, e = self.input_size, self.embed_size
         if self.detector == "cellfinder":
-            inputs = (Tensor("image", FP32, (3, s, s)),)
-            outputs = (Tensor("pred_logits", FP32, (-1, 2)), Tensor("pred_boxes", FP32, (-1, 4)))
+            inputs = (Tensor(NAMES.image, FP32, (3, s, s)),)
+            outputs = (Tensor(NAMES.pred_logits, FP32, (-1, 2)), Tensor(NAMES.pred_boxes, FP32, (-1, 4)))
         else:  # cellfinder_lite: reads the embedding, dense per-cell outputs
-            inputs = (Tensor("image_embeddings", FP32, (self.embed_dim, e, e)),)
-            outputs = (Tensor("pred_scores", FP32, (-1,)), Tensor("pred_boxes", FP32, (-1, 4)))
+            inputs = (Tensor(NAMES.image_embeddings, FP32, (self.embed_dim, e, e)),)
+            outputs = (Tensor(NAMES.pred_scores, FP32, (-1,)), Tensor(NAMES.pred_boxes, FP32, (-1, 4)))
         return ModelSpec(self.detector_name, inputs, outputs, max_batch_size=self.encoder_batch)
 
     def decoder(self) -> ModelSpec:
@@ -125,12 +192,12 @@ class Family:
         return ModelSpec(
             self.decoder_name,
             inputs=(
-                Tensor("image_embeddings", FP32, (1, self.embed_dim, e, e)),
-                Tensor("boxes", FP32, (-1, 4)),  # xyxy in the encoder frame, boxes on axis 0
+                Tensor(NAMES.image_embeddings, FP32, (1, self.embed_dim, e, e)),
+                Tensor(NAMES.boxes, FP32, (-1, 4)),  # xyxy in the encoder frame, boxes on axis 0
             ),
             outputs=(
-                Tensor("low_res_masks", FP32, (-1, 1, m, m)),  # mask logits
-                Tensor("iou_predictions", FP32, (-1, 1)),
+                Tensor(NAMES.low_res_masks, FP32, (-1, 1, m, m)),  # mask logits
+                Tensor(NAMES.iou_predictions, FP32, (-1, 1)),
             ),
         )
 
@@ -139,34 +206,34 @@ class Family:
         return ModelSpec(
             self.roi_decoder_name,
             inputs=(
-                Tensor("embedding_windows", FP32, (-1, self.embed_dim, -1, -1)),  # [N,C,w,w] crops
-                Tensor("window_origins", FP32, (-1, 2)),  # (x, y) of each window, embedding cells
-                Tensor("boxes", FP32, (-1, 4)),  # xyxy in the encoder frame (not the window's)
+                Tensor(NAMES.embedding_windows, FP32, (-1, self.embed_dim, -1, -1)),  # [N,C,w,w] crops
+                Tensor(NAMES.window_origins, FP32, (-1, 2)),  # (x, y) of each window, embedding cells
+                Tensor(NAMES.boxes, FP32, (-1, 4)),  # xyxy in the encoder frame (not the window's)
             ),
             outputs=(
-                Tensor("low_res_masks", FP32, (-1, 1, -1, -1)),  # the window's logits [N,1,sw,sw]
-                Tensor("iou_predictions", FP32, (-1, 1)),
+                Tensor(NAMES.low_res_masks, FP32, (-1, 1, -1, -1)),  # the window's logits [N,1,sw,sw]
+                Tensor(NAMES.iou_predictions, FP32, (-1, 1)),
             ),
         )
 
     def pipeline(self) -> ModelSpec:
         s, m = self.input_size, self.low_res_size
-        inputs = [Tensor("image", FP32, (1, 3, s, s))]
+        inputs = [Tensor(NAMES.image, FP32, (1, 3, s, s))]
         if self.detector == "cellfinder":
-            inputs.append(Tensor("detector_image", FP32, (1, 3, s, s), optional=True))
+            inputs.append(Tensor(NAMES.detector_image, FP32, (1, 3, s, s), optional=True))
         inputs += [
-            Tensor("boxes", FP32, (-1, 4), optional=True),  # prompts: skip the detector
+            Tensor(NAMES.boxes, FP32, (-1, 4), optional=True),  # prompts: skip the detector
             # x0, y0, x1, y1 (encoder frame): detections whose box centre lies outside are not decoded
-            Tensor("core", FP32, (4,), optional=True),
-            Tensor("bbox_threshold", FP32, (1,), optional=True),
-            Tensor("iou_threshold", FP32, (1,), optional=True),
+            Tensor(NAMES.core, FP32, (4,), optional=True),
+            Tensor(NAMES.bbox_threshold, FP32, (1,), optional=True),
+            Tensor(NAMES.iou_threshold, FP32, (1,), optional=True),
         ]
         outputs = (
-            Tensor("boxes", FP32, (-1, 4)),  # kept boxes, xyxy, encoder frame, label order
-            Tensor("scores", FP32, (-1,)),  # detector score (1.0 for given prompts)
-            Tensor("iou_predictions", FP32, (-1,)),
-            Tensor("masks", FP16, (-1, m, m)),  # low-resolution mask logits (compact wire form)
-            Tensor("prompt_index", INT32, (-1,)),  # index of each kept mask among the prompts
+            Tensor(NAMES.boxes, FP32, (-1, 4)),  # kept boxes, xyxy, encoder frame, label order
+            Tensor(NAMES.scores, FP32, (-1,)),  # detector score (1.0 for given prompts)
+            Tensor(NAMES.iou_predictions, FP32, (-1,)),
+            Tensor(NAMES.masks, FP16, (-1, m, m)),  # low-resolution mask logits (compact wire form)
+            Tensor(NAMES.prompt_index, INT32, (-1,)),  # index of each kept mask among the prompts
         )
         return ModelSpec(self.pipeline_name, tuple(inputs), outputs)
 
@@ -185,13 +252,13 @@ class Family:
         return ModelSpec(
             self.point_decoder_name,
             inputs=(
-                Tensor("image_embeddings", FP32, (1, self.embed_dim, e, e)),
-                Tensor("point_coords", FP32, (-1, 1, 2)),  # xy in the encoder frame
-                Tensor("point_labels", FP32, (-1, 1)),  # 1 foreground, 0 background
+                Tensor(NAMES.image_embeddings, FP32, (1, self.embed_dim, e, e)),
+                Tensor(NAMES.point_coords, FP32, (-1, 1, 2)),  # xy in the encoder frame
+                Tensor(NAMES.point_labels, FP32, (-1, 1)),  # 1 foreground, 0 background
             ),
             outputs=(
-                Tensor("low_res_masks", FP32, (-1, 1, m, m)),
-                Tensor("iou_predictions", FP32, (-1, 1)),
+                Tensor(NAMES.low_res_masks, FP32, (-1, 1, m, m)),
+                Tensor(NAMES.iou_predictions, FP32, (-1, 1)),
             ),
         )
 
@@ -202,12 +269,12 @@ class Family:
         """
         s = self.input_size
         inputs = (
-            Tensor("image", FP32, (1, 3, s, s)),
-            Tensor("valid_size", INT32, (2,), optional=True),  # (h, w) of the image part of the frame
-            Tensor("points_per_side", INT32, (1,), optional=True),
-            Tensor("pred_iou_threshold", FP32, (1,), optional=True),
-            Tensor("stability_threshold", FP32, (1,), optional=True),
-            Tensor("crop_n_layers", INT32, (1,), optional=True),  # 0: the frame only; 1: + 2x2 crops
+            Tensor(NAMES.image, FP32, (1, 3, s, s)),
+            Tensor(NAMES.valid_size, INT32, (2,), optional=True),  # (h, w) of the image part of the frame
+            Tensor(NAMES.points_per_side, INT32, (1,), optional=True),
+            Tensor(NAMES.pred_iou_threshold, FP32, (1,), optional=True),
+            Tensor(NAMES.stability_threshold, FP32, (1,), optional=True),
+            Tensor(NAMES.crop_n_layers, INT32, (1,), optional=True),  # 0: the frame only; 1: + 2x2 crops
         )
         return ModelSpec(self.grid_name, inputs, self.pipeline().outputs)
 
@@ -221,9 +288,17 @@ class Family:
 
     @classmethod
     def from_json(cls, text: str) -> "Family":
+        """The family of :meth:`to_json`; also reads repositories exported before the typed fields
+        (their untyped ``extra`` dict: known keys become fields, unknown ones are ignored)."""
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if k in known}
+        grid_known = {f.name for f in dataclasses.fields(GridRules)}
+        legacy = data.get("extra") or {}
+        fields = {k: v for k, v in legacy.items() if k in known and k != "grid"}
+        fields.update({k: v for k, v in data.items() if k in known})
+        grid = {k: v for k, v in legacy.items() if k in grid_known}
+        grid.update({k: v for k, v in (data.get("grid") or {}).items() if k in grid_known})
+        fields["grid"] = GridRules(**grid)
         if "roi_windows" in fields:  # JSON has lists; the frozen dataclass keeps tuples (hashable)
             fields["roi_windows"] = tuple(int(v) for v in fields["roi_windows"])
         return cls(**fields)
@@ -250,8 +325,10 @@ LITE = Family(
     # cpu target: INT8 weight MatMuls in the encoder (1.28x faster per tile; val per-image F1 0.874
     # vs 0.877 with FP32, bench/speed_default.md); `export --encoder-precision fp32` keeps FP32.
     encoder_precision="int8",
-    extra={"nms_iou": 0.3, "tile_overlap": 64, "auto_scale_below": 16.0, "auto_scale_factor": 2.0,
-           "auto_scale_min_factor": 1.5},
+    nms_iou=0.3,
+    auto_scale_below=16.0,
+    auto_scale_factor=2.0,
+    auto_scale_min_factor=1.5,
 )
 
 # CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in
@@ -264,7 +341,7 @@ CELLSEG1 = Family(
     detector="none",
     preprocess="sam",
     encoder_batch=1,
-    extra={"pred_iou_threshold": 0.8, "stability_threshold": 0.6},
+    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6),  # CellSeg1's published rules
 )
 
 # CellSeg1 on the LiteMedSAM base (`finetune` + `export --model cellseg1` without
@@ -276,7 +353,7 @@ CELLSEG1_LITE = Family(
     detector="none",
     preprocess="litemedsam",
     encoder_batch=4,
-    extra={"pred_iou_threshold": 0.8, "stability_threshold": 0.6, "points_per_side": 16, "tile_overlap": 64},
+    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6, points_per_side=16),
 )
 
 FAMILIES = {f.name: f for f in (CELLSAM, LITE)}

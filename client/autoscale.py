@@ -27,11 +27,10 @@ from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
 
 from .labels import cells_table, fill_holes_and_remove_small
-from .tiles import OVERLAP, axis_tiles
+from .tiles import axis_tiles
 from .types import Segmentation, SegmentOptions
 
 MAX_SCALE = 8.0
-DEFAULT_MAX_PIXELS = 64_000_000  # an enlarged image is capped at this many pixels
 
 Segment = Callable[[np.ndarray, "np.ndarray | None", SegmentOptions], Segmentation]
 
@@ -53,18 +52,18 @@ def median_cell_size(cells: list[dict]) -> float:
 
 def auto_factor(cells: list[dict], family: Family, shape: tuple[int, int]) -> float:
     """The factor for a second pass: a tile-snapped enlargement when cells are small, else 1.0."""
-    below = float(family.extra.get("auto_scale_below", 0.0))
+    below = family.auto_scale_below
     size = median_cell_size(cells)
     if below <= 0 or size == 0.0 or size >= below:
         return 1.0
-    largest = float(family.extra.get("auto_scale_factor", 2.0))
-    smallest = min(largest, float(family.extra.get("auto_scale_min_factor", largest)))
+    largest = family.auto_scale_factor
+    smallest = largest if family.auto_scale_min_factor is None else min(largest, family.auto_scale_min_factor)
     return capped(tile_snapped_factor(shape, smallest, largest, family), shape, family)
 
 
 def tile_snapped_factor(shape: tuple[int, int], smallest: float, largest: float, family: Family) -> float:
     """The largest factor in [smallest, largest] (0.01 steps) whose enlarged image needs the fewest tiles."""
-    tile, overlap = family.input_size, int(family.extra.get("tile_overlap", OVERLAP))
+    tile, overlap = family.input_size, family.tile_overlap
     best, fewest = largest, None
     for step in range(int(round((largest - smallest) * 100)) + 1):
         factor = round(largest - step / 100, 2)
@@ -76,7 +75,7 @@ def tile_snapped_factor(shape: tuple[int, int], smallest: float, largest: float,
 
 def capped(factor: float, shape: tuple[int, int], family: Family) -> float:
     """``factor`` lowered so that the enlarged image has at most the family's pixel budget."""
-    budget = float(family.extra.get("auto_scale_max_pixels", DEFAULT_MAX_PIXELS))
+    budget = float(family.auto_scale_max_pixels)
     limit = np.sqrt(budget / max(1, shape[0] * shape[1]))
     return float(max(1.0, min(factor, limit))) if factor > 1 else factor
 

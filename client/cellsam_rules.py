@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.exposure import equalize_adapthist, rescale_intensity
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import NAMES, Family
 from cellsam_triton.errors import UserError
 
 from .images import to_channels_last3, validate_image
@@ -135,11 +135,11 @@ def build_request(
     norm: np.ndarray, boxes: np.ndarray | None, bbox_threshold: float, iou_threshold: float, size: int
 ) -> dict[str, np.ndarray]:
     """One pipeline request: the detector image is sent only when no prompt boxes are given."""
-    request = {"image": segmenter_input(norm, size)}
+    request = {NAMES.image: segmenter_input(norm, size)}
     if boxes is None:
         request["detector_image"] = detector_input(norm, size)
     else:
-        request["boxes"] = boxes_to_model(boxes, norm.shape[:2], size)
+        request[NAMES.boxes] = boxes_to_model(boxes, norm.shape[:2], size)
     request["bbox_threshold"] = np.array([bbox_threshold], np.float32)
     request["iou_threshold"] = np.array([iou_threshold], np.float32)
     return request

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import NAMES, Family
 from cellsam_triton.errors import UserError
 
 from .images import validate_image
@@ -54,12 +54,12 @@ class GridOptions:
         if self.points_per_side is not None:
             if not 1 <= self.points_per_side <= 128:
                 raise UserError(f"points per side must be in [1, 128], got {self.points_per_side}")
-            out["points_per_side"] = np.array([self.points_per_side], np.int32)
+            out[NAMES.points_per_side] = np.array([self.points_per_side], np.int32)
         if self.crop_n_layers is not None:
             if not 0 <= self.crop_n_layers <= 2:
                 raise UserError(f"crop layers must be 0, 1 or 2, got {self.crop_n_layers}")
-            out["crop_n_layers"] = np.array([self.crop_n_layers], np.int32)
-        for name in ("pred_iou_threshold", "stability_threshold"):
+            out[NAMES.crop_n_layers] = np.array([self.crop_n_layers], np.int32)
+        for name in (NAMES.pred_iou_threshold, NAMES.stability_threshold):
             value = getattr(self, name)
             if value is not None:
                 out[name] = np.array([value], np.float32)
@@ -98,8 +98,8 @@ def run_grid(infer: Infer, family: Family, requests: list[dict[str, np.ndarray]]
 def _tile_requests(norm: np.ndarray, tiles: list[Tile], extra: dict) -> list[dict[str, np.ndarray]]:
     height, width = norm.shape[:2]
     return [
-        {"image": tile_input(norm, t),
-         "valid_size": np.array([min(t.size, height - t.y0), min(t.size, width - t.x0)], np.int32), **extra}
+        {NAMES.image: tile_input(norm, t),
+         NAMES.valid_size: np.array([min(t.size, height - t.y0), min(t.size, width - t.x0)], np.int32), **extra}
         for t in tiles
     ]
 
@@ -141,7 +141,7 @@ def _upsample(low_res: int, size: int, valid: int, out: int) -> np.ndarray:
 def _sam_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) -> list[tuple[float, float, tuple]]:
     height, width = image.shape[:2]
     frame, (h, w) = sam_frame(image, family.input_size)
-    (result,) = run_grid(infer, family, [{"image": frame, "valid_size": np.array([h, w], np.int32), **extra}])
+    (result,) = run_grid(infer, family, [{NAMES.image: frame, NAMES.valid_size: np.array([h, w], np.int32), **extra}])
     m = family.low_res_size
     wy, wx = _upsample(m, family.input_size, h, height), _upsample(m, family.input_size, w, width)
     full = (slice(0, height), slice(0, width))

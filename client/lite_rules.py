@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import NAMES, Family
 
 from .autoscale import auto_factor, capped, check_scale, segment_rescaled
 from .images import validate_image
@@ -55,11 +55,11 @@ def build_requests(
 ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
     """Pipeline requests and the index of the tile each one is for (tiles without prompts skipped)."""
     thresholds = {
-        "bbox_threshold": np.array([bbox_threshold], np.float32),
-        "iou_threshold": np.array([iou_threshold], np.float32),
+        NAMES.bbox_threshold: np.array([bbox_threshold], np.float32),
+        NAMES.iou_threshold: np.array([iou_threshold], np.float32),
     }
     if boxes is None:
-        return [{"image": tile_input(norm, t), "core": core_prompt(t), **thresholds} for t in tiles], list(range(len(tiles)))
+        return [{NAMES.image: tile_input(norm, t), NAMES.core: core_prompt(t), **thresholds} for t in tiles], list(range(len(tiles)))
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     requests, used = [], []
     for k, indices in enumerate(assign_boxes(boxes, tiles)):
@@ -68,7 +68,7 @@ def build_requests(
         t = tiles[k]
         # image pixel extent (x1/y1 exclusive) -> inclusive corners in the tile frame
         prompt = boxes[indices] - np.array([t.x0, t.y0, t.x0 + 1, t.y0 + 1], np.float32)
-        requests.append({"image": tile_input(norm, t), "boxes": prompt, **thresholds})
+        requests.append({NAMES.image: tile_input(norm, t), NAMES.boxes: prompt, **thresholds})
         used.append(k)
     return requests, used
 

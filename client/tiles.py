@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import TILE_OVERLAP, Family
 from cellsam_triton.errors import UserError
 
 TILE = 256
-OVERLAP = 64
+OVERLAP = TILE_OVERLAP
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def tile_grid(height: int, width: int, tile: int = TILE, overlap: int = OVERLAP)
 
 def family_tiles(family: Family, height: int, width: int) -> list[Tile]:
     """The tile grid a tiled family (LITE and its kin) segments a ``height`` x ``width`` image with."""
-    return tile_grid(height, width, family.input_size, int(family.extra.get("tile_overlap", OVERLAP)))
+    return tile_grid(height, width, family.input_size, family.tile_overlap)
 
 
 def owned(boxes: np.ndarray, tile: Tile) -> np.ndarray:

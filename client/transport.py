@@ -16,14 +16,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cellsam_triton.contracts import DEFAULT_FAMILY, NUMPY_DTYPES, Family, ModelSpec
+from cellsam_triton.contracts import DEFAULT_FAMILY, NAMES, NUMPY_DTYPES, Family, ModelSpec
 from cellsam_triton.errors import ServerError, UserError
 
 from .types import PipelineResult
 
 log = logging.getLogger(__name__)
 
-PIPELINE_OUTPUTS = ("boxes", "scores", "iou_predictions", "masks", "prompt_index")
+PIPELINE_OUTPUTS = (NAMES.boxes, NAMES.scores, NAMES.iou_predictions, NAMES.masks, NAMES.prompt_index)
 RETRY_BACKOFF_S = 0.2
 COMPOSING_SUFFIXES = ("_encoder", "_detector", "_decoder")
 SERVE_HINT = "is the server running? start it with `cellsam-triton serve --repository DIR`"
@@ -175,8 +175,8 @@ def _embed_batch(image: np.ndarray) -> np.ndarray:
 def _decoder_inputs(embeddings: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
     embeddings = np.asarray(embeddings, dtype=np.float32)
     return {
-        "image_embeddings": embeddings[None] if embeddings.ndim == 3 else embeddings,
-        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        NAMES.image_embeddings: embeddings[None] if embeddings.ndim == 3 else embeddings,
+        NAMES.boxes: np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
     }
 
 
@@ -334,13 +334,13 @@ class TritonTransport(_TransportSettings):
     def embed(self, image: np.ndarray) -> np.ndarray:
         """Encoder alone: image [3,s,s] or [B,3,s,s] (already normalised) -> embeddings [B,D,e,e]."""
         spec = self.family.encoder()
-        return self.infer(spec.name, {"image": _embed_batch(image)}, spec)["image_embeddings"]
+        return self.infer(spec.name, {NAMES.image: _embed_batch(image)}, spec)[NAMES.image_embeddings]
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decoder alone: one embedding and [N,4] xyxy boxes -> (low_res_masks [N,1,m,m], iou [N,1])."""
         spec = self.family.decoder()
         out = self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
-        return out["low_res_masks"], out["iou_predictions"]
+        return out[NAMES.low_res_masks], out[NAMES.iou_predictions]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -449,13 +449,13 @@ class AsyncTritonTransport(_TransportSettings):
     async def embed(self, image: np.ndarray) -> np.ndarray:
         await self.open()
         spec = self.family.encoder()
-        return (await self.infer(spec.name, {"image": _embed_batch(image)}, spec))["image_embeddings"]
+        return (await self.infer(spec.name, {NAMES.image: _embed_batch(image)}, spec))[NAMES.image_embeddings]
 
     async def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         await self.open()
         spec = self.family.decoder()
         out = await self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
-        return out["low_res_masks"], out["iou_predictions"]
+        return out[NAMES.low_res_masks], out[NAMES.iou_predictions]
 
     async def close(self) -> None:
         await self._client.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cellsam_triton.contracts import CELLSEG1, CELLSEG1_LITE, Family
+from cellsam_triton.contracts import CELLSEG1, CELLSEG1_LITE, NAMES, Family
 
 from .cellsam_export import model_path, random_boxes
 from .onnx_export import ExportReport, export_onnx
@@ -62,8 +62,8 @@ def export_sam_family(modules, family: Family, repository_dir: str | os.PathLike
     image = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0))
     reports = [
         export_onnx(
-            modules.encoder, {"image": image}, ["image_embeddings"],
-            {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}, model_path(repository_dir, enc), tolerance,
+            modules.encoder, {NAMES.image: image}, [NAMES.image_embeddings],
+            {NAMES.image: {0: "batch"}, NAMES.image_embeddings: {0: "batch"}}, model_path(repository_dir, enc), tolerance,
         )
     ]
     box = BoxDecoder(modules.decoder.prompt_encoder, modules.decoder.mask_decoder).eval()

@@ -123,10 +123,10 @@ def served_grid_family(family: Family, args: argparse.Namespace) -> tuple[Family
             raise UserError(f"{provenance_path(args.lora)}: not a `finetune` provenance file (bad JSON)") from None
         threshold, source = grid.get("pred_iou_threshold"), f"calibrated on the training image ({provenance_path(args.lora).name})"
     if threshold is None:
-        return family, f"CellSeg1's {family.extra['pred_iou_threshold']:g}"
+        return family, f"CellSeg1's {family.grid.pred_iou_threshold:g}"
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise UserError(f"grid predicted-IoU threshold must be in [0, 1], got {threshold!r} ({source})")
-    return dataclasses.replace(family, extra={**family.extra, "pred_iou_threshold": float(threshold)}), source
+    return dataclasses.replace(family, grid=dataclasses.replace(family.grid, pred_iou_threshold=float(threshold))), source
 
 
 def install(staging: Path, repository: Path, family: Family) -> list[Path]:
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     served, grid_note = family, ""
     if family is CELLSEG1 or family is CELLSEG1_LITE:
         served, source = served_grid_family(family, args)
-        grid_note = f"; grid masks kept at predicted IoU >= {served.extra['pred_iou_threshold']:g} ({source})"
+        grid_note = f"; grid masks kept at predicted IoU >= {served.grid.pred_iou_threshold:g} ({source})"
     elif args.grid_iou_threshold is not None:
         raise UserError("--grid-iou-threshold is for --model cellseg1 (detector-free grid segmentation)")
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import NAMES, Family
 
 CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 RULE = ("predicted-IoU threshold in (0.3, 0.4, ..., 0.8) with the best F1@0.5 of grid segmentation "
@@ -33,8 +33,7 @@ class InProcessGrid:
 
         self.modules = {"encoder": encoder.eval(), "point decoder": point_decoder.eval()}
         self.family = family
-        self.generator = GridGenerator(self._call, "encoder", "point decoder", family.input_size,
-                                       family.low_res_size, family.decoder_chunk, family.extra)
+        self.generator = GridGenerator(family, self._call, encoder="encoder", decoder="point decoder")
         self._cache: dict[str, list[np.ndarray]] = {}
 
     def _call(self, stage: str, model: str, inputs: dict, outputs: tuple) -> list[np.ndarray]:
@@ -53,10 +52,10 @@ class InProcessGrid:
     def __call__(self, model: str, arrays: dict[str, np.ndarray], spec=None) -> dict[str, np.ndarray]:
         rules = self.generator.rules
         valid = tuple(int(v) for v in arrays["valid_size"])
-        option = {k: float(arrays[k][0]) if k in arrays else rules[k]
-                  for k in ("points_per_side", "pred_iou_threshold", "stability_threshold", "crop_n_layers")}
-        return self.generator.segment(arrays["image"], valid, int(option["points_per_side"]), option["pred_iou_threshold"],
-                                      option["stability_threshold"], int(option["crop_n_layers"]))
+        option = {k: float(arrays[k][0]) if k in arrays else getattr(rules, k)
+                  for k in (NAMES.points_per_side, NAMES.pred_iou_threshold, NAMES.stability_threshold, NAMES.crop_n_layers)}
+        return self.generator.segment(arrays[NAMES.image], valid, int(option[NAMES.points_per_side]), option[NAMES.pred_iou_threshold],
+                                      option[NAMES.stability_threshold], int(option[NAMES.crop_n_layers]))
 
 
 def calibrate(
@@ -70,7 +69,7 @@ def calibrate(
 
     started = time.perf_counter()
     infer = InProcessGrid(encoder, point_decoder, family)
-    side = int(points_per_side or family.extra.get("points_per_side", infer.generator.rules["points_per_side"]))
+    side = int(points_per_side or family.grid.points_per_side)
     f1 = {}
     for threshold in candidates:
         grid = GridOptions(points_per_side=side, pred_iou_threshold=threshold)

@@ -8,14 +8,13 @@ family, leaving out the detector of a detector-free family (``detector == "none"
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from cellsam_triton.contracts import Family, ModelSpec
 
-from .repository import GLUE_DIR, PIPELINE_GLUE, RUNNER_GLUE, GpuOptions, family_roles, render_config
+from .repository import PIPELINE_GLUE, RUNNER_GLUE, GpuOptions, family_roles, write_models
 
-GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "raster.py", "bls.py", "request_checks.py")  # bls.py: the base shared with the box pipeline
+GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "raster.py", "bls.py", "request_checks.py", "contracts.py")  # bls.py: the base shared with the box pipeline
 
 
 def grid_roles(family: Family) -> list[tuple[str, ModelSpec]]:
@@ -35,32 +34,15 @@ def _glue(role: str, spec: ModelSpec, family: Family, target: str) -> tuple[str,
     return RUNNER_GLUE if target == "cpu" else ()
 
 
-def _write(
-    repo_dir: Path, roles: list[tuple[str, ModelSpec]], family: Family, target: str, threads: int | None, gpu: GpuOptions | None
-) -> list[Path]:
-    written: list[Path] = []
-    for role, spec in roles:
-        model_dir = repo_dir / spec.name
-        (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        config = model_dir / "config.pbtxt"
-        config.write_text(render_config(spec, target, role, threads=threads, family=family, gpu=gpu))
-        written.append(config)
-        for i, glue in enumerate(_glue(role, spec, family, target)):
-            dest = model_dir / "1" / ("model.py" if i == 0 else glue)
-            shutil.copyfile(GLUE_DIR / glue, dest)
-            written.append(dest)
-    return written
-
-
 def write_grid(
     repo_dir: str | Path, family: Family, target: str, threads: int | None = None, gpu: GpuOptions | None = None
 ) -> list[Path]:
     """Configs and glue of ``<family>_point_decoder`` and ``<family>_grid`` (ONNX written elsewhere)."""
-    return _write(Path(repo_dir), grid_roles(family), family, target, threads, gpu)
+    return write_models(repo_dir, grid_roles(family), family, target, threads, gpu, _glue)
 
 
 def write_served(
     repo_dir: str | Path, family: Family, target: str, threads: int | None = None, gpu: GpuOptions | None = None
 ) -> list[Path]:
     """Configs and glue of every model in :func:`served_roles`."""
-    return _write(Path(repo_dir), served_roles(family), family, target, threads, gpu)
+    return write_models(repo_dir, served_roles(family), family, target, threads, gpu, _glue)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cellsam_triton.contracts import LITE
+from cellsam_triton.contracts import LITE, NAMES
 from cellsam_triton.errors import UserError
 
 DEFAULT_DETECTOR_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cellfinder_lite.pt"
@@ -68,26 +68,26 @@ def export_encoder(encoder, examples: list, path: Path, tolerance: float):
             encoder,
             (examples[0],),
             str(path),
-            input_names=["image"],
-            output_names=["image_embeddings"],
+            input_names=[NAMES.image],
+            output_names=[NAMES.image_embeddings],
             dynamic_shapes={"x": {0: batch}},
             dynamo=True,
             external_data=False,
             verbose=False,
         )
-    if graph_inputs(path) != ["image"]:
+    if graph_inputs(path) != [NAMES.image]:
         raise UserError(f"ONNX export of {path} has inputs {graph_inputs(path)}, expected ['image']")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     error = scale = 0.0
     for image in examples:
         with torch.no_grad():
             want = encoder(image).numpy()
-        have = session.run(["image_embeddings"], {"image": image.numpy()})[0]
+        have = session.run([NAMES.image_embeddings], {NAMES.image: image.numpy()})[0]
         if have.shape != want.shape:
             raise UserError(f"ONNX output image_embeddings of {path} has shape {have.shape}, PyTorch {want.shape}")
         error = max(error, float(np.abs(have.astype(np.float64) - want).max()))
         scale = max(scale, float(np.abs(want).max()))
-    report = ExportReport(path, {"image_embeddings": error}, tolerance, len(examples), time.perf_counter() - started, {"image_embeddings": scale})
+    report = ExportReport(path, {NAMES.image_embeddings: error}, tolerance, len(examples), time.perf_counter() - started, {NAMES.image_embeddings: scale})
     if not error <= tolerance * max(1.0, scale):
         raise UserError(f"ONNX parity check failed for {path}: max abs error {error:.2e}")
     return report
@@ -153,12 +153,12 @@ def export_lite(
         reports.append(
             export_onnx(
                 load_detector(weights),
-                {"image_embeddings": embeddings(2)},
-                ["pred_scores", "pred_boxes"],
-                {"image_embeddings": {0: "batch"}, "pred_scores": {0: "batch"}, "pred_boxes": {0: "batch"}},
+                {NAMES.image_embeddings: embeddings(2)},
+                [NAMES.pred_scores, NAMES.pred_boxes],
+                {NAMES.image_embeddings: {0: "batch"}, NAMES.pred_scores: {0: "batch"}, NAMES.pred_boxes: {0: "batch"}},
                 path(LITE.detector_model()),
                 tolerance,
-                check_inputs=[{"image_embeddings": embeddings(3)}],
+                check_inputs=[{NAMES.image_embeddings: embeddings(3)}],
             )
         )
     if "decoder" in parts:
@@ -166,12 +166,12 @@ def export_lite(
         reports.append(
             export_onnx(
                 lite.decoder,
-                {"image_embeddings": one, "boxes": boxes(3)},
-                ["low_res_masks", "iou_predictions"],
-                {"boxes": {0: "boxes"}, "low_res_masks": {0: "boxes"}, "iou_predictions": {0: "boxes"}},
+                {NAMES.image_embeddings: one, NAMES.boxes: boxes(3)},
+                [NAMES.low_res_masks, NAMES.iou_predictions],
+                {NAMES.boxes: {0: "boxes"}, NAMES.low_res_masks: {0: "boxes"}, NAMES.iou_predictions: {0: "boxes"}},
                 path(LITE.decoder()),
                 tolerance,
-                check_inputs=[{"image_embeddings": one, "boxes": boxes(1)}, {"image_embeddings": embeddings(1), "boxes": boxes(7)}],
+                check_inputs=[{NAMES.image_embeddings: one, NAMES.boxes: boxes(1)}, {NAMES.image_embeddings: embeddings(1), NAMES.boxes: boxes(7)}],
             )
         )
     if "roi_decoder" in parts:
@@ -208,9 +208,9 @@ def export_window_decoder(decoder, path: Path, tolerance: float, embeddings, box
 
     def example(n: int, side: int) -> dict:
         origins = torch.randint(0, LITE.embed_size - side + 1, (n, 2), generator=generator).float()
-        return {"embedding_windows": embeddings(n)[:, :, :side, :side].contiguous(), "window_origins": origins, "boxes": boxes(n)}
+        return {NAMES.embedding_windows: embeddings(n)[:, :, :side, :side].contiguous(), NAMES.window_origins: origins, NAMES.boxes: boxes(n)}
 
-    axes = {"embedding_windows": {0: "boxes", 2: "side", 3: "side"}, "window_origins": {0: "boxes"}, "boxes": {0: "boxes"},
-            "low_res_masks": {0: "boxes", 2: "mask_side", 3: "mask_side"}, "iou_predictions": {0: "boxes"}}
-    return export_onnx(window, example(3, sides[0]), ["low_res_masks", "iou_predictions"], axes, path, tolerance,
+    axes = {NAMES.embedding_windows: {0: "boxes", 2: "side", 3: "side"}, NAMES.window_origins: {0: "boxes"}, NAMES.boxes: {0: "boxes"},
+            NAMES.low_res_masks: {0: "boxes", 2: "mask_side", 3: "mask_side"}, NAMES.iou_predictions: {0: "boxes"}}
+    return export_onnx(window, example(3, sides[0]), [NAMES.low_res_masks, NAMES.iou_predictions], axes, path, tolerance,
                        check_inputs=[example(1, sides[-1]), example(5, sides[0])])

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from cellsam_triton import contracts
 from cellsam_triton.contracts import Family, ModelSpec, Tensor
 from cellsam_triton.errors import UserError
 
@@ -24,12 +25,11 @@ from cellsam_triton.errors import UserError
 # editable and regular installs (the Docker image) find it the same way.
 GLUE_DIR = Path(str(importlib.resources.files("cellsam_triton.model_repository")))
 RUNNER_GLUE = ("onnx_runner.py",)
-PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py", "request_checks.py")  # first file becomes model.py
+# first file becomes model.py; contracts.py is the package's own (cellsam_triton/contracts.py)
+PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py", "request_checks.py", "contracts.py")
 ONNX_FILE = "model.onnx"
 ROLES = ("encoder", "detector", "decoder", "roi_decoder", "pipeline")
 MAX_QUEUE_DELAY_US = 2000
-DEFAULT_NMS_IOU = 0.5
-DEFAULT_MAX_DETECTIONS = 1000
 # cpu target: one pipeline request at a time through the networks, whose ONNX Runtime threads
 # sleep as soon as they are idle. Two overlapping requests (2 instances) and spinning threads made
 # every model share the cores with another one: measured on 12 val images (2 cores, `make
@@ -187,12 +187,8 @@ def _gpu_runner(config, spec: ModelSpec, role: str, gpu: GpuOptions, family: Fam
 
 
 def pipeline_parameters(family: Family) -> dict[str, object]:
-    """What the BLS pipeline reads from its config: the family and the detector post-processing."""
-    return {
-        "family": family.to_json(),
-        "nms_iou": family.extra.get("nms_iou", DEFAULT_NMS_IOU),
-        "max_detections": family.extra.get("max_detections", DEFAULT_MAX_DETECTIONS),
-    }
+    """What the BLS pipeline reads from its config: the family (names, thresholds, NMS, grid rules)."""
+    return {"family": family.to_json()}
 
 
 TARGETS = ("cpu", "gpu")
@@ -240,29 +236,43 @@ def family_roles(family: Family) -> list[tuple[str, ModelSpec]]:
     return base + roi + [("pipeline", family.pipeline())]
 
 
-def _glue_files(role: str, target: str) -> tuple[str, ...]:
+def _glue_files(role: str, spec: ModelSpec, family: Family, target: str) -> tuple[str, ...]:
     if role == "pipeline":
         return PIPELINE_GLUE
     return RUNNER_GLUE if target == "cpu" else ()
+
+
+def glue_source(name: str) -> Path:
+    """Where glue file ``name`` comes from: model_repository/, or the package for contracts.py."""
+    return Path(contracts.__file__) if name == "contracts.py" else GLUE_DIR / name
+
+
+def write_models(
+    repo_dir: str | Path, roles: list[tuple[str, ModelSpec]], family: Family, target: str,
+    threads: int | None = None, gpu: GpuOptions | None = None, glue_files=_glue_files,
+) -> list[Path]:
+    """Write the config.pbtxt and backend glue (``glue_files(role, spec, family, target)``) of each
+    (role, spec) under ``repo_dir``; returns the written files."""
+    repo_dir = Path(repo_dir)
+    written: list[Path] = []
+    for role, spec in roles:
+        model_dir = repo_dir / spec.name
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        config = model_dir / "config.pbtxt"
+        config.write_text(render_config(spec, target, role, threads=threads, family=family, gpu=gpu))
+        written.append(config)
+        for i, glue in enumerate(glue_files(role, spec, family, target)):
+            dest = model_dir / "1" / ("model.py" if i == 0 else glue)
+            shutil.copyfile(glue_source(glue), dest)
+            written.append(dest)
+    return written
 
 
 def write_family(
     repo_dir: str | Path, family: Family, target: str, threads: int | None = None, gpu: GpuOptions | None = None
 ) -> list[Path]:
     """Write every model's config.pbtxt and backend glue under ``repo_dir``; returns the written files."""
-    repo_dir = Path(repo_dir)
-    written: list[Path] = []
-    for role, spec in family_roles(family):
-        model_dir = repo_dir / spec.name
-        (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        config = model_dir / "config.pbtxt"
-        config.write_text(render_config(spec, target, role, threads=threads, family=family, gpu=gpu))
-        written.append(config)
-        for i, glue in enumerate(_glue_files(role, target)):
-            dest = model_dir / "1" / ("model.py" if i == 0 else glue)
-            shutil.copyfile(GLUE_DIR / glue, dest)
-            written.append(dest)
-    return written
+    return write_models(repo_dir, family_roles(family), family, target, threads, gpu)
 
 
 def parse_config(path_or_text: str | Path):

@@ -1,7 +1,8 @@
 """The base of every Python BLS pipeline (pipeline.py, grid_pipeline.py): configuration, the call
 to a composing model, the request loop and its error codes.
 
-Copied by the repository renderers beside each pipeline's model.py with request_checks.py. A
+Copied by the repository renderers beside each pipeline's model.py with request_checks.py and
+contracts.py (the typed family and tensor names, the very module the client uses). A
 subclass sets ``kind`` (named in internal errors), builds its steps in :meth:`BlsModel.setup`
 from the config parameters and answers one request's named inputs in :meth:`BlsModel.segment`.
 Every :class:`request_checks.RequestError` of the caller is answered with INVALID_ARGUMENT, a
@@ -17,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from contracts import Family  # noqa: E402
 from request_checks import RequestError  # noqa: E402
 
 
@@ -47,10 +49,10 @@ class BlsModel:
         self.parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.input_names = [entry["name"] for entry in config["input"]]
         self.request_options = request_options()
-        self.setup(json.loads(self.parameters["family"]), self.parameters)
+        self.setup(Family.from_json(self.parameters["family"]), self.parameters)
 
     def setup(self, family, parameters):
-        """Build the steps from the family (its JSON dict) and the config parameters (strings)."""
+        """Build the steps from the family (a contracts.Family) and the config parameters (strings)."""
         raise NotImplementedError
 
     def segment(self, inputs):

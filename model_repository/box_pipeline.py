@@ -13,11 +13,13 @@ decoder. Zero detections is an empty answer, not an error.
 import numpy as np
 
 try:  # a package in the project, loose files beside model.py inside Triton
+    from ..contracts import NAMES
     from . import roi_windows, selection
     from .request_checks import RequestError, check, required, scalar
 except ImportError:
     import roi_windows
     import selection
+    from contracts import NAMES
     from request_checks import RequestError, check, required, scalar
 
 DEFAULT_MAX_PROMPTS = 4096  # given boxes per request; 4096 masks of 256x256 FP16 = 512 MiB answer
@@ -25,22 +27,16 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 
 class BoxPipeline:
-    """The pipeline of one ``family`` (its JSON dict); ``call`` reaches the composing models."""
+    """The pipeline of one ``family`` (a contracts.Family); ``call`` reaches the composing models."""
 
-    def __init__(self, family, call, nms_iou=0.5, max_detections=1000, max_prompts=DEFAULT_MAX_PROMPTS):
-        self.family, self.call = family, call
-        self.nms_iou, self.max_detections, self.max_prompts = float(nms_iou), int(max_detections), int(max_prompts)
-        name = family["name"]
-        self.encoder, self.detector, self.decoder = f"{name}_encoder", f"{name}_detector", f"{name}_decoder"
-        self.roi_decoder = f"{name}_roi_decoder"
-        size = int(family["input_size"])
-        self.image_shape = (1, 3, size, size)
-        self.low_res = int(family["low_res_size"])
-        self.embed_size = int(family["embed_size"])
-        self.chunk = max(1, int(family["decoder_chunk"]))
-        self.roi = family.get("decoder_context", "full") == "roi"
-        self.roi_windows = tuple(int(w) for w in family.get("roi_windows", ()))
-        self.roi_margin = int(family.get("roi_margin", 0))
+    def __init__(self, family, call, max_prompts=DEFAULT_MAX_PROMPTS):
+        self.family, self.call, self.max_prompts = family, call, int(max_prompts)
+        self.encoder, self.detector, self.decoder = family.encoder_name, family.detector_name, family.decoder_name
+        self.roi_decoder = family.roi_decoder_name
+        self.image_shape = (1, 3, family.input_size, family.input_size)
+        self.low_res, self.embed_size = family.low_res_size, family.embed_size
+        self.chunk = max(1, family.decoder_chunk)
+        self.roi = family.decoder_context == "roi"
 
     def _call(self, stage, model, inputs, outputs):
         """Run a composing model; any failure becomes a RequestError naming the stage."""
@@ -53,21 +49,21 @@ class BoxPipeline:
 
     def _detect(self, inputs, embeddings, bbox_threshold):
         """(boxes [N,4], scores [N]) chosen by the family's detector and selection rule."""
-        if self.family["detector"] == "cellfinder":
-            image = inputs.get("detector_image")
+        if self.family.detector == "cellfinder":
+            image = inputs.get(NAMES.detector_image)
             if image is None:
                 raise RequestError("input 'detector_image' is required when no 'boxes' are given")
-            check("detector_image", image, np.float32, self.image_shape)
-            logits, boxes = self._call("detector", self.detector, {"image": image}, ("pred_logits", "pred_boxes"))
+            check(NAMES.detector_image, image, np.float32, self.image_shape)
+            logits, boxes = self._call("detector", self.detector, {NAMES.image: image}, (NAMES.pred_logits, NAMES.pred_boxes))
             return selection.select_cellfinder(logits[0], boxes[0], self.image_shape[-1], bbox_threshold)
         scores, boxes = self._call(
-            "detector", self.detector, {"image_embeddings": embeddings}, ("pred_scores", "pred_boxes")
+            "detector", self.detector, {NAMES.image_embeddings: embeddings}, (NAMES.pred_scores, NAMES.pred_boxes)
         )
-        return selection.select_lite(scores[0], boxes[0], bbox_threshold, self.nms_iou, self.max_detections)
+        return selection.select_lite(scores[0], boxes[0], bbox_threshold, self.family.nms_iou, self.family.max_detections)
 
     def _run_decoder(self, model, inputs, count):
         """(mask logits [n,1,h,w], IoU [n,1]) of one decoder call for ``count`` boxes."""
-        low_res, iou = self._call("decoder", model, inputs, ("low_res_masks", "iou_predictions"))
+        low_res, iou = self._call("decoder", model, inputs, (NAMES.low_res_masks, NAMES.iou_predictions))
         if low_res.shape[0] != count or iou.shape[0] != count:
             raise RequestError(f"decoder ({model}) returned {low_res.shape[0]} masks for {count} boxes", invalid_argument=False)
         return low_res, iou
@@ -83,7 +79,7 @@ class BoxPipeline:
         ious = np.zeros((count,), np.float32)
         if self.roi:
             sides, origins = roi_windows.plan_windows(
-                boxes, self.embed_size, self.image_shape[-1] // self.embed_size, self.roi_windows, self.roi_margin)
+                boxes, self.embed_size, self.image_shape[-1] // self.embed_size, self.family.roi_windows, self.family.roi_margin)
         else:
             sides, origins = np.zeros(count, np.int64), np.zeros((count, 2), np.int64)
         scale = self.low_res // self.embed_size
@@ -94,13 +90,13 @@ class BoxPipeline:
                 part = rows[start:start + step]
                 if side == 0:
                     low_res, iou = self._run_decoder(
-                        self.decoder, {"image_embeddings": embeddings, "boxes": boxes[part]}, len(part))
+                        self.decoder, {NAMES.image_embeddings: embeddings, NAMES.boxes: boxes[part]}, len(part))
                     masks[part] = np.clip(low_res[:, 0], -FP16_MAX, FP16_MAX)
                 else:
                     inputs = {
-                        "embedding_windows": roi_windows.crop_windows(embeddings, origins[part], int(side)),
-                        "window_origins": origins[part].astype(np.float32),
-                        "boxes": boxes[part],
+                        NAMES.embedding_windows: roi_windows.crop_windows(embeddings, origins[part], int(side)),
+                        NAMES.window_origins: origins[part].astype(np.float32),
+                        NAMES.boxes: boxes[part],
                     }
                     low_res, iou = self._run_decoder(self.roi_decoder, inputs, len(part))
                     roi_windows.paste_windows(masks, part, np.clip(low_res, -FP16_MAX, FP16_MAX), origins[part], scale, -FP16_MAX)
@@ -109,18 +105,18 @@ class BoxPipeline:
 
     def segment(self, inputs):
         """Outputs of one request (named numpy arrays) from its named inputs; RequestError on bad input."""
-        image = required(inputs, "image", np.float32, self.image_shape)
-        bbox_threshold = scalar(inputs, "bbox_threshold", np.float32, float(self.family["bbox_threshold"]))
-        iou_threshold = scalar(inputs, "iou_threshold", np.float32, float(self.family["iou_threshold"]))
-        prompts = inputs.get("boxes")
+        image = required(inputs, NAMES.image, np.float32, self.image_shape)
+        bbox_threshold = scalar(inputs, NAMES.bbox_threshold, np.float32, self.family.bbox_threshold)
+        iou_threshold = scalar(inputs, NAMES.iou_threshold, np.float32, self.family.iou_threshold)
+        prompts = inputs.get(NAMES.boxes)
         if prompts is not None:
-            check("boxes", prompts, np.float32, (-1, 4))
+            check(NAMES.boxes, prompts, np.float32, (-1, 4))
             if len(prompts) > self.max_prompts:
                 raise RequestError(f"{len(prompts)} boxes given; at most {self.max_prompts} per request")
-        core = inputs.get("core")
+        core = inputs.get(NAMES.core)
         if core is not None:
-            core = check("core", core, np.float32, (4,))
-        (embeddings,) = self._call("encoder", self.encoder, {"image": image}, ("image_embeddings",))
+            core = check(NAMES.core, core, np.float32, (4,))
+        (embeddings,) = self._call("encoder", self.encoder, {NAMES.image: image}, (NAMES.image_embeddings,))
         if prompts is not None:
             boxes, scores = prompts, np.ones(len(prompts), np.float32)
         else:
@@ -135,9 +131,9 @@ class BoxPipeline:
         masks, ious = self.decode(embeddings, boxes)
         keep = np.ones(len(ious), bool) if iou_threshold < 0 else ious >= iou_threshold
         return {
-            "boxes": boxes[keep],
-            "scores": scores[keep],
-            "iou_predictions": ious[keep],
-            "masks": masks if keep.all() else masks[keep],
-            "prompt_index": np.flatnonzero(keep).astype(np.int32),
+            NAMES.boxes: boxes[keep],
+            NAMES.scores: scores[keep],
+            NAMES.iou_predictions: ious[keep],
+            NAMES.masks: masks if keep.all() else masks[keep],
+            NAMES.prompt_index: np.flatnonzero(keep).astype(np.int32),
         }

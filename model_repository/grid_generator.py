@@ -14,35 +14,28 @@ holes/islands < 20 px cleaned -> sorted by area, largest first.
 import numpy as np
 
 try:  # a package in the project, loose files beside model.py inside Triton
+    from ..contracts import NAMES
     from . import grid_masks
     from .raster import mask_boxes
 except ImportError:
     import grid_masks
+    from contracts import NAMES
     from raster import mask_boxes
 
-DEFAULTS = {
-    "points_per_side": 32,
-    "pred_iou_threshold": 0.8,
-    "stability_threshold": 0.6,
-    "stability_offset": 0.8,
-    "max_area_fraction": 0.1,
-    "mask_nms_iou": 0.05,
-    "min_region_area": 20,
-    "crop_n_layers": 0,
-    "crop_overlap_ratio": 512 / 1500,  # SAM's default
-    "crop_edge_fraction": 20 / 1024,  # SAM's 20 px at 1024 input, as a fraction of the input
-}
 DECIDED_LOGIT = 0.5  # smallest |logit| of a pixel after clean-up, so logit > 0 is the clean mask
 MAX_LOGIT = 8.0  # largest |logit| sent: up-sampling a decided mask keeps its edges where they were
 
 
 class GridGenerator:
-    """Grid segmentation of frames of ``size`` x ``size`` (low-res masks ``low_res``), ``rules`` over DEFAULTS."""
+    """Grid segmentation of a family's frames by its rules (``family.grid``); ``encoder`` and
+    ``decoder`` name the composing models (default: the family's served names)."""
 
-    def __init__(self, call, encoder: str, decoder: str, size: int, low_res: int, chunk: int, rules: dict) -> None:
-        self.call, self.encoder, self.decoder = call, encoder, decoder
-        self.size, self.low_res, self.chunk = size, low_res, max(1, chunk)
-        self.rules = {**DEFAULTS, **{k: v for k, v in rules.items() if k in DEFAULTS}}
+    def __init__(self, family, call, encoder=None, decoder=None) -> None:
+        self.call = call
+        self.encoder = encoder or family.encoder_name
+        self.decoder = decoder or family.point_decoder_name
+        self.size, self.low_res, self.chunk = family.input_size, family.low_res_size, max(1, family.decoder_chunk)
+        self.rules = family.grid
 
     def decode(self, embeddings, points):
         """Low-res logits [N,m,m] and predicted IoU [N] of N foreground points, chunked."""
@@ -51,9 +44,9 @@ class GridGenerator:
             chunk = points[start:start + self.chunk]
             low_res, iou = self.call(
                 "point decoder", self.decoder,
-                {"image_embeddings": embeddings, "point_coords": chunk[:, None, :],
-                 "point_labels": np.ones((len(chunk), 1), np.float32)},
-                ("low_res_masks", "iou_predictions"),
+                {NAMES.image_embeddings: embeddings, NAMES.point_coords: chunk[:, None, :],
+                 NAMES.point_labels: np.ones((len(chunk), 1), np.float32)},
+                (NAMES.low_res_masks, NAMES.iou_predictions),
             )
             masks.append(low_res[:, 0])
             ious.append(iou[:, 0])
@@ -63,15 +56,15 @@ class GridGenerator:
         """Filtered masks of one frame or crop: (logits [k,m,m] in its own frame, IoU [k], prompt index [k])."""
         s, m = self.size, self.low_res
         height, width = valid
-        (embeddings,) = self.call("encoder", self.encoder, {"image": image}, ("image_embeddings",))
+        (embeddings,) = self.call("encoder", self.encoder, {NAMES.image: image}, (NAMES.image_embeddings,))
         points = grid_masks.point_grid(n, (0.0, 0.0, float(width), float(height)))
         logits, ious = self.decode(embeddings, points)
         scale = m / s
         logits[:, int(np.ceil(height * scale)):, :] = -np.inf  # nothing outside the image
         logits[:, :, int(np.ceil(width * scale)):] = -np.inf
-        stable = grid_masks.stability_score(logits, self.rules["stability_offset"])
+        stable = grid_masks.stability_score(logits, self.rules.stability_offset)
         areas = (logits > 0).reshape(len(logits), m * m).sum(1)
-        max_area = self.rules["max_area_fraction"] * height * width * scale * scale
+        max_area = self.rules.max_area_fraction * height * width * scale * scale
         keep = np.flatnonzero((ious >= t_iou) & (stable >= t_stab) & (areas > 0) & (areas < max_area))
         return logits[keep], ious[keep], keep
 
@@ -81,8 +74,8 @@ class GridGenerator:
         height, width = valid
         found = [self.candidates(image, valid, n, t_iou, t_stab)]
         frame = (0, 0, width, height)
-        tolerance = self.rules["crop_edge_fraction"] * s
-        for c, box in enumerate(grid_masks.crop_boxes(width, height, layers, self.rules["crop_overlap_ratio"])):
+        tolerance = self.rules.crop_edge_fraction * s
+        for c, box in enumerate(grid_masks.crop_boxes(width, height, layers, self.rules.crop_overlap_ratio)):
             crop, crop_valid = grid_masks.crop_input(image, box)
             logits, ious, index = self.candidates(crop, crop_valid, n, t_iou, t_stab)
             logits = grid_masks.crop_to_frame(logits, box, s)
@@ -92,8 +85,8 @@ class GridGenerator:
         logits = np.concatenate([f[0] for f in found])
         ious = np.concatenate([f[1] for f in found])
         index = np.concatenate([f[2] for f in found])
-        kept = grid_masks.mask_nms(logits > 0, ious, self.rules["mask_nms_iou"])
-        clean = np.stack([grid_masks.clean_mask(logits[i] > 0, int(self.rules["min_region_area"])) for i in kept]) \
+        kept = grid_masks.mask_nms(logits > 0, ious, self.rules.mask_nms_iou)
+        clean = np.stack([grid_masks.clean_mask(logits[i] > 0, int(self.rules.min_region_area)) for i in kept]) \
             if len(kept) else np.zeros((0, m, m), bool)
         nonempty = clean.reshape(len(clean), m * m).any(1)
         kept, clean = kept[nonempty], clean[nonempty]
@@ -103,9 +96,9 @@ class GridGenerator:
         decided = np.clip(decided, -MAX_LOGIT, MAX_LOGIT)
         boxes = mask_boxes(clean) / np.float32(m / s)
         return {
-            "boxes": boxes.astype(np.float32).reshape(-1, 4),
-            "scores": ious[kept].astype(np.float32),
-            "iou_predictions": ious[kept].astype(np.float32),
-            "masks": decided.astype(np.float16).reshape(-1, m, m),
-            "prompt_index": index[kept].astype(np.int32),
+            NAMES.boxes: boxes.astype(np.float32).reshape(-1, 4),
+            NAMES.scores: ious[kept].astype(np.float32),
+            NAMES.iou_predictions: ious[kept].astype(np.float32),
+            NAMES.masks: decided.astype(np.float16).reshape(-1, m, m),
+            NAMES.prompt_index: index[kept].astype(np.int32),
         }

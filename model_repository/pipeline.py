@@ -1,9 +1,9 @@
 """Triton Python BLS model: one image in, cells (boxes, scores, mask logits) out.
 
 Copied by the repository renderer to ``<family>/1/model.py`` with box_pipeline.py (the steps),
-selection.py, roi_windows.py, request_checks.py and bls.py (the base shared with grid_pipeline.py)
-beside it; numpy + scikit-learn. Config parameters: ``family`` (Family JSON), ``nms_iou``,
-``max_detections``, ``max_prompts`` (given boxes per request).
+selection.py, roi_windows.py, contracts.py, request_checks.py and bls.py (the base shared with
+grid_pipeline.py) beside it; numpy + scikit-learn. Config parameters: ``family`` (Family JSON:
+names, tensor contract, thresholds, NMS), ``max_prompts`` (given boxes per request, optional).
 """
 
 import os
@@ -19,8 +19,7 @@ class TritonPythonModel(bls.BlsModel):
 
     def setup(self, family, parameters):
         self.pipeline = box_pipeline.BoxPipeline(
-            family, self.call, nms_iou=parameters["nms_iou"], max_detections=parameters["max_detections"],
-            max_prompts=parameters.get("max_prompts", box_pipeline.DEFAULT_MAX_PROMPTS))
+            family, self.call, max_prompts=int(parameters.get("max_prompts", box_pipeline.DEFAULT_MAX_PROMPTS)))
 
     def segment(self, inputs):
         return self.pipeline.segment(inputs)

@@ -27,7 +27,7 @@ def _cells(sizes: list[int]) -> list[dict]:
 def test_median_size_and_factor_follow_the_family_settings() -> None:
     assert median_cell_size([]) == 0.0
     assert median_cell_size(_cells([8, 10, 30])) == 10.0
-    below = LITE.extra["auto_scale_below"]
+    below = LITE.auto_scale_below
     # small cells: the largest factor in [1.5, 2] with the fewest tiles (448x448: 4 tiles, 512x512: 9)
     assert auto_factor(_cells([int(below) - 4] * 5), LITE, (256, 256)) == 1.75
     assert auto_factor(_cells([int(below) + 4] * 5), LITE, (256, 256)) == 1.0

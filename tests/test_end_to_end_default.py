@@ -65,10 +65,10 @@ def test_auto_scale_enlarges_images_of_small_cells_and_helps(default_server: Emb
     with Segmenter(default_server.grpc_url) as segmenter:
         native = segmenter.segment(image, options=SegmentOptions(scale=1.0))
         auto = segmenter.segment(image)
-        factor = tile_snapped_factor(image.shape[:2], LITE.extra["auto_scale_min_factor"], LITE.extra["auto_scale_factor"], LITE)
+        factor = tile_snapped_factor(image.shape[:2], LITE.auto_scale_min_factor, LITE.auto_scale_factor, LITE)
         enlarged = segmenter.segment(image, options=SegmentOptions(scale=factor))
     assert factor == 1.75  # 256x256 -> 448x448, 4 tiles (2x would need 9)
-    assert median_cell_size(native.cells) < LITE.extra["auto_scale_below"]
+    assert median_cell_size(native.cells) < LITE.auto_scale_below
     assert auto.labels.shape == truth.shape
     assert np.array_equal(auto.labels, enlarged.labels)  # auto chose the tile-snapped enlargement
     assert score_image(truth, auto.labels).f1 > score_image(truth, native.labels).f1 + 0.05

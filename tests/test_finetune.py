@@ -192,16 +192,16 @@ def _served_family(repo: Path) -> dict:
 
 
 def test_export_serves_the_calibrated_grid_threshold(lite_repository: Path, unmerged, tmp_path: Path, capsys) -> None:
-    assert _served_family(lite_repository)["extra"]["pred_iou_threshold"] == SERVED_IOU
+    assert _served_family(lite_repository)["grid"]["pred_iou_threshold"] == SERVED_IOU
     from argparse import Namespace
 
     from cellsam_triton.export.command import served_grid_family
 
     lora = unmerged[3]
     family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=0.7, lora=lora))
-    assert family.extra["pred_iou_threshold"] == 0.7 and source == "--grid-iou-threshold"
+    assert family.grid.pred_iou_threshold == 0.7 and source == "--grid-iou-threshold"
     family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=None, lora=lora))
-    assert family.extra["pred_iou_threshold"] == 0.8 and "CellSeg1" in source  # no provenance file: CellSeg1's
+    assert family.grid.pred_iou_threshold == 0.8 and "CellSeg1" in source  # no provenance file: CellSeg1's
     assert cli(["export", "--model", "cellseg1", "--lora", str(lora), "--repository", str(tmp_path / "r"),
                 "--grid-iou-threshold", "1.5"]) != 0
     err = capsys.readouterr().err

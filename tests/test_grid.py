@@ -11,7 +11,7 @@ import torch
 
 from cellsam_triton.client.api import Segmenter
 from cellsam_triton.client.grid_rules import GridOptions, sam_frame
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import Family, GridRules
 from cellsam_triton.errors import UserError
 from cellsam_triton.export.cellseg1_export import export_sam_family
 from cellsam_triton.export.grid_repository import served_roles, write_served
@@ -23,7 +23,7 @@ from test_cellseg1 import SERVED, _random_state  # noqa: E402
 
 TINY = Family(name="tiny_grid", input_size=SERVED, embed_dim=16, embed_size=4, low_res_size=16, detector="none",
               preprocess="sam", encoder_batch=2, decoder_chunk=5, min_cell_area=0,
-              extra={"points_per_side": 4, "min_region_area": 2, "max_area_fraction": 1.01})  # random weights: big masks
+              grid=GridRules(points_per_side=4, min_region_area=2, max_area_fraction=1.01))  # random weights: big masks
 
 
 # --- mask rules -------------------------------------------------------------------------------------

@@ -58,12 +58,22 @@ def test_pipeline_optional_inputs_are_marked() -> None:
     assert optional == {"detector_image", "boxes", "core", "bbox_threshold", "iou_threshold"}
 
 
-def test_family_extra_reaches_the_pipeline_parameters() -> None:
+def test_family_settings_reach_the_pipeline_config() -> None:
     family = tiny_family("cellfinder_lite")
     config = parse_config(render_config(family.pipeline(), "cpu", "pipeline", family=family))
-    assert float(config.parameters["nms_iou"].string_value) == family.extra["nms_iou"]
-    assert int(config.parameters["max_detections"].string_value) == family.extra["max_detections"]
-    assert json.loads(config.parameters["family"].string_value)["extra"] == family.extra
+    served = json.loads(config.parameters["family"].string_value)
+    assert served["nms_iou"] == family.nms_iou and served["max_detections"] == family.max_detections == 100
+    assert Family.from_json(config.parameters["family"].string_value) == family  # the typed family, whole
+
+
+def test_family_json_of_older_exports_still_reads() -> None:
+    """Repositories exported before the typed fields carry an untyped ``extra`` dict."""
+    legacy = {"name": "old", "input_size": 256, "detector": "cellfinder_lite",
+              "extra": {"nms_iou": 0.3, "tile_overlap": 32, "auto_scale_min_factor": 1.5, "points_per_side": 16, "unknown": 1}}
+    family = Family.from_json(json.dumps(legacy))
+    assert (family.nms_iou, family.tile_overlap, family.auto_scale_min_factor) == (0.3, 32, 1.5)
+    assert family.grid.points_per_side == 16 and family.grid.pred_iou_threshold == 0.8
+    assert Family.from_json(family.to_json()) == family
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
@@ -75,7 +85,7 @@ def test_write_family_lays_out_configs_and_glue(tmp_path, target: str) -> None:
         assert parse_config(tmp_path / spec.name / "config.pbtxt").name == spec.name
     pipeline_dir = tmp_path / family.pipeline_name / "1"
     assert (pipeline_dir / "model.py").read_text().startswith('"""Triton Python BLS model')
-    assert (pipeline_dir / "selection.py").is_file()
+    assert (pipeline_dir / "selection.py").is_file() and (pipeline_dir / "contracts.py").is_file()
     runner = tmp_path / family.encoder_name / "1" / "model.py"
     assert runner.is_file() == (target == "cpu")
     assert not list(tmp_path.rglob("*.onnx"))  # exporters write those

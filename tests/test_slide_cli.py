@@ -25,7 +25,7 @@ BLOCK = 40  # bright squares: each covers at least one whole 16 px patch of the 
 @pytest.fixture(scope="module")
 def slide_server(tiny_lite, tmp_path_factory):
     """The tiny LITE-style family with tile-sized mask logits (as LiteMedSAM) and an overlap that fits 64 px tiles."""
-    family = dataclasses.replace(tiny_lite, name="tiny_slide", low_res_size=64, extra={**tiny_lite.extra, "tile_overlap": 16})
+    family = dataclasses.replace(tiny_lite, name="tiny_slide", low_res_size=64, tile_overlap=16)
     root = tmp_path_factory.mktemp("slide_repo")
     write_tiny_repository(root / "repo", [family])
     with EmbeddedServer(root / "repo", log_path=root / "triton.log", exit_timeout_s=2) as server:

@@ -29,7 +29,7 @@ def tiny_family(detector: str = "cellfinder", decoder_chunk: int = 3) -> Family:
     return Family(
         name=name, input_size=SIZE, embed_dim=EMBED_DIM, embed_size=GRID, low_res_size=LOW_RES,
         detector=detector, preprocess="cellsam" if detector == "cellfinder" else "litemedsam",
-        encoder_batch=4, decoder_chunk=decoder_chunk, extra={"nms_iou": 0.5, "max_detections": 100},
+        encoder_batch=4, decoder_chunk=decoder_chunk, nms_iou=0.5, max_detections=100,
     )
 
 
