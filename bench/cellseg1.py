@@ -25,7 +25,7 @@ from pathlib import Path
 from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.errors import UserError
 
-from .report import run_main, write_results
+from .report import run_bench
 
 from .accuracy import SPLIT, markdown_table
 
@@ -262,13 +262,7 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def work() -> tuple[str, list[Path]]:
-        result = measure(args)
-        text = report(result)
-        return text, write_results(args.out, "cellseg1", result, text)
-
-    return run_main("bench-cellseg1", work)
+    return run_bench("bench-cellseg1", args.out, "cellseg1", lambda: measure(args), report)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,18 @@ def write_results(out: Path, stem: str, result: dict, markdown: str) -> list[Pat
     return [out / f"{stem}.json", out / f"{stem}.md"]
 
 
+def run_bench(name: str, out: Path, stem: str, measure: Callable[[], dict], render: Callable[[dict], str]) -> int:
+    """``measure`` a result, ``render`` it as markdown, write ``OUT/STEM.{json,md}`` and print it
+    (a UserError: one line on stderr and its exit code)."""
+
+    def work() -> tuple[str, list[Path]]:
+        result = measure()
+        text = render(result)
+        return text, write_results(out, stem, result, text)
+
+    return run_main(name, work)
+
+
 def run_main(name: str, work: Callable[[], tuple[str, list[Path]]]) -> int:
     """Run ``work`` (it measures, writes its files and returns the text to print and the files
     written); a UserError is one line on stderr and its exit code."""

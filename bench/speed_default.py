@@ -35,7 +35,7 @@ import numpy as np
 
 from cellsam_triton.errors import UserError
 
-from .report import machine, run_main, write_results
+from .report import machine, run_bench
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("encoder", "detector", "decoder", "roi_decoder")
@@ -274,13 +274,7 @@ def _family_json(repository: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def work() -> tuple[str, list[Path]]:
-        result = measure(args)
-        text = markdown(result)
-        return text, write_results(args.out, "speed_default", result, text)
-
-    return run_main("bench-default", work)
+    return run_bench("bench-default", args.out, "speed_default", lambda: measure(args), markdown)
 
 
 if __name__ == "__main__":
