@@ -12,14 +12,17 @@ one machine at one time:
 End to end uses the detector. Random-weight detectors keep arbitrary box counts, so each image's
 ``bbox_threshold`` is set (from the reference detector's output, the same value for all three
 methods) to keep about as many boxes as the image has cells. The decode comparison uses a fixed
-set of prompts: the ground-truth cell boxes. Outputs ``results.json`` and ``results.png``.
+set of prompts: the ground-truth cell boxes, decoded one box a call in PyTorch and in ONNX Runtime
+and in chunks in ONNX Runtime and served, so ``speedup_decode`` splits into runtime x batching x
+serving. Every path is warmed up on the first image; PyTorch and ONNX Runtime run before the
+server starts. Outputs ``results.{json,md}`` (machine and git commit included; README's table is
+``results.md``) and ``results.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellsam_triton.contracts import CELLSAM, Family
+from cellsam_triton.contracts import CELLSAM, NAMES, Family
 from cellsam_triton.errors import UserError
 
 from .measure import (
@@ -45,7 +48,7 @@ from .measure import (
     triton_statistics,
     tritonserver_pids,
 )
-from .report import machine
+from .report import machine, write_results
 
 QUICK = {"images": 1, "cells": "3,10", "levels": "1,2", "level_seconds": 0.0, "shm_rounds": 1}
 TARGETS = {"speedup_end_to_end": (">=", 1.0), "speedup_decode": (">=", 1.5), "triton_overhead": ("<=", 0.10)}
@@ -179,12 +182,13 @@ class OrtPipeline:
         self.stage_s[stage] += time.perf_counter() - started
         return result
 
-    def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mask logits [N,m,m] and IoUs [N], ``decoder_chunk`` boxes per session call."""
+    def decode(self, embeddings: np.ndarray, boxes: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mask logits [N,m,m] and IoUs [N], ``chunk`` (default ``decoder_chunk``) boxes per session call."""
+        chunk = chunk or self.family.decoder_chunk
         masks, ious = [], []
-        for start in range(0, len(boxes), self.family.decoder_chunk):
-            low, iou = self._timed("decoder_s", self.decoder, ["low_res_masks", "iou_predictions"],
-                                   {"image_embeddings": embeddings, "boxes": boxes[start:start + self.family.decoder_chunk]})
+        for start in range(0, len(boxes), chunk):
+            low, iou = self._timed("decoder_s", self.decoder, [NAMES.low_res_masks, NAMES.iou_predictions],
+                                   {NAMES.image_embeddings: embeddings, NAMES.boxes: boxes[start:start + chunk]})
             masks.append(low[:, 0])
             ious.append(iou[:, 0])
         m = self.family.low_res_size
@@ -196,16 +200,17 @@ class OrtPipeline:
 
         results = []
         for r in requests:
-            (embeddings,) = self._timed("encoder_s", self.encoder, ["image_embeddings"], {"image": r["image"]})
+            (embeddings,) = self._timed("encoder_s", self.encoder, [NAMES.image_embeddings], {NAMES.image: r[NAMES.image]})
             self.last_embeddings = embeddings
-            if "boxes" in r:
-                boxes, scores = r["boxes"], np.ones(len(r["boxes"]), np.float32)
+            if NAMES.boxes in r:
+                boxes, scores = r[NAMES.boxes], np.ones(len(r[NAMES.boxes]), np.float32)
             else:
-                logits, raw = self._timed("detector_s", self.detector, ["pred_logits", "pred_boxes"], {"image": r["detector_image"]})
-                boxes, scores = selection.select_cellfinder(logits[0], raw[0], self.family.input_size, float(r["bbox_threshold"][0]))
+                logits, raw = self._timed("detector_s", self.detector, [NAMES.pred_logits, NAMES.pred_boxes], {NAMES.image: r[NAMES.detector_image]})
+                boxes, scores = selection.select_cellfinder(logits[0], raw[0], self.family.input_size, float(r[NAMES.bbox_threshold][0]))
             boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
             masks, ious = self.decode(embeddings, boxes)
-            keep = np.ones(len(ious), bool) if r["iou_threshold"][0] < 0 else ious >= r["iou_threshold"][0]
+            threshold = r[NAMES.iou_threshold][0]
+            keep = np.ones(len(ious), bool) if threshold < 0 else ious >= threshold
             results.append(PipelineResult(boxes[keep], np.asarray(scores, np.float32)[keep], ious[keep],
                                           masks[keep].astype(np.float16), np.flatnonzero(keep).astype(np.int32)))
         return results
@@ -243,6 +248,9 @@ def reference_phase(checkpoint: Path, images: list[BenchImage]) -> dict:
     from cellsam_triton.export.models.cellsam import build_cellsam, load_checkpoint
 
     reference = Reference(build_cellsam(load_checkpoint(checkpoint)))
+    warm = reference.run(images[0], None)  # untimed warm-up, as every compared path gets
+    loop_decode(reference.modules.decoder, warm["embeddings"], torch.from_numpy(boxes_to_model(images[0].boxes[:1], images[0].image.shape[:2])))
+    del warm
     rows = []
     for item in images:
         out = reference.run(item, None)
@@ -261,6 +269,7 @@ def ort_phase(repository: Path, images: list[BenchImage], thresholds: list[float
 
     pipeline = OrtPipeline(repository)
     counter = WireCounter(pipeline)
+    segment_with(pipeline, images[0], thresholds[0])  # untimed warm-up, as every compared path gets
     rows = []
     for item, threshold in zip(images, thresholds):
         pipeline.stage_s.clear()
@@ -268,10 +277,13 @@ def ort_phase(repository: Path, images: list[BenchImage], thresholds: list[float
         result = segment_with(counter, item, threshold)
         seconds = time.perf_counter() - started
         stages = dict(pipeline.stage_s)
-        pipeline.stage_s.clear()
-        pipeline.decode(pipeline.last_embeddings, boxes_to_model(item.boxes, item.image.shape[:2]))
-        rows.append({"labels": result.labels, "boxes": counter.last_boxes, "seconds": seconds, "stages": stages,
-                     "gt_decode_s": pipeline.stage_s["decoder_s"]})
+        prompts = boxes_to_model(item.boxes, item.image.shape[:2])
+        decode_s = {}
+        for name, chunk in (("gt_decode_s", None), ("gt_decode_loop_s", 1)):  # chunks vs one box a call
+            pipeline.stage_s.clear()
+            pipeline.decode(pipeline.last_embeddings, prompts, chunk)
+            decode_s[name] = pipeline.stage_s["decoder_s"]
+        rows.append({"labels": result.labels, "boxes": counter.last_boxes, "seconds": seconds, "stages": stages, **decode_s})
     del pipeline
     gc.collect()
     return {"rows": rows}
@@ -376,10 +388,16 @@ def summarize(images, ref: dict, ort: dict, served: dict, memory: dict, setup: d
         "prompts": "ground-truth cell boxes (fixed count per image)",
         "boxes_per_image": boxes_gt,
         "reference_loop_s": sum(r["gt_decode_s"] for r in ref["rows"]),
+        "onnxruntime_loop_s": sum(r["gt_decode_loop_s"] for r in ort["rows"]),
         "onnxruntime_chunked_s": sum(r["gt_decode_s"] for r in ort["rows"]),
         "served_decoder_stage_s": served["gt_stages"][CELLSAM.decoder_name]["total_ms"] / 1e3,
     }
     decode["ms_per_box"] = {k[:-2]: v * 1e3 / max(sum(boxes_gt), 1) for k, v in decode.items() if k.endswith("_s")}
+    ratio = lambda a, b: decode[a] / max(decode[b], 1e-9)  # noqa: E731
+    # speedup_decode = runtime x batching x serving, each factor one change at a time
+    decode["factors"] = {"runtime": ratio("reference_loop_s", "onnxruntime_loop_s"),
+                         "batching": ratio("onnxruntime_loop_s", "onnxruntime_chunked_s"),
+                         "serving": ratio("onnxruntime_chunked_s", "served_decoder_stage_s")}
     ref_stages = {k: sum(r["stages"][k] for r in ref["rows"]) for k in ref["rows"][0]["stages"]}
     ort_stages = {k: sum(r["stages"].get(k, 0.0) for r in ort["rows"]) for k in ("encoder_s", "detector_s", "decoder_s")}
     results = {
@@ -405,6 +423,60 @@ def summarize(images, ref: dict, ort: dict, served: dict, memory: dict, setup: d
         f"{key} {op} {bound}": bool(results[key] >= bound if op == ">=" else results[key] <= bound) for key, (op, bound) in TARGETS.items()
     }
     return results
+
+
+def markdown(results: dict) -> str:
+    """results.md (and README's <!-- serving --> block): the headline table, every figure from ``results``."""
+    setup, m = results["setup"], results["setup"]["machine"]
+    e2e, decode, per_box, factors = results["end_to_end"], results["decode"], results["decode"]["ms_per_box"], results["decode"]["factors"]
+    n = len(setup["images"])
+    cells = "/".join(str(c) for c in results["boxes_decoded"]["ground_truth_cells"])
+    stages = results["stages"]
+    served = stages["served_triton_statistics"]
+    per_image = lambda d, k: d[k] / n  # noqa: E731
+    fmt_t = lambda key: f"{'>=' if TARGETS[key][0] == '>=' else '<='} {TARGETS[key][1]:g}"  # noqa: E731
+    levels = " / ".join(f"{lv['throughput_per_s']:.3f}" for lv in results["concurrency"])
+    concurrency = " / ".join(str(lv["concurrency"]) for lv in results["concurrency"])
+    memory, shm = results["memory"], results.get("shared_memory")
+    agree = lambda key: ", ".join(f"{v:.4f}" for v in results["checks"][key])  # noqa: E731
+    lines = [
+        "# make bench: served CellSAM vs in-process PyTorch vs raw ONNX Runtime", "",
+        f"{m['cpu']}, {m['cores']} cores, no GPU; onnxruntime {m['onnxruntime']}, torch threads {setup['torch_threads']}; "
+        f"commit {m['git_commit'][:10]}{' (local changes)' if m.get('git_dirty') else ''}; {m['date']}; "
+        f"load average {m['load_average_start']:.1f} at the start, {m['load_average_end']:.1f} at the end; "
+        f"{n} {setup['size']}x{setup['size']} DSB images with {cells} cells; checkpoint `{Path(setup['checkpoint']).name}` (official layout).", "",
+        "| figure | value | target |", "| --- | --- | --- |",
+        f"| `speedup_end_to_end` (reference PyTorch {e2e['reference_pytorch']['total_s']:.1f} s / served {e2e['served']['total_s']:.1f} s "
+        f"for the {n} images) | **{results['speedup_end_to_end']:.2f}x** | {fmt_t('speedup_end_to_end')} |",
+        f"| `speedup_decode` (reference one box at a time {per_box['reference_loop']:.1f} ms/box / served decoder stage "
+        f"{per_box['served_decoder_stage']:.1f} ms/box, chunks of {setup['decoder_chunk']}) | **{results['speedup_decode']:.2f}x** | {fmt_t('speedup_decode')} |",
+        f"| of which runtime (PyTorch {per_box['reference_loop']:.1f} vs ONNX Runtime {per_box['onnxruntime_loop']:.1f} ms/box, both one box a call) "
+        f"| {factors['runtime']:.2f}x | |",
+        f"| of which batching (ONNX Runtime one box a call {per_box['onnxruntime_loop']:.1f} vs chunks of {setup['decoder_chunk']} "
+        f"{per_box['onnxruntime_chunked']:.1f} ms/box) | {factors['batching']:.2f}x | |",
+        f"| of which serving (ONNX Runtime chunks {per_box['onnxruntime_chunked']:.1f} vs served decoder stage "
+        f"{per_box['served_decoder_stage']:.1f} ms/box) | {factors['serving']:.2f}x | |",
+        f"| `triton_overhead` (served {e2e['served']['total_s']:.1f} s vs raw ONNX Runtime {e2e['onnxruntime']['total_s']:.1f} s, "
+        f"same ONNX files, same steps) | **{results['triton_overhead']:+.1%}** | {fmt_t('triton_overhead')[:3]}{TARGETS['triton_overhead'][1]:.0%} |",
+        f"| stages per image, PyTorch reference | encoder {per_image(stages['reference_pytorch_s'], 'encoder_s'):.2f} s, detector "
+        f"{per_image(stages['reference_pytorch_s'], 'detector_s'):.2f} s, select + decode {per_image(stages['reference_pytorch_s'], 'select_and_decode_s'):.2f} s | |",
+        f"| stages per image, raw ONNX Runtime | encoder {per_image(stages['onnxruntime_s'], 'encoder_s'):.2f} s, detector "
+        f"{per_image(stages['onnxruntime_s'], 'detector_s'):.2f} s, decoder {per_image(stages['onnxruntime_s'], 'decoder_s'):.2f} s | |",
+        "| stages per request, served (Triton statistics) | " + ", ".join(
+            f"{name.removeprefix(CELLSAM.name + '_') if name != CELLSAM.name else 'pipeline'} {row['request_ms'] / 1e3:.2f} s"
+            for name, row in served.items()) + " | |",
+        f"| bytes on the wire per image | {results['wire']['request_bytes_per_image'] / 1e6:.1f} MB request, "
+        f"{results['wire']['response_bytes_per_image'] / 1e6:.1f} MB response | |",
+        f"| throughput at concurrency {concurrency} | {levels} images/s | |",
+        f"| peak memory | client {memory['client_peak_mb'] / 1024:.1f} GB (served phase); tritonserver {memory['server']['tritonserver_mb'] / 1024:.1f} GB, "
+        f"with its Python-backend stubs {memory['server']['with_stubs_mb'] / 1024:.1f} GB (sum of per-process peaks) | |",
+        f"| cell/background pixel agreement, served vs raw ONNX Runtime / served vs reference | {agree('cell_pixels_agree_served_vs_onnxruntime')} / "
+        f"{agree('cell_pixels_agree_served_vs_reference')} | |",
+    ]
+    if shm:
+        lines.append(f"| inputs over system shared memory vs gRPC ({shm['requests_per_path']} requests each) | {shm['shared_memory_mean_ms']:.0f} vs "
+                     f"{shm['grpc_mean_ms']:.0f} ms per request ({shm['gain']:.3f}x), labels identical: {shm['labels_identical']} | |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -452,14 +524,17 @@ def bench(args: argparse.Namespace) -> dict:
     setup = {"machine": machine(), "images": [i.id for i in images], "size": args.size, "checkpoint": str(args.checkpoint),
              "levels": levels, "level_seconds": args.level_seconds, "decoder_chunk": CELLSAM.decoder_chunk,
              "note": "bbox_threshold per image chosen from the reference detector so the random detector keeps about "
-                     "as many boxes as the image has cells; the same value for all three methods. One untimed "
-                     "warm-up request to the server before its timed pass (first-call imports and allocations)."}
+                     "as many boxes as the image has cells; the same value for all three methods. Every path gets one "
+                     "untimed warm-up image before its timed pass; PyTorch and ONNX Runtime run in this process "
+                     "before tritonserver starts (no server holding cores or memory), the served path after."}
     started = time.perf_counter()
+    # the in-process paths run with no server up (nothing else holds memory or cores), each after a
+    # warm-up; then the server starts and the served path gets its own warm-up
+    ref = reference_phase(args.checkpoint, images)
+    thresholds = [r["threshold"] for r in ref["rows"]]
+    ort = ort_phase(args.repository, images, thresholds)
     with tempfile.TemporaryDirectory(prefix="cellsam-bench-") as tmp, EmbeddedServer(args.repository, log_path=Path(tmp) / "triton.log") as server:
         pids = tritonserver_pids()
-        ref = reference_phase(args.checkpoint, images)
-        thresholds = [r["threshold"] for r in ref["rows"]]
-        ort = ort_phase(args.repository, images, thresholds)
         baseline = reset_peak_rss()
         served = served_phase(server.grpc_url, images, thresholds, levels, args.level_seconds, args.timeout)
         client_peak = peak_rss_mb()
@@ -473,8 +548,9 @@ def bench(args: argparse.Namespace) -> dict:
     setup["torch_threads"] = ref["torch_threads"]
     results = summarize(images, ref, ort, served, memory, setup)
     results["shared_memory"] = shm
+    results["machine"] = setup["machine"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, "results", results, markdown(results))
     plot(results, args.out / "results.png")
     return results
 
@@ -499,6 +575,8 @@ def run(args: argparse.Namespace) -> int:
     results = bench(args)
     print(f"speedup_end_to_end {results['speedup_end_to_end']:.2f}  speedup_decode {results['speedup_decode']:.2f}  "
           f"triton_overhead {results['triton_overhead']:+.1%}  -> {args.out / 'results.json'}")
+    factors = results["decode"]["factors"]
+    print(f"speedup_decode = runtime {factors['runtime']:.2f}x * batching {factors['batching']:.2f}x * serving {factors['serving']:.2f}x")
     shm = results["shared_memory"]
     print(f"shared memory: {shm['shared_memory_mean_ms']:.0f} ms vs gRPC {shm['grpc_mean_ms']:.0f} ms per request "
           f"(gain {shm['gain']:.3f}x, {shm['saved_ms_per_request']:+.1f} ms saved), labels identical: {shm['labels_identical']}")

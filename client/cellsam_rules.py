@@ -137,11 +137,11 @@ def build_request(
     """One pipeline request: the detector image is sent only when no prompt boxes are given."""
     request = {NAMES.image: segmenter_input(norm, size)}
     if boxes is None:
-        request["detector_image"] = detector_input(norm, size)
+        request[NAMES.detector_image] = detector_input(norm, size)
     else:
         request[NAMES.boxes] = boxes_to_model(boxes, norm.shape[:2], size)
-    request["bbox_threshold"] = np.array([bbox_threshold], np.float32)
-    request["iou_threshold"] = np.array([iou_threshold], np.float32)
+    request[NAMES.bbox_threshold] = np.array([bbox_threshold], np.float32)
+    request[NAMES.iou_threshold] = np.array([iou_threshold], np.float32)
     return request
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, lite_normalize, owned, tile_grid, tile_input
+from cellsam_triton.contracts import NAMES
 from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, load_sample, split_of
 from cellsam_triton.errors import UserError
 from cellsam_triton.model_repository import raster
@@ -106,8 +107,8 @@ def export_encoder_onnx(path: Path) -> Path:
             encoder,
             (torch.zeros(1, 3, TILE, TILE),),
             str(tmp),
-            input_names=["image"],
-            output_names=["image_embeddings"],
+            input_names=[NAMES.image],
+            output_names=[NAMES.image_embeddings],
             opset_version=17,
             dynamo=False,
         )
@@ -155,7 +156,7 @@ def _encode_image(job: tuple[str, str, str, int, int]) -> str:
     norm = lite_normalize(image)
     tiles = tile_grid(image.shape[0], image.shape[1], tile, overlap)
     embeddings = np.stack(
-        [_SESSION.run(None, {"image": tile_input(norm, t)})[0][0].astype(np.float16) for t in tiles]
+        [_SESSION.run(None, {NAMES.image: tile_input(norm, t)})[0][0].astype(np.float16) for t in tiles]
     )
     tmp = out_path + ".tmp.npy"
     np.save(tmp, embeddings)

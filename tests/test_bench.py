@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.serving import TARGETS, calibrate_threshold
+from bench.serving import TARGETS, calibrate_threshold, markdown
 from bench.serving import main as bench_main
 from bench.measure import (
     closed_loop,
@@ -122,7 +122,12 @@ def test_quick_bench_on_the_small_cellsam(tmp_path: Path) -> None:
     stats = results["stages"]["served_triton_statistics"]
     assert stats["cellsam"]["requests"] == 1 and stats["cellsam_encoder"]["requests"] == 1
     assert stats["cellsam_decoder"]["requests"] == -(-decoded["served"][0] // results["setup"]["decoder_chunk"])
-    assert results["decode"]["served_decoder_stage_s"] > 0 and results["decode"]["reference_loop_s"] > 0
+    decode = results["decode"]
+    assert decode["served_decoder_stage_s"] > 0 and decode["reference_loop_s"] > 0 and decode["onnxruntime_loop_s"] > 0
+    factors = decode["factors"]  # runtime x batching x serving is the whole decode ratio
+    assert factors["runtime"] * factors["batching"] * factors["serving"] == pytest.approx(results["speedup_decode"], rel=1e-6)
+    assert (out / "results.md").read_text() == markdown(results)
+    assert results["machine"]["git_commit"] and "warm-up" in results["setup"]["note"]
     levels = results["concurrency"]
     assert [lv["concurrency"] for lv in levels] == [1, 2]
     assert all(lv["requests"] >= lv["concurrency"] and lv["throughput_per_s"] > 0 for lv in levels)
