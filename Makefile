@@ -7,9 +7,11 @@ REPO   ?= build/repository
 DATA   ?= ../shared/data/dsb2018
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench bench-default clean
+.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench bench-default gpu-wheels gpu-check clean
 
-setup: $(VENV)/.installed
+NODE_CLIENT := clients/node
+
+setup: $(VENV)/.installed $(NODE_CLIENT)/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[export,server,dev,dask]"
 	touch $@
 
+# The Node.js client (README "From any language", tests/test_any_language.py): exactly the
+# versions in its package-lock.json, no install scripts.
+$(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	@command -v npm >/dev/null || { echo "make setup: Node.js >= 18 with npm is needed for $(NODE_CLIENT) (the any-language test)"; exit 1; }
+	cd $(NODE_CLIENT) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
 WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt export/weights/lite_decoder_roi.pt
 # what an exported repository is made from besides the weights: a change re-exports
-EXPORT_SOURCES := $(wildcard model_repository/*.py export/*.py export/models/*.py) cellsam_triton/contracts.py
+# (`<family>_labels` carries copies of the client's rule modules: export/labels_repository.py RULE_MODULES)
+RULE_SOURCES := $(addprefix client/,api.py transport.py types.py images.py labels.py tiles.py resize.py autoscale.py \
+  lite_rules.py cellsam_rules.py grid_rules.py) cellsam_triton/errors.py
+EXPORT_SOURCES := $(wildcard model_repository/*.py export/*.py export/models/*.py) cellsam_triton/contracts.py $(RULE_SOURCES)
 
 $(REPO)/.exported: $(VENV)/.installed $(WEIGHTS) $(EXPORT_SOURCES)
 	$(BIN)/cellsam-triton export --repository $(REPO) --target cpu
@@ -69,6 +81,19 @@ bench: setup
 	mkdir -p build/bench
 	test -f $(BENCH_CKPT) || $(BIN)/python -c "from cellsam_triton.export.models.cellsam import make_random_checkpoint; make_random_checkpoint('$(BENCH_CKPT)', 'vit_b')"
 	$(BIN)/python -m bench.serving --checkpoint $(BENCH_CKPT) --repository build/bench/repository --data $(DATA) --out bench
+
+# GPU figures (issue 24, README "GPU figures"): `make gpu-wheels` here builds the one folder a device
+# run carries (segment-anything + LiteMedSAM's code, its encoder weights, DSB val images; checked to
+# fit the 64 MiB a device call takes with the working tree); `make gpu-check` there runs with the
+# machine's own python3 and torch (no venv) and writes bench/gpu.json.
+GPU_WHEELS ?= build/gpu-wheels
+GPU_IMAGES ?= 0
+GPU_OUT    ?= bench/gpu.json
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python -m bench.gpu_check --prepare $(GPU_WHEELS) --data $(DATA) --images $(GPU_IMAGES)
+
+gpu-check:
+	python3 -m bench.gpu_check --wheels $(GPU_WHEELS) --out $(GPU_OUT)
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis

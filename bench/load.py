@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cellsam_triton.contracts import Family
+from cellsam_triton.contracts import NAMES, Family
 
 REJECT_PAUSE_S = 0.05  # a rejected client waits this long before its next request, as a polite client would
 
@@ -54,12 +54,12 @@ def synthetic_request(family: Family, boxes: int = 0, seed: int = 0) -> dict[str
     rng = np.random.default_rng(seed)
     size = family.input_size
     image = rng.random((1, 3, size, size), dtype=np.float32)
-    request = {"image": image}
+    request = {NAMES.image: image}
     if boxes:
         xy = rng.uniform(0, size * 0.8, (boxes, 2))
-        request["boxes"] = np.concatenate([xy, xy + size * 0.1], 1).astype(np.float32)
+        request[NAMES.boxes] = np.concatenate([xy, xy + size * 0.1], 1).astype(np.float32)
     elif family.detector == "cellfinder":
-        request["detector_image"] = image
+        request[NAMES.detector_image] = image
     return request
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 # Triton data type names (config.pbtxt spells them TYPE_<name>).
 FP32, FP16, INT32, INT64, UINT8 = "FP32", "FP16", "INT32", "INT64", "UINT8"
+UINT16, UINT32 = "UINT16", "UINT32"  # `<family>_labels`: 16-bit images in, label images out
 
-NUMPY_DTYPES = {FP32: "float32", FP16: "float16", INT32: "int32", INT64: "int64", UINT8: "uint8"}
+NUMPY_DTYPES = {FP32: "float32", FP16: "float16", INT32: "int32", INT64: "int64", UINT8: "uint8",
+                UINT16: "uint16", UINT32: "uint32"}
 
 # How the pipeline decodes detector or given boxes: "full" runs SAM's decoder on the whole
 # embedding for every box; "roi" decodes each box on a window of it (``Family.roi_windows``) and
@@ -27,6 +29,14 @@ ENCODER_PRECISIONS = ("fp32", "int8")
 
 # Tile overlap of whole-image tiling (pixels of the encoder frame) unless a family sets its own.
 TILE_OVERLAP = 64
+
+# `<family>_labels` (a raw image in, label image and cell table out, for clients in any language):
+# the largest image it takes, H * W (where `segment` switches to window-by-window segmentation,
+# `--slide-above`; the answer alone is 4 bytes a pixel), the most prompt boxes of one request (the
+# pipeline's own limit per request) and the columns of its `cells` output (those of the cells CSV).
+LABELS_MAX_PIXELS = 4096 * 4096
+LABELS_MAX_BOXES = 4096
+CELL_COLUMNS = ("label", "x0", "y0", "x1", "y1", "score", "area")
 
 
 class NAMES:
@@ -57,6 +67,14 @@ class NAMES:
     pred_iou_threshold = "pred_iou_threshold"
     stability_threshold = "stability_threshold"
     crop_n_layers = "crop_n_layers"
+    # `<family>_labels`: one image input per pixel type (Triton fixes one type per tensor name)
+    image_uint16 = "image_uint16"
+    image_fp32 = "image_fp32"
+    mask_threshold = "mask_threshold"
+    min_cell_area = "min_cell_area"
+    scale = "scale"
+    labels = "labels"
+    cells = "cells"
 
 
 @dataclass(frozen=True)
@@ -277,6 +295,42 @@ class Family:
             Tensor(NAMES.crop_n_layers, INT32, (1,), optional=True),  # 0: the frame only; 1: + 2x2 crops
         )
         return ModelSpec(self.grid_name, inputs, self.pipeline().outputs)
+
+    # --- a raw image in, labels out (issue 23): the client's rule code run inside the server ----
+    @property
+    def labels_name(self) -> str:
+        return f"{self.name}_labels"
+
+    def labels_model(self) -> ModelSpec:
+        """``<family>_labels``: the whole client path of ``cellsam-triton segment`` as one model.
+
+        Exactly one of ``image`` (UINT8), ``image_uint16``, ``image_fp32`` (finite): [H, W, C],
+        C <= 3 (a grey image is [H, W, 1]; as the CLI reads files, the smallest axis holds the
+        channels, so [C, H, W] works too), H * W <= LABELS_MAX_PIXELS. The other inputs are
+        optional, absent = the family's default, as the CLI's options: prompt ``boxes`` (xyxy,
+        input pixels, x1/y1 exclusive; the detector is skipped), thresholds, ``min_cell_area``,
+        ``scale`` (tiled families; absent or 0 = auto) and, for detector-free families, the grid
+        settings. Outputs: ``labels`` [H, W] (0 background, 1..N) and ``cells`` [N, 7] rows of
+        CELL_COLUMNS, as in the CLI's cells CSV.
+        """
+        image = (-1, -1, -1)
+        inputs = [Tensor(NAMES.image, UINT8, image, optional=True), Tensor(NAMES.image_uint16, UINT16, image, optional=True),
+                  Tensor(NAMES.image_fp32, FP32, image, optional=True)]
+        if self.detector != "none":
+            inputs += [Tensor(NAMES.boxes, FP32, (-1, 4), optional=True),
+                       Tensor(NAMES.bbox_threshold, FP32, (1,), optional=True),
+                       Tensor(NAMES.iou_threshold, FP32, (1,), optional=True),
+                       Tensor(NAMES.mask_threshold, FP32, (1,), optional=True)]
+        inputs.append(Tensor(NAMES.min_cell_area, INT32, (1,), optional=True))
+        if self.detector != "none" and self.preprocess == "litemedsam":
+            inputs.append(Tensor(NAMES.scale, FP32, (1,), optional=True))
+        if self.detector == "none":
+            inputs += [Tensor(NAMES.points_per_side, INT32, (1,), optional=True),
+                       Tensor(NAMES.pred_iou_threshold, FP32, (1,), optional=True),
+                       Tensor(NAMES.stability_threshold, FP32, (1,), optional=True),
+                       Tensor(NAMES.crop_n_layers, INT32, (1,), optional=True)]
+        outputs = (Tensor(NAMES.labels, UINT32, (-1, -1)), Tensor(NAMES.cells, FP32, (-1, len(CELL_COLUMNS))))
+        return ModelSpec(self.labels_name, tuple(inputs), outputs)
 
     def models(self) -> tuple[ModelSpec, ...]:
         roi = (self.roi_decoder(),) if self.decoder_context == "roi" else ()

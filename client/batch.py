@@ -1,7 +1,8 @@
 """Batch jobs: many image files segmented concurrently, resumable, with a progress bar.
 
-Resume rule: an input found by scanning a folder is *done* when its label TIFF and cells CSV
-(and the overlay when asked for) exist and none is older than the input; done inputs are
+Resume rule: an input found by scanning a folder is *done* when the outputs of its formats
+(default: label TIFF and cells CSV; see `writers.FORMATS`) and the overlay when asked for exist and
+none is older than the input; done inputs are
 skipped unless ``overwrite``. Files named one by one are always segmented. Outputs are written
 atomically, so an interrupted job leaves only complete outputs and the next run picks up the
 rest. A bad file is a failure listed at the end; a server problem that outlasts the client's
@@ -23,6 +24,7 @@ from cellsam_triton.errors import ServerError, UserError
 
 from .images import SUFFIXES
 from .types import Segmentation
+from .writers import DEFAULT_FORMATS, FORMAT_SUFFIXES
 
 SegmentImage = Callable[[np.ndarray], Segmentation]
 
@@ -53,14 +55,21 @@ class BatchReport:
                 f"{len(self.failed)} failed), {self.cells} cells, {self.elapsed_s:.1f} s ({rate:.2f} images/s)")
 
 
+# output_paths keys of the --format names
+FORMAT_KEYS = {"tif": "labels", "csv": "cells", "geojson": "geojson", "ome-zarr": "ome-zarr"}
+
+
 def output_paths(out_dir: Path, source: Path) -> dict[str, Path]:
-    """Where the outputs of one input go."""
+    """Where the outputs of one input go (every format's, whichever are written)."""
     stem = source.name.split(".")[0] or source.stem
-    return {
-        "labels": out_dir / f"{stem}_labels.tif",
-        "cells": out_dir / f"{stem}_cells.csv",
-        "overlay": out_dir / f"{stem}_overlay.png",
-    }
+    paths = {key: out_dir / f"{stem}{FORMAT_SUFFIXES[name]}" for name, key in FORMAT_KEYS.items()}
+    paths["overlay"] = out_dir / f"{stem}_overlay.png"
+    return paths
+
+
+def written_paths(paths: dict[str, Path], formats: Sequence[str] = DEFAULT_FORMATS, overlay: bool = False) -> list[Path]:
+    """The outputs that ``formats`` (and ``overlay``) produce, in format order."""
+    return [paths[FORMAT_KEYS[name]] for name in formats] + ([paths["overlay"]] if overlay else [])
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Job]:
@@ -77,9 +86,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Job]:
     return jobs
 
 
-def is_done(source: Path, paths: dict[str, Path], overlay: bool) -> bool:
+def is_done(source: Path, paths: dict[str, Path], overlay: bool, formats: Sequence[str] = DEFAULT_FORMATS) -> bool:
     """Whether every output of ``source`` exists and is at least as new as it."""
-    wanted = [paths["labels"], paths["cells"]] + ([paths["overlay"]] if overlay else [])
+    wanted = written_paths(paths, formats, overlay)
     try:
         newest_input = source.stat().st_mtime
         return all(p.stat().st_mtime >= newest_input for p in wanted)
@@ -87,23 +96,26 @@ def is_done(source: Path, paths: dict[str, Path], overlay: bool) -> bool:
         return False
 
 
-def write_outputs(paths: dict[str, Path], image: np.ndarray, result: Segmentation, overlay: bool) -> None:
-    """Write the label image, the cells table and optionally the overlay (each atomically)."""
-    from .writers import write_cells_csv, write_labels_tiff, write_overlay_png
+def write_outputs(paths: dict[str, Path], image: np.ndarray, result: Segmentation, overlay: bool,
+                  formats: Sequence[str] = DEFAULT_FORMATS) -> None:
+    """Write each of ``formats`` (default: the label image and the cells table) and optionally the
+    overlay, each atomically. ``image`` may be lazy (a `slides.Slide`) unless ``overlay``."""
+    from .writers import write_format, write_overlay_png
 
-    write_labels_tiff(paths["labels"], result.labels)
-    write_cells_csv(paths["cells"], result.cells)
+    for name in formats:
+        write_format(name, paths[FORMAT_KEYS[name]], result.labels, result.cells, image)
     if overlay:
         write_overlay_png(paths["overlay"], image, result.labels)
 
 
-def _process(job: Job, out_dir: Path, segment: SegmentImage, overlay: bool) -> tuple[int, dict[str, Path]]:
+def _process(job: Job, out_dir: Path, segment: SegmentImage, overlay: bool,
+             formats: Sequence[str] = DEFAULT_FORMATS) -> tuple[int, dict[str, Path]]:
     from .images import read_image
 
     image = read_image(job.source)
     result = segment(image)
     paths = output_paths(out_dir, job.source)
-    write_outputs(paths, image, result, overlay)
+    write_outputs(paths, image, result, overlay, formats)
     return result.count, paths
 
 
@@ -115,10 +127,12 @@ def run_batch(
     overwrite: bool = False,
     workers: int = 2,
     progress: bool | None = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
 ) -> BatchReport:
     """Segment every job (``workers`` at a time) into ``out_dir``; prints one line per image.
 
-    ``progress``: tqdm bar on stderr (None: only when stderr is a terminal).
+    ``progress``: tqdm bar on stderr (None: only when stderr is a terminal). ``formats``: the
+    outputs of each image (`writers.FORMATS`).
     """
     from tqdm import tqdm
 
@@ -127,7 +141,7 @@ def run_batch(
     started = time.perf_counter()
     todo = []
     for job in jobs:
-        if job.resumable and not overwrite and is_done(job.source, output_paths(out_dir, job.source), overlay):
+        if job.resumable and not overwrite and is_done(job.source, output_paths(out_dir, job.source), overlay, formats):
             report.skipped += 1
         else:
             todo.append(job)
@@ -138,7 +152,7 @@ def run_batch(
         queue = iter(todo)
         while True:
             for job in queue:  # keep at most 2 x workers images read or in flight
-                running[executor.submit(_process, job, out_dir, segment, overlay)] = job
+                running[executor.submit(_process, job, out_dir, segment, overlay, formats)] = job
                 if len(running) >= 2 * max(1, workers):
                     break
             if not running:
@@ -157,7 +171,8 @@ def run_batch(
                     continue
                 report.segmented += 1
                 report.cells += count
-                bar.write(f"{job.source}: {count} cells -> {paths['labels']}, {paths['cells']}", file=sys.stdout)
+                written = ", ".join(str(p) for p in written_paths(paths, formats))
+                bar.write(f"{job.source}: {count} cells -> {written}", file=sys.stdout)
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
         bar.close()

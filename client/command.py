@@ -1,4 +1,5 @@
-"""`cellsam-triton segment`: image files or folders in, label TIFF + cells CSV (+ overlay PNG) out.
+"""`cellsam-triton segment`: image files or folders in, label TIFF + cells CSV (+ overlay PNG) out;
+``--format`` picks other outputs (cells GeoJSON, OME-Zarr image + labels; see `writers`).
 
 Each input is processed on its own: a bad file prints one line naming it and the problem, the
 other files are still processed, the failures are listed at the end and the exit code is
@@ -40,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiled models: resize by FACTOR before segmenting (labels come back at input size); "
                              "auto = native, then 2x when cells are small (default %(default)s)")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png (cell outlines on the image)")
+    parser.add_argument("--format", default=None, metavar="LIST",
+                        help="outputs, comma-separated: tif (<stem>_labels.tif), csv (<stem>_cells.csv), "
+                             "geojson (<stem>_cells.geojson: one polygon per cell, QuPath detections), "
+                             "ome-zarr (<stem>.ome.zarr: image + labels pyramid, NGFF 0.4) "
+                             "(default tif,csv; with --slide: tif)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="images in flight at once (default: 2 per server)")
     parser.add_argument("--overwrite", action="store_true", help="segment files of an input folder again even when their outputs are up to date")
@@ -107,11 +113,20 @@ def _grid(args: argparse.Namespace) -> object:
     return grid_options(args)
 
 
+def formats(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The --format names (checked), or None when --format is not given."""
+    from .writers import parse_formats
+
+    text = getattr(args, "format", None)
+    return None if text is None else parse_formats(text)
+
+
 def run(args: argparse.Namespace) -> int:
     from .batch import expand_inputs, run_batch
     from .pool import ServerPool
-    from .writers import read_boxes_csv
+    from .writers import DEFAULT_FORMATS, read_boxes_csv
 
+    args.formats = formats(args)
     options = _options(args)
     grid = _grid(args)
     urls = args.url or [DEFAULT_URL]
@@ -141,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             [job for job in jobs if job not in large], args.out,
             lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid),
             overlay=args.overlay, overwrite=args.overwrite, workers=workers, progress=args.progress,
+            formats=args.formats or DEFAULT_FORMATS,
         )
         segment_large_jobs(large, args.out, pool, options, args, report)
     print(report.summary())

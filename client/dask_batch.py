@@ -28,6 +28,7 @@ from cellsam_triton.errors import ServerError, UserError
 
 from .batch import BatchReport, Job, is_done, output_paths, write_outputs
 from .types import SegmentOptions
+from .writers import DEFAULT_FORMATS
 
 _POOLS: dict[tuple, Any] = {}
 _POOLS_LOCK = threading.Lock()
@@ -55,7 +56,8 @@ def close_pools() -> int:
 
 
 def segment_file(source: str, out_dir: str, urls: tuple[str, ...], model: str | None, connection: tuple,
-                 options: SegmentOptions, boxes: np.ndarray | None, overlay: bool) -> tuple[str, int, str]:
+                 options: SegmentOptions, boxes: np.ndarray | None, overlay: bool,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[str, int, str]:
     """The Dask task: segment one file and write its outputs. Returns (status, cells, worker or error)."""
     from .images import read_image
 
@@ -64,7 +66,7 @@ def segment_file(source: str, out_dir: str, urls: tuple[str, ...], model: str | 
         image = read_image(Path(source))
         pool = _pool(urls, model, connection)
         result = pool.segment(image, boxes=boxes, options=options)
-        write_outputs(output_paths(Path(out_dir), Path(source)), image, result, overlay)
+        write_outputs(output_paths(Path(out_dir), Path(source)), image, result, overlay, formats)
     except ServerError:
         raise  # fails the task (Dask retries it, then the job stops)
     except UserError as exc:
@@ -93,6 +95,7 @@ def run_dask_batch(
     overwrite: bool = False,
     progress: bool | None = None,
     retries: int = 1,
+    formats: Sequence[str] = DEFAULT_FORMATS,
     **connection: Any,
 ) -> BatchReport:
     """Segment ``jobs`` on the Dask cluster behind ``client`` (a ``distributed.Client``)."""
@@ -103,12 +106,13 @@ def run_dask_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport(total=len(jobs))
     started = time.perf_counter()
-    todo = [j for j in jobs if overwrite or not (j.resumable and is_done(j.source, output_paths(out_dir, j.source), overlay))]
+    formats = tuple(formats)
+    todo = [j for j in jobs if overwrite or not (j.resumable and is_done(j.source, output_paths(out_dir, j.source), overlay, formats))]
     report.skipped = len(jobs) - len(todo)
     settings = (tuple(urls), model, tuple(sorted(connection.items())))
     bar = tqdm(total=len(todo), unit="image", file=sys.stderr, disable=None if progress is None else not progress)
     futures = {
-        client.submit(segment_file, str(j.source), str(out_dir), *settings, options or SegmentOptions(), boxes, overlay,
+        client.submit(segment_file, str(j.source), str(out_dir), *settings, options or SegmentOptions(), boxes, overlay, formats,
                       key=f"cellsam-segment-{k}-{j.source.name}-{time.time_ns()}", retries=retries, pure=False): j
         for k, j in enumerate(todo)
     }
@@ -172,7 +176,8 @@ def run_cli(args: argparse.Namespace, jobs: Sequence[Job], urls: Sequence[str], 
     """`segment ... --dask ADDRESS`: the folder job on a Dask cluster; summary and failures as usual."""
     with dask_client(args.dask) as client:
         report = run_dask_batch(client, jobs, args.out, urls, args.model, options, boxes, overlay=args.overlay,
-                                overwrite=args.overwrite, progress=args.progress, **connection)
+                                overwrite=args.overwrite, progress=args.progress,
+                                formats=getattr(args, "formats", None) or DEFAULT_FORMATS, **connection)
     print(report.summary() + f" on {len(report.by_worker)} Dask workers")
     if report.failed:
         print(f"failed ({len(report.failed)}): {', '.join(str(s) for s, _ in report.failed)}", file=sys.stderr)

@@ -3,7 +3,9 @@
     cellsam-triton segment --slide big.ome.tif --out results/ --max-memory 1024
 
 Each INPUT ((OME-)TIFF, Zarr, NPY) is read lazily; ``OUT/<stem>_labels.tif`` is a tiled,
-compressed BigTIFF (``--slide-format zarr``: ``<stem>_labels.zarr``). ``--max-memory`` bounds
+compressed BigTIFF (``--slide-format zarr``: ``<stem>_labels.zarr``). ``--format`` adds or picks
+other outputs: ``csv`` (cells table), ``geojson`` (cell polygons), ``ome-zarr`` (the slide and its
+labels as OME-Zarr pyramids), all written band by band or chunk by chunk. ``--max-memory`` bounds
 the client's working memory: it sets the window side from the windows in flight
 (`slides.window_for_memory`), whatever the slide size. Tiles of a window go to the servers
 concurrently (``ServerPool``); uniform background tiles are not sent unless
@@ -62,11 +64,22 @@ def output_path(out_dir: Path, source: Path, fmt: str) -> Path:
     return out_dir / f"{stem}_labels.{fmt}"
 
 
+def output_paths(out_dir: Path, source: Path, formats: tuple[str, ...], slide_format: str = "tif") -> list[Path]:
+    """Every output of one slide: ``tif`` is the label image (``.tif`` or ``.zarr`` by
+    ``--slide-format``), the other formats are named as for plain images (`writers.format_paths`)."""
+    from .writers import format_paths
+
+    stem = source.name.split(".")[0] or source.stem
+    named = format_paths(out_dir, stem, formats)
+    return [output_path(out_dir, source, slide_format) if name == "tif" else named[name] for name in formats]
+
+
 def run(args: argparse.Namespace, open_pool: Callable[[], object], options) -> int:
     """Segment every ``--slide`` input through ``open_pool()`` (a ServerPool context manager)."""
     from .slides import Slide, segment_slide, window_for_memory
 
     check(args)
+    formats = getattr(args, "formats", None) or ("tif",)
     args.out.mkdir(parents=True, exist_ok=True)
     window = window_for_memory(args.max_memory, args.windows)
     failed: list[tuple[Path, str]] = []
@@ -82,7 +95,7 @@ def run(args: argparse.Namespace, open_pool: Callable[[], object], options) -> i
             for source, slide in slides:
                 try:
                     report = segment_slide(
-                        slide, pool.run, pool.family, output_path(args.out, source, args.slide_format), options,
+                        slide, pool.run, pool.family, output_paths(args.out, source, formats, args.slide_format), options,
                         window=window, in_flight=args.windows, progress=args.progress,
                         skip_background=args.skip_background, background_tolerance=args.background_tolerance,
                     )

@@ -16,7 +16,9 @@ server. Tiles of a window go to ``run`` ``TILE_BATCH`` at a time and each result
 its kept cells' cropped logits at once, so memory does not grow with the cells of a window.
 
 Labels go to an on-disk Zarr array (chunked, written window by window under a lock), then, for a
-``.tif`` output, into a tiled, zlib-compressed BigTIFF band by band. Client memory is bounded by
+``.tif`` output, into a tiled, zlib-compressed BigTIFF band by band; ``.ome.zarr`` (slide and labels
+pyramids), ``_cells.csv`` and ``_cells.geojson`` outputs are also made band by band or chunk by
+chunk from that array (see `write_slide_outputs`). Client memory is bounded by
 ``window`` and ``in_flight``, not by the slide: about ``in_flight * (window + 256)^2 * 80`` bytes
 (float32 copies, tile inputs, label canvases) plus one band of output tiles.
 """
@@ -33,9 +35,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+from scipy.ndimage import find_objects
 
 from cellsam_triton.contracts import Family
 from cellsam_triton.errors import UserError
@@ -43,8 +46,8 @@ from cellsam_triton.errors import UserError
 from .labels import logit_threshold, paint_cells
 from .lite_rules import build_requests
 from .tiles import Tile, family_tiles, lite_normalize, mask_block, owned
-from .types import RunRequests, SegmentOptions
-from .writers import atomic_path
+from .types import CELL_COLUMNS, RunRequests, SegmentOptions
+from .writers import atomic_path, write_cells_csv, write_cells_geojson, write_ome_zarr
 
 WINDOW = 2048
 IN_FLIGHT = 2
@@ -139,11 +142,12 @@ class SlideReport:
     path: Path
     tiles_sent: int = 0
     scores: list[float] = dataclasses.field(default_factory=list, repr=False)  # scores[label]; [0] background
+    paths: list[Path] = dataclasses.field(default_factory=list)  # every output; ``path`` is the first
 
     def summary(self) -> str:
         skipped = self.tiles - self.tiles_sent
         return (f"{self.cells} cells, {self.tiles} tiles ({self.tiles_sent} sent, {skipped} background skipped), "
-                f"{self.windows} windows, {self.elapsed_s:.1f} s -> {self.path}")
+                f"{self.windows} windows, {self.elapsed_s:.1f} s -> {', '.join(map(str, self.paths or [self.path]))}")
 
 
 def window_for_memory(memory_mb: float, in_flight: int = IN_FLIGHT, tile: int = 256) -> int:
@@ -254,11 +258,66 @@ def write_tiled_tiff(path: Path, store: LabelStore, tile: int = OUT_TILE) -> Non
                          bigtiff=True, compression="zlib")
 
 
+def label_table(array: Any, scores: Sequence[float], band: int = OUT_TILE) -> list[dict]:
+    """The cells table (`labels.cells_table` columns) of a label array read ``band`` rows at a time:
+    one row per label present, in label order; ``scores[label]`` is its score. Labels need not be
+    sequential (a slide's cell that lost every pixel to a better one leaves a gap)."""
+    height, width = array.shape
+    count = len(scores)
+    x0, y0 = np.full(count, width, np.int64), np.full(count, height, np.int64)
+    x1, y1, area = np.zeros(count, np.int64), np.zeros(count, np.int64), np.zeros(count, np.int64)
+    for top in range(0, height, band):
+        block = np.asarray(array[top : top + band])
+        counts = np.bincount(block.ravel(), minlength=count)[:count]
+        area += counts
+        objects = find_objects(block)
+        for k in np.flatnonzero(counts[1:]) + 1:
+            rows, cols = objects[k - 1]
+            y0[k], y1[k] = min(y0[k], top + rows.start), max(y1[k], top + rows.stop)
+            x0[k], x1[k] = min(x0[k], cols.start), max(x1[k], cols.stop)
+    present = np.flatnonzero(area[1:]) + 1
+    values = {"label": present, "x0": x0[present], "y0": y0[present], "x1": x1[present], "y1": y1[present], "area": area[present]}
+    return [{c: float(scores[int(k)]) if c == "score" else int(values[c][i]) for c in CELL_COLUMNS}
+            for i, k in enumerate(present)]
+
+
+def slide_output_kind(path: Path) -> str:
+    """What an output path of `segment_slide` holds, from its name."""
+    name = path.name.lower()
+    for suffix, kind in ((".ome.zarr", "ome-zarr"), (".zarr", "zarr"), (".csv", "csv"), (".geojson", "geojson")):
+        if name.endswith(suffix):
+            return kind
+    return "tif"
+
+
+def write_slide_outputs(paths: Sequence[Path], slide: Slide, store: "LabelStore", work: Path) -> None:
+    """Every output from the finished label store: label BigTIFF, OME-Zarr (the slide read chunk
+    by chunk, and the labels), cells CSV and GeoJSON (read in bands); a plain ``.zarr`` output is
+    the store itself, moved last."""
+    dtype = np.uint16 if len(store.scores) - 1 <= np.iinfo(np.uint16).max else np.uint32
+    rows = None
+    for path in sorted(paths, key=lambda p: slide_output_kind(p) == "zarr"):
+        kind = slide_output_kind(path)
+        if kind in ("csv", "geojson") and rows is None:
+            rows = label_table(store.array, store.scores)
+        if kind == "ome-zarr":
+            write_ome_zarr(path, slide, store.array, label_dtype=dtype)
+        elif kind == "csv":
+            write_cells_csv(path, rows)
+        elif kind == "geojson":
+            write_cells_geojson(path, store.array, rows, band=OUT_TILE)
+        elif kind == "zarr":
+            shutil.rmtree(path, ignore_errors=True)
+            (work / "labels.zarr").rename(path)
+        else:
+            write_tiled_tiff(path, store)
+
+
 def segment_slide(
     slide: Slide,
     run: RunRequests,
     family: Family,
-    out_path: str | Path,
+    out_path: str | Path | Sequence[str | Path],
     options: SegmentOptions | None = None,
     window: int = WINDOW,
     in_flight: int = IN_FLIGHT,
@@ -266,7 +325,9 @@ def segment_slide(
     skip_background: bool = True,
     background_tolerance: float = 0.0,
 ) -> SlideReport:
-    """Segment a slide into a label image at ``out_path`` (``.tif``: tiled BigTIFF; ``.zarr``: Zarr)."""
+    """Segment a slide into a label image at ``out_path`` (``.tif``: tiled BigTIFF; ``.zarr``: Zarr),
+    or into several outputs (a list of paths; also ``.ome.zarr``, ``_cells.csv``, ``_cells.geojson``:
+    see `write_slide_outputs`)."""
     from tqdm import tqdm
 
     if family.preprocess != "litemedsam":
@@ -278,7 +339,10 @@ def segment_slide(
     iou = options.iou_threshold
     cut = logit_threshold(options.mask_threshold)
     min_area = options.min_cell_area
-    out_path = Path(out_path)
+    out_paths = [Path(out_path)] if isinstance(out_path, (str, Path)) else [Path(p) for p in out_path]
+    if not out_paths:
+        raise UserError("segment_slide: no output path")
+    out_path = out_paths[0]
     started = time.perf_counter()
     height, width = slide.shape
     low, high = slide.value_range(band=max(1, int(window) ** 2 // max(1, width)))
@@ -325,12 +389,8 @@ def segment_slide(
                 bar.update(len(group))
                 bar.set_postfix(sent=sent[0], refresh=False)
         bar.close()
-        if out_path.suffix.lower() == ".zarr":
-            shutil.rmtree(out_path, ignore_errors=True)
-            (work / "labels.zarr").rename(out_path)
-        else:
-            write_tiled_tiff(out_path, store)
+        write_slide_outputs(out_paths, slide, store, work)
         cells = len(store.scores) - 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path, sent[0], store.scores)
+    return SlideReport(cells, len(groups), len(tiles), time.perf_counter() - started, out_path, sent[0], store.scores, out_paths)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PIPELINE_OUTPUTS = (NAMES.boxes, NAMES.scores, NAMES.iou_predictions, NAMES.masks, NAMES.prompt_index)
 RETRY_BACKOFF_S = 0.2
 COMPOSING_SUFFIXES = ("_encoder", "_detector", "_decoder")
+ATTACHED_SUFFIXES = ("_grid", "_labels")  # models beside a pipeline that are not pipelines of their own
 SERVE_HINT = "is the server running? start it with `cellsam-triton serve --repository DIR`"
 # A restarted server is reconnected to within about a second (gRPC's default backoff grows to 120 s).
 CHANNEL_ARGS = [
@@ -149,10 +150,14 @@ def resolve_unknown_model(url: str, model: str, requested: str | None, served: l
 
 
 def pipeline_names(served: list[str]) -> list[str]:
-    """The pipelines among served model names: composing models and ``<pipeline>_grid`` (reached
-    through its pipeline's family) left out."""
+    """The pipelines among served model names: composing models, ``<pipeline>_grid`` (reached
+    through its pipeline's family) and ``<pipeline>_labels`` (for clients in other languages) left out."""
     names = set(served)
-    return sorted(n for n in names if not n.endswith(COMPOSING_SUFFIXES) and not (n.endswith("_grid") and n[:-5] in names))
+
+    def attached(name: str) -> bool:
+        return any(name.endswith(suffix) and name[: -len(suffix)] in names for suffix in ATTACHED_SUFFIXES)
+
+    return sorted(n for n in names if not n.endswith(COMPOSING_SUFFIXES) and not attached(n))
 
 
 def sole_pipeline(served: list[str]) -> str | None:

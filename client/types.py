@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from cellsam_triton.contracts import CELL_COLUMNS  # the columns of the CSV and of `<family>_labels`' cells
+
 if TYPE_CHECKING:
     from cellsam_triton.contracts import Family
 
@@ -47,9 +49,6 @@ class SegmentOptions:
         return SegmentOptions(
             *(getattr(family, f.name, None) if getattr(self, f.name) is None else getattr(self, f.name) for f in fields(self))
         )
-
-
-CELL_COLUMNS = ("label", "x0", "y0", "x1", "y1", "score", "area")
 
 
 @dataclass

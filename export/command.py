@@ -17,6 +17,7 @@ from cellsam_triton.errors import UserError
 
 # Literal copies of export.repository's choices would drift; that module is light (no torch).
 from .grid_repository import served_roles, write_served
+from .labels_repository import labels_roles, write_labels
 from .repository import DEFAULT_TRT_CACHE, PRECISIONS
 
 # --model value -> family; the default model needs no checkpoint (weights ship with the project).
@@ -133,7 +134,7 @@ def install(staging: Path, repository: Path, family: Family) -> list[Path]:
     """Move the staged model folders into the repository, replacing older versions."""
     repository.mkdir(parents=True, exist_ok=True)
     installed = []
-    for _, spec in served_roles(family):
+    for _, spec in served_roles(family) + labels_roles(family):
         src, dst = staging / spec.name, repository / spec.name
         if not src.exists():
             continue
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             write_served(staging, family, args.target, threads=args.threads, gpu=gpu)
         else:
             write_family(staging, family, args.target, threads=args.threads, gpu=gpu)
+        write_labels(staging, family, args.target, threads=args.threads, gpu=gpu)  # `<family>_labels`, any family
         installed = install(staging, args.repository, family)
     for report in reports:
         print(report)

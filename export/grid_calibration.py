@@ -51,7 +51,7 @@ class InProcessGrid:
 
     def __call__(self, model: str, arrays: dict[str, np.ndarray], spec=None) -> dict[str, np.ndarray]:
         rules = self.generator.rules
-        valid = tuple(int(v) for v in arrays["valid_size"])
+        valid = tuple(int(v) for v in arrays[NAMES.valid_size])
         option = {k: float(arrays[k][0]) if k in arrays else getattr(rules, k)
                   for k in (NAMES.points_per_side, NAMES.pred_iou_threshold, NAMES.stability_threshold, NAMES.crop_n_layers)}
         return self.generator.segment(arrays[NAMES.image], valid, int(option[NAMES.points_per_side]), option[NAMES.pred_iou_threshold],

@@ -76,7 +76,7 @@ def export_encoder(encoder, examples: list, path: Path, tolerance: float):
             verbose=False,
         )
     if graph_inputs(path) != [NAMES.image]:
-        raise UserError(f"ONNX export of {path} has inputs {graph_inputs(path)}, expected ['image']")
+        raise UserError(f"ONNX export of {path} has inputs {graph_inputs(path)}, expected {[NAMES.image]}")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     error = scale = 0.0
     for image in examples:

@@ -28,7 +28,11 @@ RUNNER_GLUE = ("onnx_runner.py",)
 # first file becomes model.py; contracts.py is the package's own (cellsam_triton/contracts.py)
 PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py", "request_checks.py", "contracts.py")
 ONNX_FILE = "model.onnx"
-ROLES = ("encoder", "detector", "decoder", "roi_decoder", "pipeline")
+ROLES = ("encoder", "detector", "decoder", "roi_decoder", "pipeline", "labels")
+# `<family>_labels` instances (Python BLS on KIND_CPU, export/labels_repository.py): two images
+# segmented at once overlap one's rule code (numpy) with the other's pipeline work, as the CLI's two
+# workers per server do; on the gpu target as many as the pipeline has, to keep the encoder batching.
+LABELS_INSTANCES = {"cpu": 2, "gpu": None}
 MAX_QUEUE_DELAY_US = 2000
 # cpu target: one pipeline request at a time through the networks, whose ONNX Runtime threads
 # sleep as soon as they are idle. Two overlapping requests (2 instances) and spinning threads made
@@ -203,7 +207,7 @@ def render_config(
     gpu: GpuOptions | None = None,
 ) -> str:
     """The config.pbtxt text of one model (a ``model_config_pb2.ModelConfig`` in protobuf text
-    format). ``role`` is one of ROLES; the pipeline and the gpu target need ``family``;
+    format). ``role`` is one of ROLES; the pipeline, the labels model and the gpu target need ``family``;
     ``gpu`` (default `GpuOptions()`) applies to the gpu target only."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
@@ -214,11 +218,13 @@ def render_config(
     config = _pb().ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
     _add_tensors(config.input, spec.inputs)
     _add_tensors(config.output, spec.outputs)
-    if role == "pipeline":
+    if role in ("pipeline", "labels"):
         if family is None:
-            raise ValueError("the pipeline config needs its family")
+            raise ValueError(f"the {role} config needs its family")
+        pipeline_count = family.encoder_batch if target == "gpu" else PIPELINE_INSTANCES
+        count = (LABELS_INSTANCES[target] or pipeline_count) if role == "labels" else pipeline_count
         config.backend = "python"
-        _add_instances(config, "KIND_CPU", family.encoder_batch if target == "gpu" else PIPELINE_INSTANCES)
+        _add_instances(config, "KIND_CPU", count)
         _add_parameters(config, pipeline_parameters(family))
     elif target == "cpu":
         _cpu_runner(config, spec, threads)

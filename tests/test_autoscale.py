@@ -45,6 +45,11 @@ def test_tile_snapped_factor_takes_the_largest_factor_of_the_fewest_tiles() -> N
         assert 1.5 <= factor <= 2.0 and counts[factor] == min(counts.values())
         assert all(f <= factor for f, c in counts.items() if c == counts[factor])
     assert tile_snapped_factor((256, 256), 2.0, 2.0, LITE) == 2.0
+    # the README's examples: 256x256 -> 1.75x (4 tiles, 9 at 2x); 520x696 -> 1.6x (24 tiles, 42 at 2x)
+    for shape, factor, tiles, at_2x in (((256, 256), 1.75, 4, 9), ((520, 696), 1.6, 24, 42)):
+        assert tile_snapped_factor(shape, 1.5, 2.0, LITE) == factor
+        assert len(tile_grid(round(shape[0] * factor), round(shape[1] * factor))) == tiles
+        assert len(tile_grid(shape[0] * 2, shape[1] * 2)) == at_2x
 
 
 def test_factor_is_capped_by_the_pixel_budget() -> None:

@@ -124,6 +124,17 @@ def test_python_api_sync_and_async_equal_cli_semantics(cellsam) -> None:
     for result in asyncio.run(go()):
         np.testing.assert_array_equal(result.labels, sync.labels)
     assert agreement(sync.labels, reference_labels(modules, image, BOXES)) >= 0.99
+    # `cellsam_labels` (export's model for clients in any language): the same client path, run in the server
+    import tritonclient.grpc as grpcclient
+
+    arrays = {"image_fp32": image[..., None], "boxes": BOXES, "iou_threshold": np.array([-1], np.float32)}
+    inputs = [grpcclient.InferInput(name, list(value.shape), "FP32") for name, value in arrays.items()]
+    for tensor, value in zip(inputs, arrays.values()):
+        tensor.set_data_from_numpy(value)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        answer = client.infer("cellsam_labels", inputs, client_timeout=300)
+    np.testing.assert_array_equal(answer.as_numpy("labels"), sync.labels)
+    assert answer.as_numpy("cells")[:, 0].tolist() == [row["label"] for row in sync.cells]
 
 
 def test_detector_path_matches_pytorch(cellsam) -> None:

@@ -228,7 +228,7 @@ def test_merged_onnx_matches_unmerged_pytorch(unmerged, lite_repository: Path) -
     np.testing.assert_allclose(iou, want_iou.numpy(), atol=1e-3)
     names = sorted(p.name for p in lite_repository.iterdir() if p.is_dir())
     assert names == sorted(["cellseg1_lite", "cellseg1_lite_encoder", "cellseg1_lite_decoder",
-                            "cellseg1_lite_point_decoder", "cellseg1_lite_grid"])
+                            "cellseg1_lite_point_decoder", "cellseg1_lite_grid", "cellseg1_lite_labels"])
     for pipeline in ("cellseg1_lite", "cellseg1_lite_grid"):
         assert (lite_repository / pipeline / "1" / "bls.py").is_file()  # shared BLS glue beside both
 
@@ -249,6 +249,16 @@ def test_in_process_grid_matches_the_served_pipeline(dsb_pair, unmerged, lite_re
     server.start(120)
     with Segmenter(server.grpc_url, timeout_s=600) as segmenter:
         served = segmenter.segment(array, prompts="grid", grid=GridOptions(points_per_side=8, stability_threshold=0.0)).labels
+    # `cellseg1_lite_labels`, the export's model for clients in any language: the same rules run in the server
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        arrays = {"image": array, "points_per_side": np.array([8], np.int32), "stability_threshold": np.array([0.0], np.float32)}
+        inputs = [grpcclient.InferInput(k, list(v.shape), "UINT8" if k == "image" else "INT32" if v.dtype == np.int32 else "FP32")
+                  for k, v in arrays.items()]
+        for tensor, value in zip(inputs, arrays.values()):
+            tensor.set_data_from_numpy(value)
+        np.testing.assert_array_equal(client.infer("cellseg1_lite_labels", inputs, client_timeout=600).as_numpy("labels"), served)
     encoder, decoder, _, _ = unmerged
     local_grid = InProcessGrid(encoder, decoder, CELLSEG1_LITE)
     local = segment_grid(array, local_grid, CELLSEG1_LITE, SegmentOptions(),

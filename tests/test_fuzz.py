@@ -16,11 +16,11 @@ from test_grid import grid_repository  # noqa: F401  (the fixture)
 from tiny_family import image_with_cells
 from tritonclient.utils import InferenceServerException
 
-from cellsam_triton.contracts import Family, ModelSpec
+from cellsam_triton.contracts import LITE, Family, ModelSpec
 from cellsam_triton.server import EmbeddedServer
 
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64,
-          "UINT8": np.uint8, "BOOL": np.bool_}
+          "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "BOOL": np.bool_}
 SPECIAL = [0.0, 1.0, -1.0, np.nan, np.inf, -np.inf, 1e30, -1e30, 64.0, 1e-30]
 MAX_ELEMENTS = 3 * 64 * 64 * 2
 FUZZ_EXAMPLES = 60
@@ -170,3 +170,41 @@ def test_grid_pipeline_answers_or_refuses_cleanly(grid_client, wrong: bool) -> N
         with pytest.raises(InferenceServerException) as info:
             send(grid_client, GRID.grid_name, {**good, name: value})
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and f"'{name}'" in str(info.value), str(info.value)
+
+
+# --- every model of the default export (real weights), each fuzzed on its own ----------------------
+DEFAULT_EXAMPLES = 8
+
+
+def served_specs(repository, family: Family) -> list[ModelSpec]:
+    """The contract of every model in ``repository``; a served model without one fails the test."""
+    known = {spec.name: spec for spec in (*family.models(), family.labels_model())}
+    served = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    unknown = [name for name in served if name not in known]
+    assert not unknown, f"served models with no contract to fuzz: {unknown}"
+    return [known[name] for name in served]
+
+
+@pytest.fixture(scope="module")
+def default_client(default_repository, tmp_path_factory):
+    server = EmbeddedServer(default_repository, log_path=tmp_path_factory.mktemp("fuzz_default") / "server.log", exit_timeout_s=2)
+    try:
+        server.start(90)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        yield client
+        client.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
+def test_every_model_of_the_default_export_answers_or_refuses_cleanly(default_client, default_repository, wrong: bool) -> None:
+    specs = served_specs(default_repository, LITE)
+    assert {LITE.pipeline_name, LITE.encoder_name, LITE.detector_name, LITE.decoder_name, LITE.roi_decoder_name} <= {s.name for s in specs}
+    errors = 0
+    for spec in specs:
+        outcomes = fuzz(default_client, [spec], wrong, DEFAULT_EXAMPLES, LITE.name)
+        assert outcomes["answer"] + outcomes["error"] >= 3, (spec.name, outcomes)  # each model got requests
+        errors += outcomes["error"]
+    assert errors > 0 or not wrong
+    assert default_client.is_server_ready()

@@ -124,7 +124,7 @@ def test_int8_encoder_replaces_the_fp32_one_only_when_it_agrees(tmp_path: Path, 
         quantize_encoder(path, [x.numpy()], [-want])
     assert path.read_bytes() == fp32
     int8 = quantize_lite_encoder(lite.encoder, path, x)
-    assert int8.mean_cosine >= MIN_MEAN_COSINE and int8.quantized >= 20
+    assert int8.mean_cosine >= MIN_MEAN_COSINE and int8.quantized == 40  # TinyViT's weight MatMuls (README)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -158,8 +158,9 @@ def raw_infer(client, model: str, arrays: dict[str, np.ndarray], dtypes: dict[st
     ids=["fp64-image", "wrong-shape", "nan-image", "no-detector-image", "inf-box", "encoder-shape", "decoder-missing-input"],
 )
 def test_malformed_requests_get_an_error_and_the_server_stays_up(raw, tiny_server, model, arrays, dtypes, message) -> None:
-    with pytest.raises(InferenceServerException, match=message):
+    with pytest.raises(InferenceServerException, match=message) as info:
         raw_infer(raw, model, arrays, dtypes)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value  # README: Security
     assert raw.is_server_ready()
     result = raw_infer(raw, "tiny_lite", {"image": image_with_cells([2])})
     assert result.as_numpy("scores").shape == (1,)

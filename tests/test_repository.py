@@ -176,3 +176,28 @@ def test_export_cli_accepts_gpu_precision(tmp_path) -> None:
     assert (args.target, args.precision, args.trt_cache) == ("gpu", "fp16", "/trt")
     with pytest.raises(SystemExit):
         build_parser("export").parse_args(["export", "--repository", str(tmp_path), "--precision", "fp8"])
+
+
+def test_a_failed_export_installs_nothing(tmp_path, monkeypatch, capsys) -> None:
+    """README (Export): a failed parity check exits non-zero and installs nothing; the export is
+    staged beside the repository and the models served before stay as they were."""
+    from cellsam_triton.cli import main as cli
+    from cellsam_triton.export import command
+
+    family = FAMILIES["cellsam_lite"]
+    repo = tmp_path / "repository"
+    (repo / family.encoder_name / "1").mkdir(parents=True)
+    served_before = repo / family.encoder_name / "1" / "model.onnx"
+    served_before.write_bytes(b"the model served before")
+
+    def fails_its_parity_check(family_, staging, args):
+        (staging / family.encoder_name / "1").mkdir(parents=True)
+        (staging / family.encoder_name / "1" / "model.onnx").write_bytes(b"exported, then refused")
+        raise UserError(f"parity check failed: {family.decoder_name} masks 1.00e+00 > tolerance")
+
+    monkeypatch.setattr(command, "export_family", fails_its_parity_check)
+    assert cli(["export", "--repository", str(repo)]) != 0
+    assert "parity check failed" in capsys.readouterr().err
+    assert served_before.read_bytes() == b"the model served before"
+    assert sorted(p.name for p in repo.iterdir()) == [family.encoder_name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repository"], "staging folder left behind"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,42 @@ def test_defaults_bind_loopback_and_forbid_model_control(secure: EmbeddedServer,
     assert client.is_model_ready("tiny_decoder")
 
 
+def test_serve_warns_when_not_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """`serve --host` off loopback logs a warning before the server starts (no server needed here)."""
+    from cellsam_triton import server as server_module
+
+    class Started(Exception):
+        pass
+
+    def no_server(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(server_module, "EmbeddedServer", no_server)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=server_module.__name__), pytest.raises(Started):
+            server_module.run(parser.parse_args(["--repository", str(tmp_path), "--host", host]))
+        assert ("reachable from other machines" in caplog.text) == warned, (host, caplog.text)
+
+
+def test_checkpoints_are_loaded_without_pickle_code() -> None:
+    """Every torch.load in the project passes weights_only=True (README: Security)."""
+    calls = []
+    for folder in ("cellsam_triton", "client", "export", "model_repository", "bench"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            text = path.read_text()
+            for match in re.finditer(r"torch\.load\(", text):
+                depth, end = 1, match.end()
+                while depth:  # to the closing parenthesis of the call
+                    depth += {"(": 1, ")": -1}.get(text[end], 0)
+                    end += 1
+                calls.append((path.name, text[match.start():end]))
+    assert calls, "no torch.load found: the scan looks in the wrong place"
+    assert all("weights_only=True" in call for _, call in calls), [c for c in calls if "weights_only=True" not in c[1]]
+
+
 def test_tls_transport_works_and_plain_or_untrusted_clients_are_refused(secure: EmbeddedServer, pki: Path) -> None:
     image = image_with_cells([2, 7])
     with TritonTransport(secure.grpc_url, "tiny", timeout_s=10, ssl=True, root_certificates=str(pki / "ca.pem")) as t:
@@ -123,7 +160,8 @@ def test_tls_transport_works_and_plain_or_untrusted_clients_are_refused(secure: 
 def test_admin_endpoints_need_the_key_and_inference_stays_open(secure: EmbeddedServer, pki: Path) -> None:
     client = tls_client(secure, pki)
     for call in (client.get_model_repository_index, lambda **h: client.get_inference_statistics("tiny", **h),
-                 lambda **h: client.get_log_settings(**h)):
+                 lambda **h: client.get_log_settings(**h), client.get_system_shared_memory_status,
+                 client.get_trace_settings):  # README: repository, statistics, logging, shared memory, trace
         with pytest.raises(InferenceServerException, match="restricted"):
             call()
         with pytest.raises(InferenceServerException, match="restricted"):

@@ -27,8 +27,8 @@ class BoxDecoder(nn.Module):
         pe = self.prompt_encoder
         height, width = pe.input_image_size
         corners = (boxes + 0.5).reshape(-1, 2, 2)
-        scale = torch.tensor([1.0 / width, 1.0 / height], dtype=corners.dtype)
-        coords = 2 * (corners * scale) - 1
+        # x / width, y / height as SAM divides; scalars only, so any device (and CUDA graphs) works
+        coords = 2 * torch.cat([corners[..., :1] / width, corners[..., 1:] / height], dim=-1) - 1
         coords = coords @ pe.pe_layer.positional_encoding_gaussian_matrix
         coords = 2 * math.pi * coords
         emb = torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)

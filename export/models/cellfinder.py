@@ -45,7 +45,7 @@ CELLFINDER_VIT_B = CellFinderConfig()
 
 def sine_embed(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Sine/cosine embedding [..., dim] of positions in [0,1] (sin on even, cos on odd features)."""
-    freq = torch.arange(dim, dtype=torch.float32)
+    freq = torch.arange(dim, dtype=torch.float32, device=pos.device)
     freq = temperature ** (2 * torch.div(freq, 2, rounding_mode="floor") / dim)
     x = (pos * (2 * math.pi))[..., None] / freq
     return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
@@ -246,8 +246,8 @@ class AnchorTransformer(nn.Module):
         """src [B,H,W,D] (channels last) -> (logits [B,P*Q,classes], boxes [B,P*Q,4])."""
         batch, height, width, dim = src.shape
         # Pixel-centre positions in (0,1): x along a row (W), y along a column (H).
-        pos_x = (torch.arange(width, dtype=torch.float32) + 0.5) / width
-        pos_y = (torch.arange(height, dtype=torch.float32) + 0.5) / height
+        pos_x = (torch.arange(width, dtype=torch.float32, device=src.device) + 0.5) / width
+        pos_y = (torch.arange(height, dtype=torch.float32, device=src.device) + 0.5) / height
         row = self.adapt_pos1d(sine_embed(pos_x, dim))  # [W,D]
         col = self.adapt_pos1d(sine_embed(pos_y, dim)).unsqueeze(1)  # [H,1,D]
 

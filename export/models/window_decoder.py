@@ -29,7 +29,7 @@ class WindowDecoder(BoxDecoder):
         centres over the embedding side, here offset by each window's origin)."""
         pe = self.prompt_encoder
         grid_h, grid_w = pe.image_embedding_size
-        steps = torch.arange(side, dtype=origins.dtype) + 0.5  # [w]
+        steps = torch.arange(side, dtype=origins.dtype, device=origins.device) + 0.5  # [w]
         xs = (origins[:, 0:1] + steps) / grid_w  # [N,w]
         ys = (origins[:, 1:2] + steps) / grid_h
         n, w = xs.shape

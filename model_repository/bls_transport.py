@@ -1,0 +1,62 @@
+"""The client transport's interface over BLS calls: the client's rule code, unchanged, inside Triton.
+
+``client/transport.py``'s ``TritonTransport`` sends pipeline requests over gRPC; this class has the
+same methods (``family``, ``run``, ``infer``, ``embed``, ``decode``, ``close``) and sends them with
+the ``call(stage, model, inputs, outputs)`` of ``bls.BlsModel`` (``pb_utils.InferenceRequest``)
+instead, so ``api.segment_image`` and the rule sets run on the server exactly as in the CLI.
+Triton-free itself (the call is injected), so tests run it in process too.
+
+Requests run one after another: on the cpu target the pipeline has one instance, so a second
+request in flight would only queue there. ``infer`` may be called from several threads (the grid
+rules send two frames at a time); BLS requests are independent, so it needs no lock.
+"""
+
+import numpy as np
+
+from cellsam_triton.client.transport import to_result
+
+STAGE = "segmentation"  # a failed call reads "segmentation (<model>) failed: ..."
+
+
+class BlsTransport:
+    """Pipeline and composing-model requests of one ``family`` (a cellsam_triton.contracts.Family)."""
+
+    def __init__(self, family, call):
+        self.family = family
+        self.model = family.pipeline_name
+        self._call = call
+
+    def infer(self, model, arrays, spec):
+        """One request to any served model; returns its outputs by name."""
+        names = [t.name for t in spec.outputs]
+        inputs = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+        return dict(zip(names, self._call(STAGE, model, inputs, names)))
+
+    def run(self, requests):
+        """Pipeline requests in, ``PipelineResult``s out in the same order."""
+        spec = self.family.pipeline()
+        return [to_result(self.infer(self.model, request, spec)) for request in requests]
+
+    def embed(self, image):
+        """Encoder alone: image [3,s,s] or [B,3,s,s] (already normalised) -> embeddings [B,D,e,e]."""
+        spec = self.family.encoder()
+        image = np.asarray(image, np.float32)
+        return self.infer(spec.name, {spec.inputs[0].name: image[None] if image.ndim == 3 else image}, spec)[spec.outputs[0].name]
+
+    def decode(self, embeddings, boxes):
+        """Decoder alone: one embedding and [N,4] xyxy boxes -> (low_res_masks [N,1,m,m], iou [N,1])."""
+        spec = self.family.decoder()
+        embeddings = np.asarray(embeddings, np.float32)
+        inputs = {spec.inputs[0].name: embeddings[None] if embeddings.ndim == 3 else embeddings,
+                  spec.inputs[1].name: np.asarray(boxes, np.float32).reshape(-1, 4)}
+        out = self.infer(spec.name, inputs, spec)
+        return out[spec.outputs[0].name], out[spec.outputs[1].name]
+
+    def close(self):
+        """Nothing to release (the BLS requests belong to the model instance)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
