@@ -89,11 +89,13 @@ bench: setup
 GPU_WHEELS ?= build/gpu-wheels
 GPU_IMAGES ?= 0
 GPU_OUT    ?= bench/gpu.json
+GPU_PYTHON ?= python3
+GPU_ARGS   ?=
 gpu-wheels: $(VENV)/.installed
 	$(BIN)/python -m bench.gpu_check --prepare $(GPU_WHEELS) --data $(DATA) --images $(GPU_IMAGES)
 
 gpu-check:
-	python3 -m bench.gpu_check --wheels $(GPU_WHEELS) --out $(GPU_OUT)
+	$(GPU_PYTHON) -m bench.gpu_check --wheels $(GPU_WHEELS) --out $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis

@@ -26,8 +26,9 @@ def machine() -> dict:
                 if line.startswith("model name")), platform.processor())
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=HERE).stdout.strip())
+        results = [f":(top,exclude)bench/*.{suffix}" for suffix in ("json", "md", "png")]  # a run's own outputs
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *results],
+                                    capture_output=True, text=True, cwd=HERE).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", None
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "load_average_start": os.getloadavg()[0],

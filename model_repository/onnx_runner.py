@@ -4,7 +4,9 @@ Copied by the repository renderer to ``<model>/1/model.py``; self-contained (num
 Config parameters: ``onnx_file`` (default model.onnx), ``intra_op_threads`` (0 = all cores),
 ``inter_op_threads``, ``allow_spinning`` ("0": idle intra-op threads sleep at once instead of
 spinning, so a model that just ran does not take the cores from the next one in another process). Every request is checked against the model config (names, dtypes, shapes)
-before anything runs; a bad request gets a TritonError and the others in the batch still run.
+before anything runs, and inputs must agree on the axes the ONNX graph names alike (the ROI
+decoder's windows, origins and boxes on "boxes"); a bad request gets a TritonError
+(INVALID_ARGUMENT) and the others in the batch still run.
 Requests of a dynamically batched model are concatenated on axis 0 and run in one session call.
 """
 
@@ -62,6 +64,20 @@ class TritonPythonModel:
         if missing_out:
             raise pb_utils.TritonModelException(f"{self.name}: ONNX outputs {sorted(graph_outputs)} lack {sorted(missing_out)}")
         self.graph_inputs = graph_inputs
+        # axes the graph names (its dynamic axes, e.g. every input's "boxes"): one size per name
+        self.named_axes = {i.name: [d if isinstance(d, str) else None for d in i.shape] for i in self.session.get_inputs()}
+
+    def _check_named_axes(self, arrays):
+        """Inputs whose axes the ONNX graph gives one name must agree on that axis' size."""
+        seen = {}
+        for name, array in arrays.items():
+            for axis, symbol in enumerate(self.named_axes.get(name, ())):
+                if symbol is None or axis >= array.ndim:
+                    continue
+                first = seen.setdefault(symbol, (name, axis, array.shape[axis]))
+                if first[2] != array.shape[axis]:
+                    raise RequestError(f"{self.name}: input '{name}' has {array.shape[axis]} on axis {axis} and input "
+                                       f"'{first[0]}' {first[2]} on axis {first[1]}; both are axis '{symbol}' and must agree")
 
     def _request_arrays(self, request):
         """Named input arrays of one request, validated against the config."""
@@ -85,7 +101,9 @@ class TritonPythonModel:
         sizes = {a.shape[0] for a in arrays.values()} if self.max_batch > 0 else set()
         if len(sizes) > 1:
             raise RequestError(f"{self.name}: inputs disagree on the batch size: {sorted(sizes)}")
-        return {k: v for k, v in arrays.items() if k in self.graph_inputs}
+        arrays = {k: v for k, v in arrays.items() if k in self.graph_inputs}
+        self._check_named_axes(arrays)
+        return arrays
 
     def _run(self, arrays):
         names = [n for n, _, _, _ in self.outputs]

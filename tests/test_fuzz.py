@@ -145,9 +145,9 @@ def test_random_tensors_get_an_answer_or_a_clean_error(client, tiny: Family, wro
 
 
 # --- the grid pipeline (detector-free), on its own server ------------------------------------
-@pytest.fixture(scope="module")
-def grid_client(grid_repository, tmp_path_factory):
-    server = EmbeddedServer(grid_repository, log_path=tmp_path_factory.mktemp("fuzz_grid") / "server.log", exit_timeout_s=2)
+def served_client(repository, log_dir):
+    """A gRPC client of a real tritonserver on ``repository`` (stopped when the generator ends)."""
+    server = EmbeddedServer(repository, log_path=log_dir / "server.log", exit_timeout_s=2)
     try:
         server.start(90)
         client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -155,6 +155,11 @@ def grid_client(grid_repository, tmp_path_factory):
         client.close()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def grid_client(grid_repository, tmp_path_factory):
+    yield from served_client(grid_repository, tmp_path_factory.mktemp("fuzz_grid"))
 
 
 @pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
@@ -187,14 +192,7 @@ def served_specs(repository, family: Family) -> list[ModelSpec]:
 
 @pytest.fixture(scope="module")
 def default_client(default_repository, tmp_path_factory):
-    server = EmbeddedServer(default_repository, log_path=tmp_path_factory.mktemp("fuzz_default") / "server.log", exit_timeout_s=2)
-    try:
-        server.start(90)
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        yield client
-        client.close()
-    finally:
-        server.stop()
+    yield from served_client(default_repository, tmp_path_factory.mktemp("fuzz_default"))
 
 
 @pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
@@ -208,3 +206,14 @@ def test_every_model_of_the_default_export_answers_or_refuses_cleanly(default_cl
         errors += outcomes["error"]
     assert errors > 0 or not wrong
     assert default_client.is_server_ready()
+
+
+def test_roi_decoder_refuses_windows_and_boxes_of_different_counts(default_client) -> None:
+    windows = np.zeros((3, LITE.embed_dim, 16, 16), np.float32)
+    request = {"embedding_windows": windows, "window_origins": np.zeros((3, 2), np.float32),
+               "boxes": np.array([[10, 10, 40, 40]], np.float32)}
+    with pytest.raises(InferenceServerException) as info:
+        send(default_client, LITE.roi_decoder_name, request)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "'boxes'" in str(info.value), str(info.value)
+    request["boxes"] = np.repeat(request["boxes"], 3, axis=0)  # the same request with one box per window
+    assert send(default_client, LITE.roi_decoder_name, request).as_numpy("iou_predictions").shape == (3, 1)

@@ -20,11 +20,14 @@ from bench.gpu_check import FULL, QUICK, TRAVEL_LIMIT, Run, Skipped, match_label
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dsb2018"
 STAGE_NAMES = [name for name, _ in gpu_check.STAGES]
-# The device's python3 has no editable install of the project: run the module with that finder removed.
+# The device's python3 has no editable install of the project: `make gpu-check` runs with this as its
+# python (GPU_PYTHON), which removes that finder, then runs `-m bench.gpu_check ARGS` as python3 would.
 AS_ON_DEVICE = """
-import runpy, sys
+import os, runpy, sys
+sys.path[0] = os.getcwd()  # as `python3 -m` puts it first, not this script's folder
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "")).lower()]
-sys.argv = ["gpu_check"] + sys.argv[1:]
+assert sys.argv[1:3] == ["-m", "bench.gpu_check"], sys.argv
+sys.argv = ["gpu_check"] + sys.argv[3:]
 runpy.run_module("bench.gpu_check", run_name="__main__", alter_sys=True)
 """
 
@@ -42,11 +45,13 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def quick(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One CPU quick run as on the device, single-threaded (a busy 2-core machine stays fast)."""
-    out = tmp_path_factory.mktemp("gpu_quick") / "gpu.json"
+    """One CPU quick run of `make gpu-check` as on the device, single-threaded (a busy 2-core machine stays fast)."""
+    folder = tmp_path_factory.mktemp("gpu_quick")
+    out, as_device = folder / "gpu.json", folder / "as_device.py"
+    as_device.write_text(AS_ON_DEVICE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", AS_ON_DEVICE, "--device", "cpu", "--quick", "--wheels", str(wheels),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(["make", "-s", "gpu-check", f"GPU_PYTHON={sys.executable} {as_device}", "GPU_ARGS=--device cpu --quick",
+                           f"GPU_WHEELS={wheels}", f"GPU_OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     assert "cellsam_build: ok" in done.stdout and "gpu-check: done" in done.stdout
     return json.loads(out.read_text())
@@ -74,8 +79,10 @@ def test_gpu_wheels_fit_what_a_device_call_carries(wheels: Path) -> None:
 
 
 def test_make_gpu_check_uses_the_machines_own_python() -> None:
-    done = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "python3 -m bench.gpu_check --wheels build/gpu-wheels --out bench/gpu.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}  # as typed, not inside `make test`
+    done = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True,
+                          check=True, env=env)
+    assert done.stdout.strip() == "python3 -m bench.gpu_check --wheels build/gpu-wheels --out bench/gpu.json"  # no venv
 
 
 def test_quick_run_records_every_stage_with_sane_values(quick: dict, wheels: Path) -> None:
