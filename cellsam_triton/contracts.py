@@ -305,7 +305,7 @@ class Family:
         """``<family>_labels``: the whole client path of ``cellsam-triton segment`` as one model.
 
         Exactly one of ``image`` (UINT8), ``image_uint16``, ``image_fp32`` (finite): [H, W, C],
-        C <= 3 (a grey image is [H, W, 1]; as the CLI reads files, the smallest axis holds the
+        C <= 3 (a grey image is [H, W, 1]; C = 4 is RGBA, its alpha dropped; as the CLI reads files, the smallest axis holds the
         channels, so [C, H, W] works too), H * W <= LABELS_MAX_PIXELS. The other inputs are
         optional, absent = the family's default, as the CLI's options: prompt ``boxes`` (xyxy,
         input pixels, x1/y1 exclusive; the detector is skipped), thresholds, ``min_cell_area``,

@@ -26,6 +26,7 @@ except ImportError:
 # tensor name -> its pixel type; a request carries exactly one of them
 IMAGE_INPUTS = {NAMES.image: np.uint8, NAMES.image_uint16: np.uint16, NAMES.image_fp32: np.float32}
 MAX_CHANNELS = 3
+ALPHA_CHANNELS = 4  # RGBA: the alpha channel is dropped, as `segment` drops a PNG's
 MAX_POINTS_PER_SIDE = 128  # the grid pipeline's own limits
 MAX_CROP_LAYERS = 2
 
@@ -37,7 +38,8 @@ def load_rules(family):
 
 
 def image_input(inputs):
-    """(name, array) of the one image input: [H, W, C], 1 <= C <= 3, at most LABELS_MAX_PIXELS, finite.
+    """(name, array) of the one image input: [H, W, C], 1 <= C <= 3 (C = 4: RGBA, alpha dropped), at
+    most LABELS_MAX_PIXELS, finite.
 
     As ``segment`` reads image files, the channel axis is the smallest one (first on a tie), so a
     channels-first [C, H, W] array is read the same way; H and W are the other two axes.
@@ -50,8 +52,9 @@ def image_input(inputs):
     array = inputs[name]
     if array.dtype != IMAGE_INPUTS[name]:
         raise RequestError(f"input '{name}' has dtype {array.dtype}, expected {np.dtype(IMAGE_INPUTS[name])}")
-    if array.ndim != 3 or min(array.shape) > MAX_CHANNELS:
-        raise RequestError(f"input '{name}' has shape {list(array.shape)}, expected [H, W, C] with 1 <= C <= {MAX_CHANNELS}")
+    if array.ndim != 3 or min(array.shape) > ALPHA_CHANNELS:
+        raise RequestError(f"input '{name}' has shape {list(array.shape)}, expected [H, W, C] with 1 <= C <= {MAX_CHANNELS} "
+                           f"(or {ALPHA_CHANNELS}: RGBA)")
     if array.size == 0:
         raise RequestError(f"input '{name}' is empty (shape {list(array.shape)})")
     channel = int(np.argmin(array.shape))
@@ -63,6 +66,8 @@ def image_input(inputs):
                            f"{LABELS_MAX_PIXELS}; segment larger images window by window (`cellsam-triton segment --slide`)")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise RequestError(f"input '{name}' contains NaN or infinite values")
+    if array.shape[channel] == ALPHA_CHANNELS:
+        array = np.take(array, range(MAX_CHANNELS), axis=channel)
     return name, array
 
 

@@ -134,7 +134,7 @@ BAD_REQUESTS = [
     ({"image": GOOD.astype(np.float32)}, "input 'image' has dtype float32, expected uint8"),
     ({"image": GOOD[..., 0]}, "expected [H, W, C]"),
     ({"image": GOOD[None]}, "expected [H, W, C]"),
-    ({"image": np.zeros((40, 50, 4), np.uint8)}, "expected [H, W, C] with 1 <= C <= 3"),
+    ({"image": np.zeros((40, 50, 5), np.uint8)}, "expected [H, W, C] with 1 <= C <= 3"),
     ({"image": np.zeros((0, 50, 1), np.uint8)}, "input 'image' is empty (shape [0, 50, 1])"),
     ({"image": np.zeros((1, 50, 1), np.uint8)}, "at least 2x2"),
     ({"image": np.zeros((LABELS_MAX_PIXELS // 4096 + 1, 4096, 1), np.uint8)}, f"more than the limit of {LABELS_MAX_PIXELS}"),
@@ -228,6 +228,15 @@ def test_labels_model_equals_the_client_path(labels_server, client, family: Fami
     # CellFinder reads channel 0 and finds nothing in them, which must be the same answer too
     assert local.count > 0 or (family is CELLSAM_LIKE and kind in ("uint16 grey", "fp32 two channels"))
     same(served, local)
+
+
+def test_rgba_is_segmented_as_its_rgb_the_way_segment_reads_a_png(labels_server, client) -> None:
+    rgb = blocks_image(seed=5)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+    with Segmenter(labels_server.grpc_url, TILED.name) as segmenter:
+        local = segmenter.segment(rgb)
+    assert local.count > 0
+    same(send(client, TILED.labels_name, {"image": rgba}), local)
 
 
 def test_settings_and_prompt_boxes_reach_the_rule_code(labels_server, client) -> None:

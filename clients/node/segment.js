@@ -8,7 +8,7 @@
 //                   [--out cells.json] [--labels labels.npy] [--mask-threshold 0.5] ...
 //   node segment.js --raw image.bin --shape 520,696,3 --dtype uint8 ...
 //
-// The image: an NPY file (uint8, uint16 or float32; [H, W] or [H, W, C], C <= 3) or raw
+// The image: an NPY file (uint8, uint16 or float32; [H, W] or [H, W, C], C <= 3 or 4 = RGBA, alpha dropped by the server) or raw
 // little-endian bytes with --shape and --dtype. Writes the cell table as JSON (stdout without
 // --out) and, with --labels, the uint32 label image as NPY. A refused request prints one line,
 // "error: <gRPC status>: <message>", and exits with 1 (2 for a usage error).
