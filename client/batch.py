@@ -24,7 +24,7 @@ from cellsam_triton.errors import ServerError, UserError
 
 from .images import SUFFIXES
 from .types import Segmentation
-from .writers import DEFAULT_FORMATS, FORMAT_SUFFIXES
+from .writers import DEFAULT_FORMATS, format_paths
 
 SegmentImage = Callable[[np.ndarray], Segmentation]
 
@@ -62,9 +62,14 @@ FORMAT_KEYS = {"tif": "labels", "csv": "cells", "geojson": "geojson", "ome-zarr"
 def output_paths(out_dir: Path, source: Path) -> dict[str, Path]:
     """Where the outputs of one input go (every format's, whichever are written)."""
     stem = source.name.split(".")[0] or source.stem
-    paths = {key: out_dir / f"{stem}{FORMAT_SUFFIXES[name]}" for name, key in FORMAT_KEYS.items()}
+    paths = {FORMAT_KEYS[name]: path for name, path in format_paths(out_dir, stem).items()}
     paths["overlay"] = out_dir / f"{stem}_overlay.png"
     return paths
+
+
+def requested_formats(args: object, default: Sequence[str] = DEFAULT_FORMATS) -> tuple[str, ...]:
+    """The outputs a `segment` command line asks for (``args.formats``, set from --format), else ``default``."""
+    return tuple(getattr(args, "formats", None) or default)
 
 
 def written_paths(paths: dict[str, Path], formats: Sequence[str] = DEFAULT_FORMATS, overlay: bool = False) -> list[Path]:

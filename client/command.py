@@ -122,9 +122,9 @@ def formats(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .batch import expand_inputs, run_batch
+    from .batch import expand_inputs, requested_formats, run_batch
     from .pool import ServerPool
-    from .writers import DEFAULT_FORMATS, read_boxes_csv
+    from .writers import read_boxes_csv
 
     args.formats = formats(args)
     options = _options(args)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             [job for job in jobs if job not in large], args.out,
             lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid),
             overlay=args.overlay, overwrite=args.overwrite, workers=workers, progress=args.progress,
-            formats=args.formats or DEFAULT_FORMATS,
+            formats=requested_formats(args),
         )
         segment_large_jobs(large, args.out, pool, options, args, report)
     print(report.summary())

@@ -26,7 +26,7 @@ import numpy as np
 
 from cellsam_triton.errors import ServerError, UserError
 
-from .batch import BatchReport, Job, is_done, output_paths, write_outputs
+from .batch import BatchReport, Job, is_done, output_paths, requested_formats, write_outputs
 from .types import SegmentOptions
 from .writers import DEFAULT_FORMATS
 
@@ -177,7 +177,7 @@ def run_cli(args: argparse.Namespace, jobs: Sequence[Job], urls: Sequence[str], 
     with dask_client(args.dask) as client:
         report = run_dask_batch(client, jobs, args.out, urls, args.model, options, boxes, overlay=args.overlay,
                                 overwrite=args.overwrite, progress=args.progress,
-                                formats=getattr(args, "formats", None) or DEFAULT_FORMATS, **connection)
+                                formats=requested_formats(args), **connection)
     print(report.summary() + f" on {len(report.by_worker)} Dask workers")
     if report.failed:
         print(f"failed ({len(report.failed)}): {', '.join(str(s) for s, _ in report.failed)}", file=sys.stderr)

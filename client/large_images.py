@@ -24,10 +24,9 @@ import numpy as np
 from cellsam_triton.contracts import Family
 from cellsam_triton.errors import ServerError, UserError
 
-from .batch import BatchReport, Job, is_done, output_paths, write_outputs, written_paths
+from .batch import BatchReport, Job, is_done, output_paths, requested_formats, write_outputs, written_paths
 from .labels import cells_table
 from .types import Segmentation, SegmentOptions
-from .writers import DEFAULT_FORMATS
 
 LARGE_IMAGE_PIXELS = 4096 * 4096
 LAZY_SUFFIXES = (".tif", ".tiff", ".npy")
@@ -107,12 +106,8 @@ def segment_large(source: Path, out_dir: Path, pool, options: SegmentOptions, ar
     paths = output_paths(out_dir, source)
     result = Segmentation(labels, cells_table(labels, scores))
     # ome-zarr reads a lazily opened input region by region, as the windows did
-    write_outputs(paths, whole if whole is not None else slide, result, args.overlay, _formats(args))
+    write_outputs(paths, whole if whole is not None else slide, result, args.overlay, requested_formats(args))
     return result.count, paths
-
-
-def _formats(args: argparse.Namespace) -> tuple[str, ...]:
-    return getattr(args, "formats", None) or DEFAULT_FORMATS
 
 
 def segment_large_jobs(jobs: list[Job], out_dir: Path, pool, options: SegmentOptions, args: argparse.Namespace,
@@ -125,7 +120,7 @@ def segment_large_jobs(jobs: list[Job], out_dir: Path, pool, options: SegmentOpt
     report.total += len(jobs)
     for job in jobs:
         paths = output_paths(out_dir, job.source)
-        if job.resumable and not args.overwrite and is_done(job.source, paths, args.overlay, _formats(args)):
+        if job.resumable and not args.overwrite and is_done(job.source, paths, args.overlay, requested_formats(args)):
             report.skipped += 1
             continue
         try:
@@ -138,6 +133,6 @@ def segment_large_jobs(jobs: list[Job], out_dir: Path, pool, options: SegmentOpt
             continue
         report.segmented += 1
         report.cells += count
-        written = ", ".join(str(p) for p in written_paths(paths, _formats(args)))
+        written = ", ".join(str(p) for p in written_paths(paths, requested_formats(args)))
         print(f"{job.source}: {count} cells -> {written} (large image: segmented window by window)")
     report.elapsed_s += time.perf_counter() - started

@@ -21,6 +21,7 @@ from typing import Callable
 
 from cellsam_triton.errors import ServerError, UserError
 
+from .batch import requested_formats
 from .large_images import LARGE_IMAGE_PIXELS
 
 DEFAULT_MAX_MEMORY_MB = 1024.0  # windows' working memory; the interpreter and libraries (~150 MB) come on top
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace, open_pool: Callable[[], object], options) -> i
     from .slides import Slide, segment_slide, window_for_memory
 
     check(args)
-    formats = getattr(args, "formats", None) or ("tif",)
+    formats = requested_formats(args, ("tif",))
     args.out.mkdir(parents=True, exist_ok=True)
     window = window_for_memory(args.max_memory, args.windows)
     failed: list[tuple[Path, str]] = []

@@ -13,7 +13,8 @@ rules send two frames at a time); BLS requests are independent, so it needs no l
 
 import numpy as np
 
-from cellsam_triton.client.transport import to_result
+from cellsam_triton.client.transport import _decoder_inputs, _embed_batch, to_result
+from cellsam_triton.contracts import NAMES
 
 STAGE = "segmentation"  # a failed call reads "segmentation (<model>) failed: ..."
 
@@ -40,17 +41,13 @@ class BlsTransport:
     def embed(self, image):
         """Encoder alone: image [3,s,s] or [B,3,s,s] (already normalised) -> embeddings [B,D,e,e]."""
         spec = self.family.encoder()
-        image = np.asarray(image, np.float32)
-        return self.infer(spec.name, {spec.inputs[0].name: image[None] if image.ndim == 3 else image}, spec)[spec.outputs[0].name]
+        return self.infer(spec.name, {NAMES.image: _embed_batch(image)}, spec)[NAMES.image_embeddings]
 
     def decode(self, embeddings, boxes):
         """Decoder alone: one embedding and [N,4] xyxy boxes -> (low_res_masks [N,1,m,m], iou [N,1])."""
         spec = self.family.decoder()
-        embeddings = np.asarray(embeddings, np.float32)
-        inputs = {spec.inputs[0].name: embeddings[None] if embeddings.ndim == 3 else embeddings,
-                  spec.inputs[1].name: np.asarray(boxes, np.float32).reshape(-1, 4)}
-        out = self.infer(spec.name, inputs, spec)
-        return out[spec.outputs[0].name], out[spec.outputs[1].name]
+        out = self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
+        return out[NAMES.low_res_masks], out[NAMES.iou_predictions]
 
     def close(self):
         """Nothing to release (the BLS requests belong to the model instance)."""
