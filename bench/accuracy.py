@@ -2,7 +2,9 @@
 
 1. the served default model with its own detector boxes,
 2. the classical baseline (Otsu + watershed, bench/baseline.py), no server,
-3. the same served model prompted with the ground-truth boxes (the detector's ceiling).
+3. the same served model prompted with the ground-truth boxes (the detector's ceiling),
+4. with ``--before REPOSITORY``: an earlier export with its detector boxes, on its own server
+   (before/after accuracy and s/image of a change, same run, same machine).
 
 Starts an embedded tritonserver on an exported repository (or uses ``--url``), writes
 ``accuracy.json`` (summaries and per-image rows), ``accuracy.md`` (table) and ``accuracy.png``
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N validation images only")
     parser.add_argument("--out", type=Path, default=HERE, metavar="DIR", help="output folder (default bench/)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
+    parser.add_argument("--before", type=Path, default=None, metavar="REPOSITORY",
+                        help="also run this earlier export (detector boxes) on the same images, served after the others "
+                             "on its own server: accuracy and s/image before and after a change in one run")
     return parser.parse_args(argv)
 
 
@@ -80,6 +85,11 @@ def measure(args: argparse.Namespace) -> dict:
         classical = evaluate(args.data, records, lambda image, labels: segment_classical(image), "classical")
         runs["classical (Otsu + watershed)"] = classical
         runs[f"{model} (ground-truth boxes)"] = evaluate(args.data, records, served_predict(segmenter, "gt"), f"{model} gt")
+    if args.before is not None:
+        before = argparse.Namespace(**{**vars(args), "repository": args.before, "url": None})
+        with server_url(before) as url, Segmenter(url, args.model, timeout_s=args.timeout) as segmenter:
+            runs[f"{model} before (detector boxes, {args.before.name})"] = evaluate(
+                args.data, records, served_predict(segmenter, None), f"{model} before")
     return {
         "split": SPLIT,
         "images": len(records),

@@ -38,6 +38,13 @@ LABELS_MAX_PIXELS = 4096 * 4096
 LABELS_MAX_BOXES = 4096
 CELL_COLUMNS = ("label", "x0", "y0", "x1", "y1", "score", "area")
 
+# Largest prompt count one decoder call may carry (the gpu target's TensorRT profile max): the
+# pipeline sends decoder_chunk boxes per call; direct decoder callers chunk to at most this many.
+DECODER_MAX_BOXES = 256
+# Points of one point prompt (one cell: its positive and negative points) at most; the point
+# decoder's point axis (gpu target: TensorRT profile max). Shorter prompts are padded with label -1.
+MAX_PROMPT_POINTS = 32
+
 
 class NAMES:
     """The one spelling of every tensor name of the contracts below: export, the server glue, the
@@ -265,14 +272,15 @@ class Family:
         return f"{self.name}_grid"
 
     def point_decoder(self) -> ModelSpec:
-        """One image embedding, N single-point prompts on axis 0 (SAM's point rule, no mask input)."""
+        """One image embedding, N point prompts on axis 0, P points each (SAM's point rule, no mask
+        input); the grid sends P = 1, a cell clicked several times P > 1 (at most MAX_PROMPT_POINTS)."""
         e, m = self.embed_size, self.low_res_size
         return ModelSpec(
             self.point_decoder_name,
             inputs=(
                 Tensor(NAMES.image_embeddings, FP32, (1, self.embed_dim, e, e)),
-                Tensor(NAMES.point_coords, FP32, (-1, 1, 2)),  # xy in the encoder frame
-                Tensor(NAMES.point_labels, FP32, (-1, 1)),  # 1 foreground, 0 background
+                Tensor(NAMES.point_coords, FP32, (-1, -1, 2)),  # [N,P,2] xy in the encoder frame
+                Tensor(NAMES.point_labels, FP32, (-1, -1)),  # [N,P] 1 foreground, 0 background, -1 padding (not a point)
             ),
             outputs=(
                 Tensor(NAMES.low_res_masks, FP32, (-1, 1, m, m)),
@@ -358,6 +366,7 @@ class Family:
         return cls(**fields)
 
 
+# grid (`cellsam_grid`): GridRules() as they are, CellSeg1's 32 x 32 points on SAM's own input size
 CELLSAM = Family(name="cellsam", input_size=1024, detector="cellfinder", preprocess="cellsam")
 LITE = Family(
     name="cellsam_lite",
@@ -383,6 +392,9 @@ LITE = Family(
     auto_scale_below=16.0,
     auto_scale_factor=2.0,
     auto_scale_min_factor=1.5,
+    # `cellsam_lite_grid` (detector-free): cellseg1_lite's rules on the same 256 tiles (16 x 16 points;
+    # `--points-per-side 32` per request for CellSeg1's density).
+    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6, points_per_side=16),
 )
 
 # CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in

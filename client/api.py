@@ -25,6 +25,7 @@ from .types import RunRequests, Segmentation, SegmentOptions
 
 if TYPE_CHECKING:
     from .grid_rules import GridOptions, Infer
+    from .points import PointPrompts
 
 # Family.preprocess -> module holding that family's `segment(image, run, family, boxes, options)`.
 RULE_SETS = {
@@ -51,6 +52,7 @@ def segment_image(
     options: SegmentOptions | None = None,
     prompts: str = "detector",
     grid: "GridOptions | None" = None,
+    points: "PointPrompts | np.ndarray | None" = None,
 ) -> Segmentation:
     """Segment one image with a served ``family``: the one dispatch of every client front end.
 
@@ -58,8 +60,18 @@ def segment_image(
     request to any model (``TritonTransport.infer`` / ``ServerPool.infer_model``). ``boxes``:
     [N,4] xyxy in input pixels, no detector runs. ``prompts="grid"``: no detector either, a point
     grid through ``<family>_grid`` (``grid`` sets its options, see client/grid_rules.py).
+    ``points``: point prompts through ``<family>_point_decoder``, no detector either: a
+    `points.PointPrompts` (cells of positive and negative points, ``points.read_points_csv``) or
+    [N,2] xy in input pixels, each a positive point of its own cell (client/point_rules.py).
     """
     options = options or SegmentOptions()
+    if points is not None:
+        from .point_rules import segment_points
+        from .points import as_point_prompts
+
+        if boxes is not None or prompts != "detector":
+            raise UserError("give one kind of prompt: point prompts exclude prompt boxes and grid prompts")
+        return segment_points(image, infer, family, as_point_prompts(points), options)
     if prompts == "grid":
         from .grid_rules import GridOptions, segment_grid
 
@@ -89,9 +101,10 @@ class Segmenter:
         options: SegmentOptions | None = None,
         prompts: str = "detector",
         grid: "GridOptions | None" = None,
+        points: "PointPrompts | np.ndarray | None" = None,
     ) -> Segmentation:
         """Segment one image (see :func:`segment_image`)."""
-        return segment_image(image, self.family, self.transport.run, self.transport.infer, boxes, options, prompts, grid)
+        return segment_image(image, self.family, self.transport.run, self.transport.infer, boxes, options, prompts, grid, points)
 
     def close(self) -> None:
         self.transport.close()
@@ -121,9 +134,10 @@ class AsyncSegmenter:
         options: SegmentOptions | None = None,
         prompts: str = "detector",
         grid: "GridOptions | None" = None,
+        points: "PointPrompts | np.ndarray | None" = None,
     ) -> Segmentation:
         t = self._sync.transport
-        return await asyncio.to_thread(segment_image, image, self.family, t.run, t.infer, boxes, options, prompts, grid)
+        return await asyncio.to_thread(segment_image, image, self.family, t.run, t.infer, boxes, options, prompts, grid, points)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._sync.close)

@@ -26,7 +26,7 @@ from cellsam_triton.errors import UserError
 from .images import to_channels_last3, validate_image
 from .labels import cells_table, logit_threshold, paint_cells
 from .resize import iter_mask_logits, resize
-from .types import RunRequests, Segmentation, SegmentOptions
+from .types import PipelineResult, RunRequests, Segmentation, SegmentOptions
 
 CLIP_PERCENTILE = 99.9
 CLAHE_KERNEL = 128
@@ -166,9 +166,14 @@ def segment(
         options.iou_threshold,
         family.input_size,
     )
-    result = run([request])[0]
+    return paint_frame(run([request])[0], family, (height, width), options)
+
+
+def paint_frame(result: PipelineResult, family: Family, shape: tuple[int, int], options: SegmentOptions) -> Segmentation:
+    """The label image of one stretched frame's masks: up-sampled to ``shape``, thresholded,
+    painted in order (later masks win), cleaned (``options`` resolved)."""
     cut = logit_threshold(options.mask_threshold)
-    blocks = iter_mask_logits(result.masks, family.input_size, (height, width), above=cut)
-    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area)
+    blocks = iter_mask_logits(result.masks, family.input_size, shape, above=cut)
+    labels, index = paint_cells(blocks, shape, cut, options.min_cell_area)
     scores = np.asarray(result.scores, np.float64)[index]
     return Segmentation(labels, cells_table(labels, scores))

@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cellsam_triton.errors import UserError
 
 from .autoscale import check_scale
 from .types import SegmentOptions
+
+if TYPE_CHECKING:
+    from .points import PointPrompts
 
 DEFAULT_URL = "127.0.0.1:8001"
 
@@ -31,8 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", action="append", default=None, help=f"Triton gRPC address; repeat for several servers (default {DEFAULT_URL})")
     parser.add_argument("--model", default=None, help="pipeline model name (default: the default model)")
     parser.add_argument("--boxes", type=Path, metavar="CSV", help="prompt boxes x0,y0,x1,y1 in input pixels; skips the detector")
+    parser.add_argument("--points", type=Path, metavar="CSV",
+                        help="point prompts x,y[,label][,cell] in input pixels (label 1 positive, 0 negative; rows sharing a cell "
+                             "value are one cell, else one cell a point) through <model>_point_decoder; skips the detector")
     parser.add_argument("--prompts", choices=("detector", "grid"), default="detector",
-                        help="detector boxes, or grid: a point grid through the model's detector-free <model>_grid (CellSeg1) (default %(default)s)")
+                        help="detector boxes, or grid: a point grid through the model's <model>_grid, no detector (default %(default)s)")
     add_grid_arguments(parser)
     parser.add_argument("--bbox-threshold", type=float, default=None, help="detector score threshold (default 0.4)")
     parser.add_argument("--iou-threshold", type=float, default=None, help="drop masks whose predicted IoU is lower; -1 keeps all (default 0.5)")
@@ -106,11 +113,24 @@ def _grid(args: argparse.Namespace) -> object:
         return None
     from .grid_rules import grid_options
 
-    if args.boxes is not None:
-        raise UserError("--boxes and --prompts grid exclude each other")
+    if args.boxes is not None or args.points is not None:
+        raise UserError(f"--{'boxes' if args.boxes is not None else 'points'} and --prompts grid exclude each other")
     if getattr(args, "slide", None) or getattr(args, "dask", None):
         raise UserError("--prompts grid works on image files and folders (not with --slide or --dask)")
     return grid_options(args)
+
+
+def _points(args: argparse.Namespace) -> "PointPrompts | None":
+    """The --points prompts (read and checked before any server is contacted), else None."""
+    if args.points is None:
+        return None
+    if args.boxes is not None:
+        raise UserError("--boxes and --points exclude each other")
+    if getattr(args, "slide", None) or getattr(args, "dask", None):
+        raise UserError("--points works on image files and folders (not with --slide or --dask)")
+    from .points import read_points_csv
+
+    return read_points_csv(args.points)
 
 
 def formats(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -129,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     args.formats = formats(args)
     options = _options(args)
     grid = _grid(args)
+    points = _points(args)
     urls = args.url or [DEFAULT_URL]
     connection = dict(timeout_s=args.timeout, patience_s=args.retry_for, shared_memory=args.shared_memory, **tls_options(args))
     if args.slide:
@@ -147,14 +168,14 @@ def run(args: argparse.Namespace) -> int:
     from .large_images import segment_large_jobs, takes_slide_path
     from .slide_command import check as check_slide_options
 
-    if boxes is None:  # the options of the slide path that large inputs take
+    if boxes is None and points is None:  # the options of the slide path that large inputs take
         check_slide_options(args)
     with ServerPool(urls, args.model, **connection) as pool:
-        large = [] if boxes is not None or grid is not None else [
-            job for job in jobs if takes_slide_path(job.source, pool.family, args.slide_above)]
+        prompted = boxes is not None or grid is not None or points is not None  # whole images, never the slide path
+        large = [] if prompted else [job for job in jobs if takes_slide_path(job.source, pool.family, args.slide_above)]
         report = run_batch(
             [job for job in jobs if job not in large], args.out,
-            lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid),
+            lambda image: pool.segment(image, boxes=boxes, options=options, prompts=args.prompts, grid=grid, points=points),
             overlay=args.overlay, overwrite=args.overwrite, workers=workers, progress=args.progress,
             formats=requested_formats(args),
         )

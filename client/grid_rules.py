@@ -7,6 +7,8 @@ frames' masks one label image, painted large-to-small (small cells win where mas
               centre lies in its core.
   sam         CellSeg1's frame: min-max to 0..255, longest side resized to the input size,
               SAM pixel mean/std, zero-padded; masks up-sampled back like SAM's postprocessing.
+  cellsam     CellSAM's frame (cellsam_rules: normalised, stretched to the input size); masks
+              up-sampled back as its box masks are.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import numpy as np
 from cellsam_triton.contracts import NAMES, Family
 from cellsam_triton.errors import UserError
 
-from .images import validate_image
+from .images import to_channels_last3, validate_image
 from .labels import cells_table, paint_cells
 from .lite_rules import channels_last
-from .resize import resize, resize_weights
+from .resize import iter_mask_logits, resize, resize_weights
 from .tiles import Tile, family_tiles, lite_normalize, mask_block, owned, tile_input
 from .types import PipelineResult, Segmentation, SegmentOptions
 
@@ -132,7 +134,7 @@ def sam_frame(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]
     return frame, (h, w)
 
 
-def _upsample(low_res: int, size: int, valid: int, out: int) -> np.ndarray:
+def sam_upsample(low_res: int, size: int, valid: int, out: int) -> np.ndarray:
     """SAM postprocess along one axis: low_res -> size, crop to valid, -> out; weights [out, low_res]."""
     first = resize_weights(low_res, size, antialias=False)[:valid]
     return (resize_weights(valid, out, antialias=False) @ first).astype(np.float32)
@@ -143,7 +145,7 @@ def _sam_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) ->
     frame, (h, w) = sam_frame(image, family.input_size)
     (result,) = run_grid(infer, family, [{NAMES.image: frame, NAMES.valid_size: np.array([h, w], np.int32), **extra}])
     m = family.low_res_size
-    wy, wx = _upsample(m, family.input_size, h, height), _upsample(m, family.input_size, w, width)
+    wy, wx = sam_upsample(m, family.input_size, h, height), sam_upsample(m, family.input_size, w, width)
     full = (slice(0, height), slice(0, width))
     found = []
     for mask, score in zip(result.masks, result.scores):
@@ -152,7 +154,18 @@ def _sam_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) ->
     return found
 
 
-FRAMES = {"litemedsam": _tiled_blocks, "sam": _sam_blocks}
+# --- cellsam: CellSAM's stretched frame -------------------------------------------------------------------
+def _cellsam_blocks(image: np.ndarray, infer: Infer, family: Family, extra: dict) -> list[tuple[float, float, tuple]]:
+    from .cellsam_rules import normalize, segmenter_input  # scikit-image: only for this family
+
+    height, width = image.shape[:2]
+    frame = segmenter_input(normalize(to_channels_last3(image)), family.input_size)
+    (result,) = run_grid(infer, family, [{NAMES.image: frame, **extra}])  # the whole frame is image: no valid_size
+    blocks = iter_mask_logits(result.masks, family.input_size, (height, width), above=DECIDED)
+    return [(float((block[2] > DECIDED).sum()), float(score), block) for block, score in zip(blocks, result.scores)]
+
+
+FRAMES = {"litemedsam": _tiled_blocks, "sam": _sam_blocks, "cellsam": _cellsam_blocks}
 
 
 def segment(image: np.ndarray, run: object, family: Family, boxes: np.ndarray | None, options: SegmentOptions) -> Segmentation:

@@ -24,7 +24,7 @@ from .autoscale import auto_factor, capped, check_scale, segment_rescaled
 from .images import validate_image
 from .labels import cells_table, logit_threshold, paint_cells
 from .tiles import Tile, core_prompt, family_tiles, lite_normalize, mask_block, owned, tile_input
-from .types import RunRequests, Segmentation, SegmentOptions
+from .types import PipelineResult, RunRequests, Segmentation, SegmentOptions
 
 
 def channels_last(image: np.ndarray) -> np.ndarray:
@@ -127,14 +127,22 @@ def segment_native(
         options.iou_threshold,
     )
     results = run(requests) if requests else []
+    return paint_tiles([tiles[k] for k in used], results, (height, width), options, prompted=boxes is not None)
+
+
+def paint_tiles(
+    tiles: list[Tile], results: list[PipelineResult], shape: tuple[int, int], options: SegmentOptions, prompted: bool
+) -> Segmentation:
+    """The label image of tile results (``results[i]`` from ``tiles[i]``): masks painted in order of
+    decreasing score, later masks winning overlaps. ``prompted``: every mask answers a given prompt
+    (boxes, points) and is kept; else a tile keeps the masks it owns (box centre in its core)."""
     cut = logit_threshold(options.mask_threshold)
     kept = []  # (score, tile, result, mask index)
-    for k, result in zip(used, results):
-        tile = tiles[k]
-        indices = np.arange(len(result.scores)) if boxes is not None else owned(result.boxes, tile)
+    for tile, result in zip(tiles, results):
+        indices = np.arange(len(result.scores)) if prompted else owned(result.boxes, tile)
         kept += [(float(result.scores[i]), tile, result, int(i)) for i in indices]
     kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile and prompt order
-    blocks = (mask_block(r.masks[i], t, (height, width), cut) for _, t, r, i in kept)
-    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area)
+    blocks = (mask_block(r.masks[i], t, shape, cut) for _, t, r, i in kept)
+    labels, index = paint_cells(blocks, shape, cut, options.min_cell_area)
     scores = np.array([kept[i][0] for i in index], np.float64)
     return Segmentation(labels, cells_table(labels, scores))

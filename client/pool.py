@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from cellsam_triton.contracts import ModelSpec
 
     from .grid_rules import GridOptions
+    from .points import PointPrompts
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,12 @@ class ServerPool:
         options: SegmentOptions | None = None,
         prompts: str = "detector",
         grid: "GridOptions | None" = None,
+        points: "PointPrompts | np.ndarray | None" = None,
     ) -> Segmentation:
         """Segment one image (same contract as `Segmenter.segment`, see `api.segment_image`)."""
         from .api import segment_image
 
-        return segment_image(image, self.family, self.run, self.infer_model, boxes, options, prompts, grid)
+        return segment_image(image, self.family, self.run, self.infer_model, boxes, options, prompts, grid, points)
 
     def answered(self) -> dict[str, int]:
         """Requests answered so far, by URL."""

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cellsam_triton.contracts import DEFAULT_FAMILY, NAMES, NUMPY_DTYPES, Family, ModelSpec
+from cellsam_triton.contracts import DECODER_MAX_BOXES, DEFAULT_FAMILY, NAMES, NUMPY_DTYPES, Family, ModelSpec
 from cellsam_triton.errors import ServerError, UserError
 
 from .types import PipelineResult
@@ -177,12 +177,41 @@ def _embed_batch(image: np.ndarray) -> np.ndarray:
     return image[None] if image.ndim == 3 else image
 
 
-def _decoder_inputs(embeddings: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
+def _one_embedding(embeddings: np.ndarray) -> np.ndarray:
+    """A decoder's image embedding [1,D,e,e] (float32) from [D,e,e] or [1,D,e,e]."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
+    return embeddings[None] if embeddings.ndim == 3 else embeddings
+
+
+def _decoder_inputs(embeddings: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
     return {
-        NAMES.image_embeddings: embeddings[None] if embeddings.ndim == 3 else embeddings,
+        NAMES.image_embeddings: _one_embedding(embeddings),
         NAMES.boxes: np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
     }
+
+
+def point_decoder_requests(embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """Point decoder requests for N prompts on one embedding, at most DECODER_MAX_BOXES each.
+
+    ``coords`` [N,P,2] (or [N,2]: one point a prompt) xy in the encoder frame; ``labels`` [N,P]
+    1 foreground, 0 background, -1 padding (default: all foreground).
+    """
+    coords = np.asarray(coords, dtype=np.float32)
+    coords = coords[:, None, :] if coords.ndim == 2 else coords
+    if coords.ndim != 3 or coords.shape[-1] != 2:
+        raise UserError(f"point prompts must be [N,P,2] or [N,2] xy, got shape {coords.shape}")
+    labels = np.ones(coords.shape[:2], np.float32) if labels is None else np.asarray(labels, np.float32).reshape(coords.shape[:2])
+    embeddings = _one_embedding(embeddings)
+    return [{NAMES.image_embeddings: embeddings, NAMES.point_coords: coords[start:start + DECODER_MAX_BOXES],
+             NAMES.point_labels: labels[start:start + DECODER_MAX_BOXES]} for start in range(0, len(coords), DECODER_MAX_BOXES)]
+
+
+def joined_masks(outputs: list[dict[str, np.ndarray]], low_res_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(low_res_masks [N,1,m,m], iou_predictions [N,1]) of decoder answers, concatenated in order."""
+    if not outputs:
+        return np.zeros((0, 1, low_res_size, low_res_size), np.float32), np.zeros((0, 1), np.float32)
+    return (np.concatenate([o[NAMES.low_res_masks] for o in outputs]),
+            np.concatenate([o[NAMES.iou_predictions] for o in outputs]))
 
 
 # --- settings shared by both transports ----------------------------------------------------------
@@ -347,6 +376,15 @@ class TritonTransport(_TransportSettings):
         out = self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
         return out[NAMES.low_res_masks], out[NAMES.iou_predictions]
 
+    def decode_points(
+        self, embeddings: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Point decoder alone: one embedding and N prompts of P points ([N,P,2] xy, encoder frame;
+        labels [N,P] 1/0, -1 pads; default all 1) -> (low_res_masks [N,1,m,m], iou [N,1])."""
+        spec = self.family.point_decoder()
+        requests = point_decoder_requests(embeddings, point_coords, point_labels)
+        return joined_masks([self.infer(spec.name, r, spec) for r in requests], self.family.low_res_size)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._lock:
@@ -461,6 +499,15 @@ class AsyncTritonTransport(_TransportSettings):
         spec = self.family.decoder()
         out = await self.infer(spec.name, _decoder_inputs(embeddings, boxes), spec)
         return out[NAMES.low_res_masks], out[NAMES.iou_predictions]
+
+    async def decode_points(
+        self, embeddings: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `TritonTransport.decode_points`."""
+        await self.open()
+        spec = self.family.point_decoder()
+        requests = point_decoder_requests(embeddings, point_coords, point_labels)
+        return joined_masks([await self.infer(spec.name, r, spec) for r in requests], self.family.low_res_size)
 
     async def close(self) -> None:
         await self._client.close()

@@ -1,5 +1,5 @@
 """Output files written atomically (label TIFF, cells CSV, cells GeoJSON, OME-Zarr, overlay PNG),
-and the --boxes CSV reader.
+and the --boxes CSV reader (client/points.py reads --points).
 
 Each writer writes a temporary file (or folder) in the destination folder and renames it over the
 target, so a reader never sees a half-written output and an interrupted run leaves no partial one.
@@ -114,6 +114,18 @@ def write_overlay_png(path: str | Path, image: np.ndarray, labels: np.ndarray) -
         Image.fromarray(rgb).save(temp, format="PNG")
 
 
+def prompt_csv_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a prompt CSV (``what``: "boxes", "points") with their 1-based
+    numbers; a `UserError` naming the file when it cannot be read or is not text."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: {what} file is not text") from None
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
 def read_boxes_csv(path: str | Path) -> np.ndarray:
     """Prompt boxes from a CSV with header x0,y0,x1,y1 (input pixels) -> float32 [N,4].
 
@@ -121,13 +133,7 @@ def read_boxes_csv(path: str | Path) -> np.ndarray:
     and line for a wrong header, a non-number, NaN/inf, or a box with x1 <= x0 or y1 <= y0.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read boxes ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: boxes file is not text") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = prompt_csv_lines(path, "boxes")
     if not lines:
         return np.zeros((0, 4), np.float32)
     header = tuple(cell.strip().lower() for cell in lines[0][1].split(","))

@@ -1,9 +1,11 @@
-"""Export CellSAM's three networks to ONNX in a Triton repository layout, parity-checked.
+"""Export CellSAM's networks to ONNX in a Triton repository layout, parity-checked.
 
 ``DIR/cellsam_encoder/1/model.onnx``   image [B,3,S,S] -> image_embeddings [B,C,g,g]
 ``DIR/cellsam_detector/1/model.onnx``  image [B,3,S,S] -> pred_logits [B,Q,2], pred_boxes [B,Q,4]
 ``DIR/cellsam_decoder/1/model.onnx``   image_embeddings [1,C,g,g], boxes [N,4] -> low_res_masks
                                        [N,1,m,m], iou_predictions [N,1]
+``DIR/cellsam_point_decoder/1/...``    the same SAM prompt encoder + mask decoder with point prompts
+                                       [N,P,2] / [N,P] (export/point_export.py; `cellsam_grid`, `--points`)
 Tensor and model names come from ``cellsam_triton.contracts.CELLSAM``; sizes from the modules
 (a small test checkpoint gives smaller embeddings). config.pbtxt files are written elsewhere.
 """
@@ -71,6 +73,9 @@ def export_decoder(modules: CellSAMModules, repository_dir: str | os.PathLike, t
 
 
 def export_cellsam(checkpoint_path: str | os.PathLike, repository_dir: str | os.PathLike, tolerance: float = 1e-3) -> list[ExportReport]:
-    """Load an official CellSAM checkpoint and write its three ONNX models under ``repository_dir``."""
+    """Load an official CellSAM checkpoint and write its four ONNX models under ``repository_dir``."""
+    from .point_export import export_point_decoder
+
     modules = build_cellsam(load_checkpoint(checkpoint_path))
-    return [export(modules, repository_dir, tolerance) for export in (export_encoder, export_detector, export_decoder)]
+    reports = [export(modules, repository_dir, tolerance) for export in (export_encoder, export_detector, export_decoder)]
+    return reports + [export_point_decoder(CELLSAM, modules.decoder, repository_dir, tolerance)]

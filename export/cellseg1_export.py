@@ -2,8 +2,9 @@
 
 ``DIR/cellseg1_encoder``        image [B,3,512,512] (SAM-normalised, zero-padded) -> [B,256,32,32]
 ``DIR/cellseg1_decoder``        box prompts, as every family's decoder
-``DIR/<family>_point_decoder``  image_embeddings [1,C,e,e], point_coords [N,1,2], point_labels
-                                [N,1] -> low_res_masks [N,1,m,m], iou_predictions [N,1]
+``DIR/<family>_point_decoder``  image_embeddings [1,C,e,e], point_coords [N,P,2], point_labels
+                                [N,P] -> low_res_masks [N,1,m,m], iou_predictions [N,1]
+                                (export/point_export.py)
 Encoder and decoders are exported from the merged weights; the parity check compares ONNX
 Runtime with the same (merged) PyTorch modules, and tests/test_cellseg1.py compares the ONNX
 files with the *unmerged* adapters. ViT-H (> 2 GB) goes to one external data file.
@@ -24,33 +25,7 @@ from cellsam_triton.contracts import CELLSEG1, CELLSEG1_LITE, NAMES, Family
 
 from .cellsam_export import model_path, random_boxes
 from .onnx_export import ExportReport, export_onnx
-
-
-def _embeddings(decoder, generator: torch.Generator) -> torch.Tensor:
-    pe = decoder.prompt_encoder
-    return torch.randn(1, pe.embed_dim, *pe.image_embedding_size, generator=generator)
-
-
-def export_point_decoder(family: Family, decoder, repository_dir: str | os.PathLike, tolerance: float = 1e-3) -> ExportReport:
-    """``<family>_point_decoder`` from any SAM-structured box decoder (its prompt encoder + mask decoder)."""
-    from .models.point_decoder import PointDecoder
-
-    spec = family.point_decoder()
-    names = [t.name for t in spec.inputs]
-    outputs = [t.name for t in spec.outputs]
-    point = PointDecoder(decoder.prompt_encoder, decoder.mask_decoder).eval()
-    size = point.prompt_encoder.input_image_size[0]
-    g = torch.Generator().manual_seed(3)
-    emb = _embeddings(point, g)
-
-    def inputs(n: int) -> dict:
-        coords = torch.rand(n, 1, 2, generator=g) * size
-        labels = (torch.rand(n, 1, generator=g) > 0.2).float()
-        return dict(zip(names, (emb, coords, labels)))
-
-    sets = [inputs(n) for n in (5, 1, 9)]
-    axes = {name: {0: "num_points"} for name in names[1:] + outputs}
-    return export_onnx(point, sets[0], outputs, axes, model_path(repository_dir, spec), tolerance, sets[1:])
+from .point_export import export_point_decoder, random_embeddings
 
 
 def export_sam_family(modules, family: Family, repository_dir: str | os.PathLike, tolerance: float) -> list[ExportReport]:
@@ -70,7 +45,7 @@ def export_sam_family(modules, family: Family, repository_dir: str | os.PathLike
     g = torch.Generator().manual_seed(2)
     dec = family.decoder()
     names, outputs = [t.name for t in dec.inputs], [t.name for t in dec.outputs]
-    emb = _embeddings(box, g)
+    emb = random_embeddings(box, g)
     sets = [dict(zip(names, (emb, random_boxes(n, s, g)))) for n in (4, 1, 11)]
     axes = {name: {0: "num_boxes"} for name in (names[1], *outputs)}
     reports.append(export_onnx(box, sets[0], outputs, axes, model_path(repository_dir, dec), tolerance, sets[1:]))
@@ -118,7 +93,7 @@ def export_lite_family(encoder, decoder, family: Family, repository_dir: str | o
     box = BoxDecoder(decoder.prompt_encoder, decoder.mask_decoder).eval()
     dec = family.decoder()
     names, outputs = [t.name for t in dec.inputs], [t.name for t in dec.outputs]
-    emb = _embeddings(box, g) * 0.5
+    emb = random_embeddings(box, g) * 0.5
     sets = [dict(zip(names, (emb, random_boxes(n, s, g)))) for n in (3, 1, 7)]
     axes = {name: {0: "num_boxes"} for name in (names[1], *outputs)}
     reports.append(export_onnx(box, sets[0], outputs, axes, model_path(repository_dir, dec), tolerance, sets[1:]))

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "calibrated, in the adapter's .json, else CellSeg1's 0.8)")
     parser.add_argument("--detector-weights", type=Path, help="CellFinder-lite weights (default: the committed ones)")
     parser.add_argument("--decoder-weights", metavar="PATH|none", help="fine-tuned LiteMedSAM mask decoder (default: the committed one for the decoder context; none: LiteMedSAM's own)")
+    parser.add_argument("--point-decoder-weights", metavar="PATH|none",
+                        help="default model: decoder weights of <model>_point_decoder (point prompts, grid mode) (default: the "
+                             "committed full-context decoder, lite_export.DEFAULT_POINT_DECODER_WEIGHTS; none: LiteMedSAM's own)")
     parser.add_argument("--decoder-context", choices=DECODER_CONTEXTS, default=None,
                         help=f"default model: roi decodes each box on an embedding window (fast), full on the whole embedding "
                              f"(the decoder served before ROI decoding, exactly) (default {LITE.decoder_context})")
@@ -76,7 +79,7 @@ def export_family(family: Family, staging: Path, args: argparse.Namespace) -> li
     from .lite_export import export_lite
 
     kwargs = {"tolerance": args.tolerance, "decoder_weights": decoder_weights(args), "decoder_context": decoder_context(args),
-              "encoder_precision": encoder_precision(args)}
+              "encoder_precision": encoder_precision(args), "point_decoder_weights": point_decoder_weights(args)}
     if args.detector_weights is not None:
         kwargs["detector_weights"] = args.detector_weights
     return export_lite(staging, **kwargs)
@@ -105,6 +108,17 @@ def decoder_weights(args: argparse.Namespace) -> Path | None:
     given = getattr(args, "decoder_weights", None)
     if given is None:
         return DEFAULT_DECODER_WEIGHTS[decoder_context(args)]
+    return None if given.lower() == "none" else Path(given)
+
+
+def point_decoder_weights(args: argparse.Namespace) -> Path | None:
+    """The LITE point decoder weights ``--point-decoder-weights`` names (None: LiteMedSAM's own
+    decoder; not given: ``lite_export.DEFAULT_POINT_DECODER_WEIGHTS``)."""
+    from .lite_export import DEFAULT_POINT_DECODER_WEIGHTS
+
+    given = getattr(args, "point_decoder_weights", None)
+    if given is None:
+        return DEFAULT_POINT_DECODER_WEIGHTS
     return None if given.lower() == "none" else Path(given)
 
 
@@ -146,15 +160,15 @@ def install(staging: Path, repository: Path, family: Family) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .repository import GpuOptions, write_family
+    from .repository import GpuOptions
 
     family = MODEL_CHOICES[args.model]
     if family is CELLSEG1 and args.sam_checkpoint is None:
         family = CELLSEG1_LITE  # CellSeg1 on the LiteMedSAM base (adapters from `finetune`)
-    lite_only = (args.detector_weights, args.decoder_weights, args.decoder_context, args.encoder_precision)
+    lite_only = (args.detector_weights, args.decoder_weights, args.point_decoder_weights, args.decoder_context, args.encoder_precision)
     if family is not LITE and any(option is not None for option in lite_only):
-        raise UserError("--detector-weights/--decoder-weights/--decoder-context/--encoder-precision are for the default model "
-                        "(LiteMedSAM + CellFinder-lite)")
+        raise UserError("--detector-weights/--decoder-weights/--point-decoder-weights/--decoder-context/--encoder-precision are "
+                        "for the default model (LiteMedSAM + CellFinder-lite)")
     for given in (args.checkpoint, args.sam_checkpoint, args.lora):
         if given is not None and not given.is_file():
             raise UserError(f"file not found: {given}")
@@ -170,16 +184,15 @@ def run(args: argparse.Namespace) -> int:
         staging = Path(tmp)
         reports = export_family(family, staging, args)
         if family is LITE:  # its mask threshold depends on the decoder weights
-            from .lite_export import served_family
+            from .lite_export import DEFAULT_DETECTOR_WEIGHTS, served_family
 
-            family = served_family(decoder_weights(args), decoder_context(args), encoder_precision(args))
+            family = served_family(decoder_weights(args), decoder_context(args), encoder_precision(args),
+                                   args.detector_weights or DEFAULT_DETECTOR_WEIGHTS)
         else:
             family = served  # CellSeg1: with its grid threshold
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)
-        if family.detector == "none":  # detector-free (CellSeg1): served with grid prompts
-            write_served(staging, family, args.target, threads=args.threads, gpu=gpu)
-        else:
-            write_family(staging, family, args.target, threads=args.threads, gpu=gpu)
+        # every family with its point decoder and grid pipeline (a detector-free one without a detector)
+        write_served(staging, family, args.target, threads=args.threads, gpu=gpu)
         write_labels(staging, family, args.target, threads=args.threads, gpu=gpu)  # `<family>_labels`, any family
         installed = install(staging, args.repository, family)
     for report in reports:

@@ -1,9 +1,11 @@
-"""Repository pieces for detector-free serving: ``<family>_point_decoder`` and ``<family>_grid``.
+"""Repository pieces for point prompts: ``<family>_point_decoder`` and ``<family>_grid``.
 
-Rendered with export/repository.py's public helpers: the point decoder is an ONNX model like the
-box decoder (role "decoder"), the grid pipeline a Python BLS like the box pipeline (role
-"pipeline", so its config carries the family). :func:`write_served` writes every config of a
-family, leaving out the detector of a detector-free family (``detector == "none"``).
+Every SAM-family export serves them (the default model, CellSAM, CellSeg1). Rendered with
+export/repository.py's public helpers: the point decoder is an ONNX model like the box decoder
+(role "point_decoder": its own TensorRT profile on the point axis), the grid pipeline a Python BLS
+like the box pipeline (role "pipeline", so its config carries the family). :func:`write_served`
+writes every config of a family, leaving out the detector of a detector-free family
+(``detector == "none"``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "raster.p
 
 def grid_roles(family: Family) -> list[tuple[str, ModelSpec]]:
     """(role, spec) of the two models that add grid prompts to a family."""
-    return [("decoder", family.point_decoder()), ("pipeline", family.grid_pipeline())]
+    return [("point_decoder", family.point_decoder()), ("pipeline", family.grid_pipeline())]
 
 
 def served_roles(family: Family) -> list[tuple[str, ModelSpec]]:
-    """(role, spec) of every model a family serves with grid prompts (no detector if it has none)."""
+    """(role, spec) of every model a family serves with point and grid prompts (no detector if it has none)."""
     base = [(r, s) for r, s in family_roles(family) if not (r == "detector" and family.detector == "none")]
     return base + grid_roles(family)
 

@@ -1,10 +1,12 @@
-"""Export the default model family (LITE): LiteMedSAM encoder, CellFinder-lite, box decoder(s).
+"""Export the default model family (LITE): LiteMedSAM encoder, CellFinder-lite, box and point decoders.
 
 Writes ``DIR/<model>/1/model.onnx`` for the LITE models with the contract's tensor names, each
 parity-checked against PyTorch on a second batch size, box count or window side too, so the
 dynamic axes are proven, not only declared. With ``decoder_context="roi"`` (the default) the
 window decoder (``<model>_roi_decoder``) is exported beside the full one, both from the decoder
-weights fine-tuned on windows. Detector and decoder go through ``export_onnx``;
+weights fine-tuned on windows. ``<model>_point_decoder`` (point prompts and ``<model>_grid``) is
+exported from its own weights, ``DEFAULT_POINT_DECODER_WEIGHTS`` unless given (export/point_export.py).
+Detector and decoders go through ``export_onnx``;
 the TinyViT encoder needs the dynamo exporter (TorchScript tracing freezes its batch size),
 which ``export_onnx`` does not offer, so :func:`export_encoder` runs it and the same checks.
 """
@@ -22,6 +24,11 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # Per decoder context, the committed decoder weights: "full" fine-tuned on whole embeddings (the
 # decoder served before ROI decoding), "roi" fine-tuned on the windows it is served with.
 DEFAULT_DECODER_WEIGHTS = {"full": WEIGHTS_DIR / "lite_decoder.pt", "roi": WEIGHTS_DIR / "lite_decoder_roi.pt"}
+# The one place that names the weights `cellsam_lite_point_decoder` (point prompts, `cellsam_lite_grid`)
+# is exported from: the full-context decoder, fine-tuned with box prompts only. Switch it here when a
+# decoder trained with mixed box / point prompts is committed (and list a new file in the Makefile's
+# WEIGHTS, so `make export` follows it); `export --point-decoder-weights` overrides it per export.
+DEFAULT_POINT_DECODER_WEIGHTS = DEFAULT_DECODER_WEIGHTS["full"]
 FROZEN_MASK_THRESHOLD = 0.12  # frozen LiteMedSAM draws cells small: a low threshold (logit ~ -2)
 
 
@@ -35,10 +42,22 @@ def served_mask_threshold(path: Path, default: float) -> float:
     return float(json.loads(beside.read_text()).get("mask_threshold", default))
 
 
+def detector_selection(path: Path) -> dict:
+    """The score threshold and NMS IoU chosen on train for detector weights (``selection`` in the
+    provenance beside them, see export/train_detector.py); {} when none was recorded."""
+    import json
+
+    beside = path.with_suffix(".json")
+    if not beside.is_file():
+        return {}
+    selection = json.loads(beside.read_text()).get("selection") or {}
+    return {"bbox_threshold": float(selection["score_threshold"]), "nms_iou": float(selection["nms_iou"])} if selection else {}
+
+
 def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context,
-                  encoder_precision: str = LITE.encoder_precision):
-    """LITE with its decoder context, encoder precision and the mask threshold its decoder is
-    served with (recorded beside fine-tuned weights)."""
+                  encoder_precision: str = LITE.encoder_precision, detector_weights: Path = DEFAULT_DETECTOR_WEIGHTS):
+    """LITE with its decoder context, encoder precision, the mask threshold its decoder is served
+    with (recorded beside fine-tuned weights) and the detector's selection chosen on train."""
     import dataclasses
 
     if decoder_weights is None:
@@ -46,7 +65,7 @@ def served_family(decoder_weights: Path | None, decoder_context: str = LITE.deco
     else:
         threshold = served_mask_threshold(Path(decoder_weights), LITE.mask_threshold)
     return dataclasses.replace(LITE, mask_threshold=threshold, decoder_context=decoder_context,
-                               encoder_precision=encoder_precision)
+                               encoder_precision=encoder_precision, **detector_selection(Path(detector_weights)))
 
 
 def export_encoder(encoder, examples: list, path: Path, tolerance: float):
@@ -93,7 +112,7 @@ def export_encoder(encoder, examples: list, path: Path, tolerance: float):
     return report
 
 
-PARTS = ("encoder", "detector", "decoder", "roi_decoder")
+PARTS = ("encoder", "detector", "decoder", "roi_decoder", "point_decoder")
 
 
 def export_lite(
@@ -104,13 +123,17 @@ def export_lite(
     decoder_weights: str | Path | None = DEFAULT_DECODER_WEIGHTS[LITE.decoder_context],
     decoder_context: str = LITE.decoder_context,
     encoder_precision: str = LITE.encoder_precision,
+    point_decoder_weights: str | Path | None = DEFAULT_POINT_DECODER_WEIGHTS,
 ) -> list:
     """Export the LITE models named in ``parts`` under ``repository_dir``; their parity reports.
 
     ``decoder_weights``: fine-tuned mask decoder (``train-decoder``) loaded before export; None
     exports LiteMedSAM's own (frozen) decoder. The ROI decoder is exported only with
-    ``decoder_context`` "roi". ``encoder_precision`` "int8": the encoder's weight MatMuls are
+    ``decoder_context`` "roi". ``point_decoder_weights``: the same for the point decoder, on its
+    own copy of the decoder. ``encoder_precision`` "int8": the encoder's weight MatMuls are
     quantised after the FP32 parity check (export/encoder_int8.py, cpu target)."""
+    import copy
+
     import torch
 
     from .models.detector_lite import load_detector
@@ -120,12 +143,15 @@ def export_lite(
     weights = Path(detector_weights)
     if "detector" in parts and not weights.is_file():
         raise UserError(f"CellFinder-lite weights not found: {weights} (train them with `cellsam-triton train-detector`)")
+    from .train_decoder import load_decoder_weights
+
     lite = load_litemedsam()
+    point_decoder = copy.deepcopy(lite.decoder) if "point_decoder" in parts else None
+    if point_decoder is not None and point_decoder_weights is not None:
+        load_decoder_weights(point_decoder, Path(point_decoder_weights))
     if decoder_context != "roi":
         parts = tuple(p for p in parts if p != "roi_decoder")
     if decoder_weights is not None and {"decoder", "roi_decoder"} & set(parts):
-        from .train_decoder import load_decoder_weights
-
         load_decoder_weights(lite.decoder, Path(decoder_weights))
     generator = torch.Generator().manual_seed(0)
     s, c, e = LITE.input_size, LITE.embed_dim, LITE.embed_size
@@ -176,6 +202,10 @@ def export_lite(
         )
     if "roi_decoder" in parts:
         reports.append(export_window_decoder(lite.decoder, path(LITE.roi_decoder()), tolerance, embeddings, boxes, generator))
+    if point_decoder is not None:
+        from .point_export import export_point_decoder
+
+        reports.append(export_point_decoder(LITE, point_decoder, repository_dir, tolerance))
     return reports
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cellsam_triton import contracts
-from cellsam_triton.contracts import Family, ModelSpec, Tensor
+from cellsam_triton.contracts import DECODER_MAX_BOXES, MAX_PROMPT_POINTS, Family, ModelSpec, Tensor
 from cellsam_triton.errors import UserError
 
 # The glue ships inside the package (cellsam_triton.model_repository = model_repository/), so
@@ -28,7 +28,7 @@ RUNNER_GLUE = ("onnx_runner.py",)
 # first file becomes model.py; contracts.py is the package's own (cellsam_triton/contracts.py)
 PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py", "request_checks.py", "contracts.py")
 ONNX_FILE = "model.onnx"
-ROLES = ("encoder", "detector", "decoder", "roi_decoder", "pipeline", "labels")
+ROLES = ("encoder", "detector", "decoder", "roi_decoder", "point_decoder", "pipeline", "labels")
 # `<family>_labels` instances (Python BLS on KIND_CPU, export/labels_repository.py): two images
 # segmented at once overlap one's rule code (numpy) with the other's pipeline work, as the CLI's two
 # workers per server do; on the gpu target as many as the pipeline has, to keep the encoder batching.
@@ -48,14 +48,13 @@ PRECISIONS = ("fp32", "fp16")
 DEFAULT_TRT_CACHE = "/var/cache/cellsam-triton/trt"
 GPU_QUEUE_DELAY_US = 5000  # a ViT-B batch of 8 takes tens of ms: waiting 5 ms to fill it pays
 TRT_WORKSPACE_BYTES = 4 << 30
-# Largest box count one decoder call may carry (TensorRT profile max). The pipeline sends
-# decoder_chunk boxes per call; direct decoder callers must chunk to at most this many.
-DECODER_MAX_BOXES = 256
+# DECODER_MAX_BOXES (contracts): the most boxes / point prompts of one decoder call (TensorRT
+# profile max); MAX_PROMPT_POINTS (contracts): the point decoder's longest point axis.
 # Instances per role on the GPU: the encoder and detector scale by dynamic batching (one
 # instance, big batches); the decoder is small and latency-bound, so two instances let two
 # pipeline requests decode at once. The pipeline (Python BLS on CPU) needs as many instances as
 # requests in flight, or the encoder's batcher never sees a full batch: encoder_batch of them.
-GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2, "roi_decoder": 2}
+GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2, "roi_decoder": 2, "point_decoder": 2}
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,8 @@ def tensorrt_parameters(
     TensorRT EP options it passes through (trt_*). Explicit profiles: batch 1..max_batch_size
     (optimised for the full batch) for encoder/detector, 1..DECODER_MAX_BOXES boxes (optimised
     for one pipeline chunk) for the decoders, window sides min..max of ``windows`` (optimised for
-    the smallest) for the ROI decoder, so no engine is rebuilt under traffic.
+    the smallest) for the ROI decoder, and points a prompt 1..MAX_PROMPT_POINTS (optimised for one,
+    the grid's) for the point decoder, so no engine is rebuilt under traffic.
     """
     small, large = min(windows), max(windows)
     if spec.max_batch_size > 0:
@@ -180,7 +180,7 @@ def _gpu_runner(config, spec: ModelSpec, role: str, gpu: GpuOptions, family: Fam
     batched = spec.max_batch_size > 0
     preferred = tuple(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})) if batched else ()
     warm = (1, spec.max_batch_size) if batched and spec.max_batch_size > 1 else (1,)
-    windows = tuple(family.roi_windows) if role == "roi_decoder" else (0,)
+    windows = {"roi_decoder": tuple(family.roi_windows), "point_decoder": (1, MAX_PROMPT_POINTS)}.get(role, (0,))
     config.platform = "onnxruntime_onnx"
     config.default_model_filename = ONNX_FILE
     _add_instances(config, "KIND_GPU", GPU_INSTANCES[role])

@@ -45,6 +45,7 @@ from .lite_export import FROZEN_MASK_THRESHOLD
 from .training import command_line, optimiser, sha256_file
 from .train_detector import (
     CACHE_ROOT,
+    add_view_arguments,
     MIN_VISIBLE_AREA,
     REPO,
     label_boxes,
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="encoder processes while building the cache")
     parser.add_argument("--limit", type=int, default=None, help="first N images of each split only (smoke runs)")
-    parser.add_argument("--augment-kinds", default="stained", help="kinds also cached in dihedral views (default %(default)s)")
+    add_view_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (default %(default)s)")
     parser.add_argument("--encoder-onnx", type=Path, default=None, help=argparse.SUPPRESS)
 

@@ -37,6 +37,7 @@ from cellsam_triton.datasets import SPLIT_RULE, data_checksum, load_manifest, lo
 from cellsam_triton.errors import UserError
 from cellsam_triton.model_repository import raster
 
+from .detector_views import COLOR_VERSION, DIHEDRAL_VIEWS, augmented_views, dihedral, load_view, parse_kinds, view_id  # noqa: F401 (re-exported)
 from .models.detector_lite import DetectorConfig
 from .training import command_line, optimiser, sha256_file
 
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO / ".cache" / "lite_embeddings"
 DEFAULT_OUT = REPO / "export" / "weights" / "cellfinder_lite.pt"
 NORMALIZATION = "lite_normalize:image-minmax-v1"
-NMS_IOU = 0.3  # greedy-NMS IoU of validation: recommended Family.nms_iou (0.3 beat 0.5 by ~0.03 box F1)
+NMS_IOU = 0.3  # greedy-NMS IoU of the first detectors (chosen on val then); new runs choose it on train
 THRESHOLDS = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 MIN_VISIBLE_AREA = 10  # pixels of a cell inside a tile for it to be a target there
 CENTER_RADIUS = 1.5  # FCOS centre sampling, in grid cells
@@ -61,9 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="encoder processes for the cache, 1 thread each (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training (default %(default)s)")
-    parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="greedy-NMS IoU used in validation (default %(default)s)")
-    parser.add_argument("--augment-kinds", default="stained", metavar="KINDS",
-                        help="comma-separated kinds whose train images are added in all 8 dihedral views ('' for none; default %(default)s)")
+    add_view_arguments(parser)
+    parser.add_argument("--kind-weights", default="", metavar="KIND=W,...",
+                        help="sample the tiles of these kinds W times as often per epoch (e.g. stained=2; default: all 1)")
     parser.add_argument("--width", type=int, default=None,
                         help=f"trunk channels of a new detector (not with --init; default {DetectorConfig.width})")
     parser.add_argument("--dilations", default=None, metavar="D,D,...",
@@ -74,6 +75,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
     parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (default %(default)s)")
     parser.add_argument("--encoder-onnx", type=Path, default=None, help="encoder ONNX to cache with (default: LiteMedSAM's, exported once)")
+
+
+def add_view_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options choosing the extra training views (export/detector_views.py); both trainers take them."""
+    parser.add_argument("--augment-kinds", default="stained", metavar="KINDS",
+                        help="comma-separated kinds whose train images are added in all 8 dihedral views ('' for none; default %(default)s)")
+    parser.add_argument("--color-kinds", default="", metavar="KINDS",
+                        help="kinds whose train images are added in --color-views stain/colour-jittered views (HED, hue, "
+                             "saturation, gamma; default none)")
+    parser.add_argument("--color-views", type=int, default=4, metavar="N", help="stain/colour views per image (default %(default)s)")
+    parser.add_argument("--scale-kinds", default="", metavar="KINDS",
+                        help="kinds whose small-cell train images are added enlarged as the client's auto-scale sends them (default none)")
+    parser.add_argument("--invert-kinds", default="", metavar="KINDS",
+                        help="kinds whose train images are added with inverted intensities, 2 dihedral views (default none)")
 
 
 # --- embedding cache -----------------------------------------------------------------------
@@ -114,27 +129,6 @@ def export_encoder_onnx(path: Path) -> Path:
         )
     tmp.replace(path)
     return path
-
-
-DIHEDRAL_VIEWS = 8
-
-
-def dihedral(array: np.ndarray, k: int) -> np.ndarray:
-    """View ``k`` of 8 of the first two axes: ``k % 4`` quarter turns, then a left-right flip if k >= 4."""
-    out = np.rot90(array, k % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
-
-
-def view_id(sample_id: str, k: int) -> str:
-    """Cache/sample key of view ``k`` of an image (view 0 is the image itself)."""
-    return sample_id if k == 0 else f"{sample_id}@d{k}"
-
-
-def load_view(root: str | Path, view: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image, labels) of a view key from :func:`view_id`."""
-    sample_id, _, k = view.partition("@d")
-    image, labels = load_sample(root, sample_id)
-    return dihedral(image, int(k or 0)), dihedral(labels, int(k or 0))
 
 
 _SESSION = None  # per cache-worker process
@@ -286,8 +280,8 @@ def box_matches(pred: np.ndarray, true: np.ndarray, threshold: float = 0.5) -> i
     return int((weight[rows, cols] > 0).sum())
 
 
-def evaluate(model, samples: list[dict], nms_iou: float = NMS_IOU, thresholds=THRESHOLDS) -> dict:
-    """Box F1@0.5 on whole images for each score threshold: per-image mean and pooled P/R/F1."""
+def detect_all(model, samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(scores, boxes) of every tile of every sample, as the served detector gives them."""
     import torch
 
     raw = []
@@ -295,6 +289,14 @@ def evaluate(model, samples: list[dict], nms_iou: float = NMS_IOU, thresholds=TH
         with torch.no_grad():
             scores, boxes = model(torch.from_numpy(np.array(s["embeddings"])).float())
         raw.append((scores.numpy(), boxes.numpy()))
+    return raw
+
+
+def evaluate(model, samples: list[dict], nms_iou: float = NMS_IOU, thresholds=THRESHOLDS, raw: list | None = None) -> dict:
+    """Box F1@0.5 on whole images for each score threshold: per-image mean (overall and by image
+    kind) and pooled P/R/F1; ``best_threshold`` is the one with the highest per-image mean.
+    ``raw``: the detections of :func:`detect_all`, when already computed."""
+    raw = detect_all(model, samples) if raw is None else raw
     result = {}
     for thr in thresholds:
         f1s, tp, n_pred, n_true = [], 0, 0, 0
@@ -304,19 +306,42 @@ def evaluate(model, samples: list[dict], nms_iou: float = NMS_IOU, thresholds=TH
             denom = m + 0.5 * (len(pred) - m + len(s["boxes"]) - m)
             f1s.append(m / denom if denom else 1.0)
             tp, n_pred, n_true = tp + m, n_pred + len(pred), n_true + len(s["boxes"])
+        kinds = sorted({s.get("kind", "all") for s in samples})
         result[f"{thr:g}"] = {
             "box_f1_mean": float(np.mean(f1s)),
             "precision": tp / n_pred if n_pred else 0.0,
             "recall": tp / n_true if n_true else 0.0,
+            "by_kind": {k: float(np.mean([f for f, s in zip(f1s, samples) if s.get("kind", "all") == k])) for k in kinds},
         }
     best = max(result, key=lambda k: result[k]["box_f1_mean"])
     return {"by_threshold": result, "best_threshold": float(best), "best_box_f1_mean": result[best]["box_f1_mean"]}
 
 
+def at_threshold(metrics: dict, threshold: float) -> dict:
+    """The row of :func:`evaluate`'s result at ``threshold``."""
+    return metrics["by_threshold"][f"{threshold:g}"]
+
+
+NMS_CANDIDATES = (0.3, 0.4, 0.5)
+SELECTION_RULE = "score threshold and NMS IoU with the best per-image box F1@0.5 on the train images (no augmented views); never on val"
+
+
+def choose_on_train(model, train_samples: list[dict], nms_candidates=NMS_CANDIDATES) -> dict:
+    """The served selection (score threshold, NMS IoU) chosen on train images, with its train F1."""
+    raw = detect_all(model, train_samples)
+    best = None
+    for nms_iou in nms_candidates:
+        metrics = evaluate(model, train_samples, nms_iou, raw=raw)
+        if best is None or metrics["best_box_f1_mean"] > best["train_box_f1"]:
+            best = {"score_threshold": metrics["best_threshold"], "nms_iou": nms_iou, "train_box_f1": metrics["best_box_f1_mean"],
+                    "train_by_kind": at_threshold(metrics, metrics["best_threshold"])["by_kind"]}
+    return {**best, "rule": SELECTION_RULE}
+
+
 # --- training --------------------------------------------------------------------------------
 
 
-def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: bool) -> list[dict]:
+def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: bool, kinds: dict[str, str] | None = None) -> list[dict]:
     from .models.detector_lite import DetectorConfig, grid_centers
 
     centers = grid_centers(DetectorConfig())
@@ -325,6 +350,8 @@ def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: b
         _, labels = load_view(root, sample_id)
         tiles = tile_grid(labels.shape[0], labels.shape[1], TILE, OVERLAP)
         sample = {"id": sample_id, "tiles": tiles, "embeddings": load_embeddings(cache_dir, sample_id)}
+        if kinds is not None:
+            sample["kind"] = kinds[sample_id.partition("@")[0]]
         sample["assigned"] = [assign(centers, tile_targets(labels, t)) for t in tiles]
         if with_image_boxes:
             sample["boxes"] = label_boxes(labels)
@@ -332,10 +359,30 @@ def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: b
     return samples
 
 
+def parse_kind_weights(text: str) -> dict[str, int]:
+    """``--kind-weights`` ("stained=2,brightfield=3") as {kind: whole repeat count >= 1}."""
+    weights = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        kind, _, value = part.partition("=")
+        try:
+            weights[kind.strip()] = int(value)
+        except ValueError:
+            raise UserError(f"--kind-weights: expected KIND=N with a whole N, got {part!r}") from None
+        if weights[kind.strip()] < 1 or not kind.strip():
+            raise UserError(f"--kind-weights: expected KIND=N with N >= 1, got {part!r}")
+    return weights
+
+
+def epoch_items(samples: list[dict], kind_weights: dict[str, int]) -> list[tuple[int, int]]:
+    """(sample, tile) pairs of one epoch: every tile once, a tile of a weighted kind ``w`` times."""
+    return [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"])) for _ in range(kind_weights.get(s.get("kind"), 1))]
+
+
 def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int, init: Path | None = None,
-          config: DetectorConfig = DetectorConfig()):
+          config: DetectorConfig = DetectorConfig(), kind_weights: dict[str, int] | None = None):
     """Train CellFinder-lite on every tile of ``samples`` (from ``init`` weights if given, else a new
-    detector of ``config``); eval mode. Channels-last tensors: ~2x faster convolutions on CPU."""
+    detector of ``config``; tiles of ``kind_weights`` kinds repeated); eval mode. Channels-last
+    tensors: ~2x faster convolutions on CPU."""
     import torch
 
     from .models.detector_lite import CellFinderLite, load_detector
@@ -344,7 +391,7 @@ def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: in
     rng = np.random.default_rng(seed)
     model = CellFinderLite(config) if init is None else load_detector(init)
     model = model.to(memory_format=torch.channels_last)
-    items = [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"]))]
+    items = epoch_items(samples, kind_weights or {})
     steps = epochs * ((len(items) + batch_size - 1) // batch_size)
     opt, sched = optimiser(model.parameters(), lr, steps, schedule="one_cycle")
     model.train()
@@ -403,11 +450,17 @@ class TrainingSet:
     encoder_sha256: str
     cache_dir: Path
     cache_seconds: float
+    kinds: dict[str, str]
+    view_options: dict
 
     def provenance(self) -> dict:
+        by_type: dict[str, int] = {}
+        for v in self.views:
+            by_type[v.partition("@")[2][:1]] = by_type.get(v.partition("@")[2][:1], 0) + 1
         return {"data_checksum": self.checksum, "split_rule": SPLIT_RULE,
                 "images": {s: len(ids) for s, ids in self.split_ids.items()},
                 "augment_kinds": sorted(self.augment), "augmented_views": len(self.views),
+                "views": {**self.view_options, "count_by_type": by_type},
                 "encoder_sha256": self.encoder_sha256}
 
 
@@ -420,16 +473,22 @@ def prepare_training_set(args: argparse.Namespace) -> TrainingSet:
         split_ids = {s: ids[: args.limit] for s, ids in split_ids.items()}
     if not split_ids["train"] or not split_ids["val"]:
         raise UserError(f"{args.data}: need images in both splits ({SPLIT_RULE})")
-    augment = {k.strip() for k in args.augment_kinds.split(",") if k.strip()}
+    augment = parse_kinds(args.augment_kinds)
     kinds = {r.id: r.kind for r in records}
-    views = [view_id(i, k) for i in split_ids["train"] if kinds[i] in augment for k in range(1, DIHEDRAL_VIEWS)]
+    options = {"color_kinds": sorted(parse_kinds(args.color_kinds)), "color_views": args.color_views,
+               "color_version": COLOR_VERSION, "scale_kinds": sorted(parse_kinds(args.scale_kinds)),
+               "invert_kinds": sorted(parse_kinds(args.invert_kinds))}
+    if args.color_views < 0:
+        raise UserError("--color-views must be at least 0")
+    views = augmented_views(args.data, split_ids["train"], kinds, augment, set(options["color_kinds"]), args.color_views,
+                            set(options["scale_kinds"]), set(options["invert_kinds"]))
     wanted = set(split_ids["val"] + split_ids["train"])
     checksum = data_checksum(args.data, [r.id for r in records if r.id in wanted])  # manifest order
     onnx_path, encoder_sha = encoder_identity(args)
     cache_dir = args.cache_dir / cache_key(checksum, encoder_sha, TILE, OVERLAP)
     started = time.perf_counter()
     build_cache(args.data, split_ids["val"] + split_ids["train"] + views, cache_dir, onnx_path, TILE, OVERLAP, args.workers)
-    return TrainingSet(split_ids, augment, views, checksum, encoder_sha, cache_dir, time.perf_counter() - started)
+    return TrainingSet(split_ids, augment, views, checksum, encoder_sha, cache_dir, time.perf_counter() - started, kinds, options)
 
 
 def detector_config(width: int | None, dilations: str | None, init: Path | None = None) -> DetectorConfig:
@@ -459,16 +518,20 @@ def run(args: argparse.Namespace) -> int:
     data = prepare_training_set(args)
     split_ids, views, cache_dir = data.split_ids, data.views, data.cache_dir
 
-    train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False)
-    val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True)
+    kinds = data.kinds
+    train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False, kinds=kinds)
+    val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True, kinds=kinds)
     started = time.perf_counter()
-    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed, args.init, config)
+    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed, args.init, config, parse_kind_weights(args.kind_weights))
     train_seconds = time.perf_counter() - started
-    metrics = evaluate(model, val_set, args.nms_iou)
-    best = metrics["by_threshold"][f"{metrics['best_threshold']:g}"]
+    selection = choose_on_train(model, _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=True, kinds=kinds))
+    chosen = selection["score_threshold"]
+    metrics = evaluate(model, val_set, selection["nms_iou"])
+    row = at_threshold(metrics, chosen)
+    by_kind = ", ".join(f"{k} {v:.3f}" for k, v in row["by_kind"].items())
     print(
-        f"val box F1@0.5 {metrics['best_box_f1_mean']:.3f} at score > {metrics['best_threshold']:g} "
-        f"(precision {best['precision']:.3f}, recall {best['recall']:.3f}); "
+        f"val box F1@0.5 {row['box_f1_mean']:.3f} ({by_kind}) at score > {chosen:g}, NMS {selection['nms_iou']:g} "
+        f"chosen on train (precision {row['precision']:.3f}, recall {row['recall']:.3f}); "
         f"cache {data.cache_seconds:.0f} s, training {train_seconds:.0f} s"
     )
 
@@ -478,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "kind_weights": parse_kind_weights(args.kind_weights),
         **data.provenance(),
         "init": None if args.init is None else _init_provenance(args.init),
         "architecture": model.config.to_dict(),
@@ -485,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
         "tile": TILE,
         "overlap": OVERLAP,
         "normalization": NORMALIZATION,
-        "nms_iou": args.nms_iou,
+        "selection": selection,
         "val_metrics": metrics,
         "cache_seconds": round(data.cache_seconds, 1),
         "train_seconds": round(train_seconds, 1),

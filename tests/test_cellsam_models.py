@@ -167,14 +167,15 @@ def test_load_checkpoint_errors_and_wrapping(tmp_path):
 
 def test_export_writes_the_contract_models_within_tolerance(exported):
     modules, repo, reports = exported
-    assert len(reports) == 3
-    for spec, report in zip((CELLSAM.encoder(), CELLSAM.detector_model(), CELLSAM.decoder()), reports):
+    assert len(reports) == 4
+    for spec, report in zip((CELLSAM.encoder(), CELLSAM.detector_model(), CELLSAM.decoder(), CELLSAM.point_decoder()), reports):
         path = model_path(repo, spec)
         assert report.path == path and path.is_file()
         assert graph_inputs(path) == [t.name for t in spec.inputs]  # nothing traced as a constant
         assert list(report.max_abs_error) == [t.name for t in spec.outputs]
         assert all(err <= 1e-3 for err in report.max_abs_error.values()), report
     assert reports[2].input_sets == 3  # decoder checked at several box counts
+    assert reports[3].input_sets == 3  # point decoder at several prompt and point counts (padded with -1)
 
 
 @pytest.mark.parametrize("which", ["encoder", "detector"])

@@ -142,6 +142,13 @@ def test_point_decoder_matches_segment_anything_prompt_encoder(files):
         ours = modules.decoder.embed_points(coords, labels)
         sparse, _ = pe(points=(coords, labels), boxes=None, masks=None)
     torch.testing.assert_close(ours, sparse)
+    # several points a prompt, negatives and SAM's padding (label -1, "not a point") included
+    coords = torch.tensor([[[10.0, 20.0], [30.0, 5.0], [0.0, 0.0]], [[3.0, 60.0], [8.0, 8.0], [40.0, 41.0]]])
+    labels = torch.tensor([[1.0, 0.0, -1.0], [1.0, 1.0, 0.0]])
+    with torch.no_grad():
+        ours = modules.decoder.embed_points(coords, labels)
+        sparse, _ = pe(points=(coords, labels), boxes=None, masks=None)
+    torch.testing.assert_close(ours, sparse)
 
 
 @pytest.mark.parametrize("variant,dim,heads", [("vit_b", 768, 12), ("vit_l", 1024, 16), ("vit_h", 1280, 16)])
@@ -159,7 +166,7 @@ def test_official_variants_at_512(variant: str, dim: int, heads: int):
 
 def test_cellseg1_family_sizes():
     assert (CELLSEG1.input_size, CELLSEG1.embed_size, CELLSEG1.low_res_size) == (512, 32, 128)
-    assert CELLSEG1.point_decoder().input("point_coords").dims == (-1, 1, 2)
+    assert CELLSEG1.point_decoder().input("point_coords").dims == (-1, -1, 2)  # N prompts of P points
     assert [t.name for t in CELLSEG1.grid_pipeline().outputs] == [t.name for t in CELLSEG1.pipeline().outputs]
 
 

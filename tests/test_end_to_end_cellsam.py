@@ -68,9 +68,14 @@ def reference_labels(modules, image: np.ndarray, boxes: np.ndarray, mask_thresho
         embedding = modules.encoder(x)
     prompts = torch.from_numpy(boxes_to_model(boxes, image.shape[:2]))
     low_res, _ = sam_loop_decode(modules.decoder, embedding, prompts)
+    return paint_reference(low_res, image.shape[:2], mask_threshold)
+
+
+def paint_reference(low_res: np.ndarray, shape: tuple[int, int], mask_threshold: float = 0.4) -> np.ndarray:
+    """SAM's mask post-processing of low-res logits [N,1,m,m] (or [N,m,m]), CellSAM's painting."""
     masks = torch.from_numpy(low_res).reshape(-1, 1, *low_res.shape[-2:])
     masks = F.interpolate(masks, (1024, 1024), mode="bilinear", align_corners=False)
-    masks = F.interpolate(masks, image.shape[:2], mode="bilinear", align_corners=False)
+    masks = F.interpolate(masks, shape, mode="bilinear", align_corners=False)
     binary = (torch.sigmoid(masks[:, 0]) > mask_threshold).numpy()
     labels = (binary * np.arange(1, len(binary) + 1)[:, None, None]).max(axis=0)
     return fill_holes_and_remove_small(labels.astype(np.int64), 25)[0]
@@ -208,3 +213,42 @@ def test_segment_against_a_stopped_server_is_one_clear_line(tmp_path: Path) -> N
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and url in lines[0] and "Traceback" not in proc.stderr
+
+
+CENTRES = np.array([[80, 60], [200, 150], [330, 220], [320, 90], [90, 240]], np.float32)  # x, y of the blobs
+
+
+def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
+    """`export --model cellsam` serves cellsam_point_decoder and cellsam_grid; point prompts through
+    them equal SAM's own prompt encoder + mask decoder, one prompt at a time, in PyTorch."""
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.client.grid_rules import GridOptions
+    from cellsam_triton.client.points import point_prompts
+    from cellsam_triton.client.types import SegmentOptions
+
+    server, modules, root = cellsam
+    served = {p.name for p in (root / "repository").iterdir() if (p / "config.pbtxt").is_file()}
+    assert {"cellsam_point_decoder", "cellsam_grid"} <= served
+    image = blob_image()
+    frame = segmenter_input(normalize(to_channels_last3(image)))
+    coords = torch.from_numpy(CENTRES * np.float32([1024 / W, 1024 / H]))
+    labels = torch.ones(1, 1)
+    pe, md = modules.decoder.prompt_encoder, modules.decoder.mask_decoder
+    with torch.no_grad():
+        embedding = modules.encoder(torch.from_numpy(frame))
+        expected = []
+        for point in coords:
+            sparse, dense = pe(points=(point.reshape(1, 1, 2), labels), boxes=None, masks=None)
+            expected.append(md(image_embeddings=embedding, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                               dense_prompt_embeddings=dense, multimask_output=False)[0][0].numpy())
+    expected = np.stack(expected)
+    with Segmenter(server.grpc_url, "cellsam") as seg:
+        low_res, iou = seg.transport.decode_points(seg.transport.embed(frame), coords.numpy())
+        np.testing.assert_allclose(low_res, expected, atol=1e-3 * max(1.0, float(np.abs(expected).max())))
+        assert iou.shape == (len(CENTRES), 1)
+        result = seg.segment(image, points=CENTRES, options=SegmentOptions(iou_threshold=-1))
+        assert agreement(result.labels, paint_reference(expected, (H, W))) >= 0.99
+        several = seg.segment(image, points=point_prompts(CENTRES[:3], [1, 1, 0], cells=[0, 0, 0]), options=SegmentOptions(iou_threshold=-1))
+        assert several.count <= 1
+        grid = seg.segment(image, prompts="grid", grid=GridOptions(points_per_side=4, pred_iou_threshold=0.0, stability_threshold=0.0))
+        assert grid.labels.shape == (H, W)

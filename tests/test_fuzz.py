@@ -183,7 +183,7 @@ DEFAULT_EXAMPLES = 8
 
 def served_specs(repository, family: Family) -> list[ModelSpec]:
     """The contract of every model in ``repository``; a served model without one fails the test."""
-    known = {spec.name: spec for spec in (*family.models(), family.labels_model())}
+    known = {spec.name: spec for spec in (*family.models(), family.point_decoder(), family.grid_pipeline(), family.labels_model())}
     served = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     unknown = [name for name in served if name not in known]
     assert not unknown, f"served models with no contract to fuzz: {unknown}"
@@ -198,10 +198,11 @@ def default_client(default_repository, tmp_path_factory):
 @pytest.mark.parametrize("wrong", [False, True], ids=["contract-shapes-hostile-values", "hostile-everything"])
 def test_every_model_of_the_default_export_answers_or_refuses_cleanly(default_client, default_repository, wrong: bool) -> None:
     specs = served_specs(default_repository, LITE)
-    assert {LITE.pipeline_name, LITE.encoder_name, LITE.detector_name, LITE.decoder_name, LITE.roi_decoder_name} <= {s.name for s in specs}
+    assert {LITE.pipeline_name, LITE.encoder_name, LITE.detector_name, LITE.decoder_name, LITE.roi_decoder_name,
+            LITE.point_decoder_name, LITE.grid_name} <= {s.name for s in specs}
     errors = 0
     for spec in specs:
-        outcomes = fuzz(default_client, [spec], wrong, DEFAULT_EXAMPLES, LITE.name)
+        outcomes = fuzz(default_client, [spec], wrong, DEFAULT_EXAMPLES, spec.name if spec.name == LITE.grid_name else LITE.name)
         assert outcomes["answer"] + outcomes["error"] >= 3, (spec.name, outcomes)  # each model got requests
         errors += outcomes["error"]
     assert errors > 0 or not wrong
@@ -217,3 +218,13 @@ def test_roi_decoder_refuses_windows_and_boxes_of_different_counts(default_clien
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "'boxes'" in str(info.value), str(info.value)
     request["boxes"] = np.repeat(request["boxes"], 3, axis=0)  # the same request with one box per window
     assert send(default_client, LITE.roi_decoder_name, request).as_numpy("iou_predictions").shape == (3, 1)
+
+
+def test_point_decoder_refuses_coords_and_labels_of_different_point_counts(default_client) -> None:
+    request = {"image_embeddings": np.zeros((1, LITE.embed_dim, LITE.embed_size, LITE.embed_size), np.float32),
+               "point_coords": np.full((2, 3, 2), 100.0, np.float32), "point_labels": np.ones((2, 2), np.float32)}
+    with pytest.raises(InferenceServerException) as info:
+        send(default_client, LITE.point_decoder_name, request)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "'point_labels'" in str(info.value), str(info.value)
+    request["point_labels"] = np.float32([[1, 0, -1], [1, 1, 1]])  # several points a prompt, padded with -1
+    assert send(default_client, LITE.point_decoder_name, request).as_numpy("iou_predictions").shape == (2, 1)

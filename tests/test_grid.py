@@ -11,6 +11,7 @@ import torch
 
 from cellsam_triton.client.api import Segmenter
 from cellsam_triton.client.grid_rules import GridOptions, sam_frame
+from cellsam_triton.client.types import SegmentOptions
 from cellsam_triton.contracts import Family, GridRules
 from cellsam_triton.errors import UserError
 from cellsam_triton.export.cellseg1_export import export_sam_family
@@ -125,5 +126,10 @@ def test_grid_pipeline_served(grid_repository: Path, server_factory):
         assert strict.count == 0
         with pytest.raises(UserError, match="grid prompts"):
             seg.segment(image)  # a detector-free family
+        # point prompts through its point decoder, in CellSeg1's resized frame
+        pointed = seg.segment(image, points=[[16, 14], [47, 30]], options=SegmentOptions(iou_threshold=-1, min_cell_area=0))
+        assert pointed.labels.shape == image.shape and 1 <= pointed.count <= 2
+        with pytest.raises(UserError, match="outside the image"):
+            seg.segment(image, points=[[64, 10]])
         with pytest.raises(Exception, match="points_per_side"):
             seg.transport.infer(TINY.grid_name, {**arrays, "points_per_side": np.array([0], np.int32)}, spec)

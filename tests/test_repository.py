@@ -156,6 +156,28 @@ def test_gpu_configs_carry_tensorrt_batching_and_warmup(family: Family, precisio
                 assert warm.inputs[t.name].random_data
 
 
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=lambda f: f.name)
+def test_every_family_renders_its_point_decoder_and_grid(family: Family) -> None:
+    """Every SAM family serves point prompts and grid mode (export writes them beside its pipeline)."""
+    from cellsam_triton.contracts import MAX_PROMPT_POINTS
+    from cellsam_triton.export.grid_repository import served_roles
+
+    roles = dict((spec.name, role) for role, spec in served_roles(family))
+    assert roles[family.point_decoder_name] == "point_decoder" and roles[family.grid_name] == "pipeline"
+    spec = family.point_decoder()
+    assert spec.input("point_coords").dims == (-1, -1, 2) and spec.input("point_labels").dims == (-1, -1)
+    grid = parse_config(render_config(family.grid_pipeline(), "cpu", "pipeline", family=family))
+    assert Family.from_json(grid.parameters["family"].string_value).grid == family.grid
+    config = parse_config(render_config(spec, "gpu", "point_decoder", family=family))
+    assert config.instance_group[0].count == GPU_INSTANCES["point_decoder"]
+    low, opt, high = (_profile(_trt(config)[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
+    assert (low["point_coords"], opt["point_coords"], high["point_coords"]) == (
+        [1, 1, 2], [family.decoder_chunk, 1, 2], [DECODER_MAX_BOXES, MAX_PROMPT_POINTS, 2])  # one point: the grid's
+    assert high["point_labels"] == [DECODER_MAX_BOXES, MAX_PROMPT_POINTS]
+    (warm,) = config.model_warmup
+    assert list(warm.inputs["point_coords"].dims) == [family.decoder_chunk, 1, 2]
+
+
 def test_gpu_warmup_covers_the_full_batch() -> None:
     spec = FAMILIES["cellsam"].encoder()
     config = parse_config(render_config(spec, "gpu", "encoder", family=FAMILIES["cellsam"]))

@@ -118,7 +118,9 @@ def test_dihedral_views_are_the_8_distinct_symmetries_and_keep_labels_aligned(tm
     assert view_id(sample, 0) == sample
 
 
-def test_augmented_kind_adds_seven_cached_views_per_train_image(tmp_path: Path) -> None:
+def _tiny_run(tmp_path: Path, *options: str) -> tuple[Path, dict]:
+    """train-detector (1 epoch, first image of each split) on a tiny set with a stand-in encoder:
+    (weights path, provenance)."""
     from cellsam_triton.export import train_detector
 
     data = tmp_path / "data"
@@ -127,12 +129,15 @@ def test_augmented_kind_adds_seven_cached_views_per_train_image(tmp_path: Path) 
     train_detector.add_arguments(parser)
     out = tmp_path / "det.pt"
     args = parser.parse_args([
-        "--data", str(data), "--epochs", "1", "--out", str(out), "--workers", "1", "--threads", "1",
-        "--augment-kinds", "fluorescence", "--limit", "1", "--width", "16", "--dilations", "1,3,1",
-        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(tiny_encoder_onnx(tmp_path / "enc.onnx")),
+        "--data", str(data), "--epochs", "1", "--out", str(out), "--workers", "1", "--threads", "1", "--limit", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", str(tiny_encoder_onnx(tmp_path / "enc.onnx")), *options,
     ])
     assert train_detector.run(args) == 0
-    provenance = json.loads(out.with_suffix(".json").read_text())
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_augmented_kind_adds_seven_cached_views_per_train_image(tmp_path: Path) -> None:
+    out, provenance = _tiny_run(tmp_path, "--augment-kinds", "fluorescence", "--width", "16", "--dilations", "1,3,1")
     assert provenance["augment_kinds"] == ["fluorescence"] and provenance["augmented_views"] == 7
     assert provenance["architecture"]["width"] == 16 and provenance["architecture"]["dilations"] == [1, 3, 1]
     from cellsam_triton.export.models.detector_lite import load_detector
@@ -171,3 +176,153 @@ def test_real_split_has_both_kinds_of_images() -> None:
     val = [r for r in records if r.split == "val"]
     assert 0.15 < len(val) / len(records) < 0.25
     assert {r.kind for r in val} >= {"fluorescence", "stained"}
+
+
+def _stained_sample(tmp_path: Path) -> tuple[Path, str]:
+    """One train image in H&E-like colours (purple nuclei on pink) with small cells."""
+    data = tmp_path / "data"
+    (sample,) = split_ids(1, "train")
+    write_dataset(data, [sample])
+    image, labels = load_sample(data, sample)
+    coloured = np.where(labels[..., None] > 0, np.array([90, 40, 140], np.uint8), np.array([235, 190, 215], np.uint8))
+    np.savez_compressed(data / "images" / f"{sample}.npz", image=coloured.astype(np.uint8), labels=labels)
+    return data, sample
+
+
+def test_colour_views_are_seeded_by_their_key_and_keep_labels_aligned(tmp_path: Path) -> None:
+    from cellsam_triton.export.detector_views import DIHEDRAL_VIEWS, color_view_id, dihedral, load_view
+
+    data, sample = _stained_sample(tmp_path)
+    image, labels = load_sample(data, sample)
+    first, first_labels = load_view(data, color_view_id(sample, 1))
+    again, _ = load_view(data, color_view_id(sample, 1))
+    other, _ = load_view(data, color_view_id(sample, 2))
+    assert np.array_equal(first, again)  # a cached view is a function of its key
+    assert first.dtype == np.uint8 and first.shape == dihedral(image, 1).shape
+    assert not np.array_equal(dihedral(first, (-1) % DIHEDRAL_VIEWS), image)
+    assert np.array_equal(first_labels, dihedral(labels, 1))
+    for view, view_labels in ((first, first_labels), (other, dihedral(labels, 2))):
+        nuclei, background = view[view_labels > 0].mean(0), view[view_labels == 0].mean(0)
+        assert nuclei.sum() < background.sum()  # stain jitter keeps dark nuclei on a light background
+        assert np.abs(nuclei - image[labels > 0].mean(0)).max() > 2  # ... in new colours
+    assert not np.array_equal(first[first_labels > 0].mean(0), other[dihedral(labels, 2) > 0].mean(0))
+
+
+def test_scale_view_is_what_the_client_sends_for_small_cells(tmp_path: Path) -> None:
+    from cellsam_triton.client.autoscale import auto_factor
+    from cellsam_triton.client.labels import cells_table
+    from cellsam_triton.contracts import LITE
+    from cellsam_triton.export.detector_views import auto_scale_factor, invert_view_id, load_view, scale_view_id
+
+    data, sample = _stained_sample(tmp_path)
+    image, labels = load_sample(data, sample)
+    factor = auto_scale_factor(labels)
+    assert factor == auto_factor(cells_table(labels.astype(np.int32), np.ones(int(labels.max()))), LITE, labels.shape)
+    if factor == 1.0:  # the tiny set's cells straddle 16 px: shrink them so the rule applies
+        np.savez_compressed(data / "images" / f"{sample}.npz", image=image[::2, ::2].copy(), labels=labels[::2, ::2].copy())
+        image, labels = load_sample(data, sample)
+        factor = auto_scale_factor(labels)
+    assert 1.5 <= factor <= 2.0
+    view, view_labels = load_view(data, scale_view_id(sample))
+    assert view.shape[:2] == view_labels.shape == (round(labels.shape[0] * factor), round(labels.shape[1] * factor))
+    assert set(np.unique(view_labels)) == set(np.unique(labels))  # every cell survives the enlargement
+    assert np.mean((view[..., 0] < 150) == (view_labels > 0)) > 0.95  # image and labels line up
+    inverted, inverted_labels = load_view(data, invert_view_id(sample, 0))
+    assert np.array_equal(inverted, 255 - image) and np.array_equal(inverted_labels, labels)
+
+
+def test_training_options_add_views_weight_kinds_and_choose_the_threshold_on_train(tmp_path: Path) -> None:
+    _, provenance = _tiny_run(
+        tmp_path, "--augment-kinds", "", "--color-kinds", "fluorescence", "--color-views", "2", "--invert-kinds", "fluorescence",
+        "--scale-kinds", "fluorescence", "--kind-weights", "fluorescence=2", "--width", "16", "--dilations", "1,2")
+    views = provenance["views"]
+    assert views["color_kinds"] == ["fluorescence"] and views["color_views"] == 2 and views["invert_kinds"] == ["fluorescence"]
+    assert views["count_by_type"]["c"] == 2 and views["count_by_type"]["i"] == 2
+    assert views["count_by_type"].get("s", 0) in (0, 1)
+    selection = provenance["selection"]
+    assert "never on val" in selection["rule"] and selection["nms_iou"] in (0.3, 0.4, 0.5)
+    assert 0.0 <= selection["train_box_f1"] <= 1.0 and provenance["kind_weights"] == {"fluorescence": 2}
+    row = provenance["val_metrics"]["by_threshold"][f"{selection['score_threshold']:g}"]
+    assert set(row["by_kind"]) == {"fluorescence"} and row["by_kind"]["fluorescence"] == row["box_f1_mean"]
+
+
+def test_kind_weights_repeat_tiles_and_refuse_bad_text() -> None:
+    from cellsam_triton.export.train_detector import epoch_items, parse_kind_weights
+
+    assert parse_kind_weights("stained=3, brightfield=2") == {"stained": 3, "brightfield": 2}
+    assert parse_kind_weights("") == {}
+    samples = [{"tiles": [0, 1], "kind": "fluorescence"}, {"tiles": [0], "kind": "stained"}]
+    assert sorted(epoch_items(samples, {"stained": 3})) == [(0, 0), (0, 1), (1, 0), (1, 0), (1, 0)]
+    for bad in ("stained", "stained=x", "stained=0", "=2"):
+        with pytest.raises(UserError, match="--kind-weights"):
+            parse_kind_weights(bad)
+
+
+def test_selection_is_chosen_on_train_samples_only() -> None:
+    """choose_on_train never sees val: two train sets that differ only in their boxes choose
+    different thresholds for the same detections."""
+    from cellsam_triton.client.tiles import Tile
+    from cellsam_triton.export.train_detector import choose_on_train
+
+    class Fixed:
+        """A stand-in detector: one strong (0.9) and one weak (0.3) box per tile."""
+
+        def __call__(self, embeddings):
+            import torch
+
+            scores = torch.zeros(len(embeddings), 4096)
+            scores[:, 0], scores[:, 1] = 0.9, 0.3
+            boxes = torch.zeros(len(embeddings), 4096, 4)
+            boxes[:, 0] = torch.tensor([10.0, 10, 30, 30])
+            boxes[:, 1] = torch.tensor([100.0, 100, 120, 120])
+            return scores, boxes
+
+    tile = Tile(y0=0, x0=0, size=256, cy0=0, cy1=256, cx0=0, cx1=256)
+    sample = {"tiles": [tile], "embeddings": np.zeros((1, 256, 64, 64), np.float16), "kind": "fluorescence"}
+    strong_only = [{**sample, "boxes": np.array([[10, 10, 30, 30]], np.float32)}]
+    both = [{**sample, "boxes": np.array([[10, 10, 30, 30], [100, 100, 120, 120]], np.float32)}]
+    assert choose_on_train(Fixed(), strong_only)["score_threshold"] >= 0.3
+    assert choose_on_train(Fixed(), both)["score_threshold"] < 0.3
+
+
+def test_levers_table_scores_detectors_on_val_with_train_chosen_selection(tmp_path: Path) -> None:
+    from bench.detector_levers import main as levers
+    from cellsam_triton.export import train_detector
+
+    data = tmp_path / "data"
+    write_dataset(data, split_ids(2, "train") + split_ids(1, "val"))
+    encoder = str(tiny_encoder_onnx(tmp_path / "enc.onnx"))
+    parser = argparse.ArgumentParser()
+    train_detector.add_arguments(parser)
+    common = ["--data", str(data), "--workers", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+              "--encoder-onnx", encoder, "--width", "16", "--dilations", "1"]
+    assert train_detector.run(parser.parse_args([*common, "--epochs", "1", "--out", str(tmp_path / "a.pt")])) == 0
+    assert train_detector.run(parser.parse_args([*common, "--epochs", "2", "--out", str(tmp_path / "b.pt")])) == 0
+    out = tmp_path / "bench"
+    assert levers([f"one={tmp_path / 'a.pt'}", f"two={tmp_path / 'b.pt'}", "--data", str(data), "--out", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", encoder]) == 0
+    result = json.loads((out / "detector_levers.json").read_text())
+    first, second = result["rows"]
+    assert first["decision"] == "reference" and second["decision"] in ("kept", "dropped")
+    assert "2 epochs" in second["lever"] and "never on val" in result["selection_rule"]
+    table = (out / "detector_levers.md").read_text()
+    assert table.count("\n| ") == 3 and "| one |" in table and "| two |" in table
+    assert levers(["one=absent.pt", "--data", str(data), "--out", str(out)]) != 0
+
+
+def test_export_serves_the_selection_chosen_on_train(tmp_path: Path) -> None:
+    """`export` takes the detector's score threshold and NMS IoU from the provenance beside its
+    weights (chosen on train by train-detector), and the family defaults without one."""
+    from cellsam_triton.contracts import LITE
+    from cellsam_triton.export.lite_export import DEFAULT_DETECTOR_WEIGHTS, served_family
+
+    weights = tmp_path / "det.pt"
+    weights.write_bytes(b"weights")
+    plain = served_family(None, detector_weights=weights)
+    assert (plain.bbox_threshold, plain.nms_iou) == (LITE.bbox_threshold, LITE.nms_iou)
+    weights.with_suffix(".json").write_text(json.dumps({"selection": {"score_threshold": 0.45, "nms_iou": 0.4}}))
+    chosen = served_family(None, detector_weights=weights)
+    assert (chosen.bbox_threshold, chosen.nms_iou) == (0.45, 0.4)
+    committed = json.loads(DEFAULT_DETECTOR_WEIGHTS.with_suffix(".json").read_text()).get("selection")
+    if committed is not None:  # the committed detector is served with what train chose for it
+        assert served_family(None).bbox_threshold == committed["score_threshold"]

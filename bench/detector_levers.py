@@ -1,0 +1,114 @@
+"""CellFinder-lite levers, one table: each detector on the same cached embeddings, box F1@0.5.
+
+For every ``NAME=WEIGHTS`` given, the score threshold and NMS IoU are chosen on the train images
+(their own views, best per-image box F1@0.5; never on val), then the val split is scored with them,
+overall and by image kind. The first row is the reference; a row is "kept" when it beats the
+reference on val overall and on the stained kind (the issue's two goals), else "dropped". The
+lever of each row is read from its provenance JSON (epochs, views, kind weights, init).
+Writes ``detector_levers.{json,md}`` into ``--out`` and prints the table.
+
+    python -m bench.detector_levers --data ../shared/data/dsb2018 \
+        base=export/weights/cellfinder_lite.pt new=build/detector/ft1.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cellsam_triton.errors import UserError
+
+from .report import run_bench
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from cellsam_triton.export.train_detector import CACHE_ROOT
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("detectors", nargs="+", metavar="NAME=WEIGHTS", help="detector weights to compare (first: the reference)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), help="DSB-layout folder")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_ROOT, help="embedding cache root (built if missing)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only")
+    parser.add_argument("--encoder-onnx", type=Path, default=None, help=argparse.SUPPRESS)  # tests: a stand-in encoder
+    parser.add_argument("--out", type=Path, default=HERE, metavar="DIR", help="output folder (default bench/)")
+    return parser.parse_args(argv)
+
+
+def lever(weights: Path) -> str:
+    """What a detector was trained with, from the provenance JSON beside it."""
+    beside = weights.with_suffix(".json")
+    if not beside.is_file():
+        return "(no provenance)"
+    p = json.loads(beside.read_text())
+    views = p.get("views", {})
+    parts = [f"{'fine-tune' if p.get('init') else 'from scratch'}, {p.get('epochs')} epochs, lr {p.get('lr'):g}",
+             f"dihedral views: {','.join(p.get('augment_kinds', [])) or 'none'}"]
+    if views.get("color_kinds"):
+        parts.append(f"{views['color_views']} stain/colour views: {','.join(views['color_kinds'])}")
+    if views.get("scale_kinds"):
+        parts.append(f"auto-scale views: {','.join(views['scale_kinds'])}")
+    if views.get("invert_kinds"):
+        parts.append(f"inverted views: {','.join(views['invert_kinds'])}")
+    if p.get("kind_weights"):
+        parts.append("tile weights " + ",".join(f"{k}={v}" for k, v in p["kind_weights"].items()))
+    return "; ".join(parts)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from cellsam_triton.export.models.detector_lite import load_detector
+    from cellsam_triton.export.train_detector import _load_split, at_threshold, choose_on_train, evaluate, prepare_training_set
+
+    named = []
+    for item in args.detectors:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_file():
+            raise UserError(f"expected NAME=WEIGHTS with an existing file, got {item!r}")
+        named.append((name, Path(path)))
+    setup = argparse.Namespace(data=args.data, limit=args.limit, augment_kinds="", color_kinds="", color_views=0, scale_kinds="",
+                               invert_kinds="", cache_dir=args.cache_dir, encoder_onnx=args.encoder_onnx, workers=2)
+    data = prepare_training_set(setup)
+    train = _load_split(args.data, data.split_ids["train"], data.cache_dir, with_image_boxes=True, kinds=data.kinds)
+    val = _load_split(args.data, data.split_ids["val"], data.cache_dir, with_image_boxes=True, kinds=data.kinds)
+    rows = []
+    for name, path in named:
+        model = load_detector(path)
+        selection = choose_on_train(model, train)
+        row = at_threshold(evaluate(model, val, selection["nms_iou"]), selection["score_threshold"])
+        rows.append({"name": name, "weights": str(path), "lever": lever(path), "selection": selection, **row})
+        print(f"{name}: val box F1 {row['box_f1_mean']:.3f} {row['by_kind']} at {selection}", file=sys.stderr, flush=True)
+    ref = rows[0]
+    for row in rows[1:]:
+        better = row["box_f1_mean"] > ref["box_f1_mean"] and row["by_kind"].get("stained", 0) > ref["by_kind"].get("stained", 0)
+        row["decision"] = "kept" if better else "dropped"
+    ref["decision"] = "reference"
+    return {"selection_rule": rows[0]["selection"]["rule"], "images": {s: len(v) for s, v in data.split_ids.items()}, "rows": rows}
+
+
+def table(result: dict) -> str:
+    kinds = sorted({k for r in result["rows"] for k in r["by_kind"]})
+    head = ["detector", "lever", "score / NMS (chosen on train)", "val box F1", *[f"val {k}" for k in kinds], "precision", "recall",
+            "train brightfield (seen in training)", "decision"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [r["name"], r["lever"], f"{r['selection']['score_threshold']:g} / {r['selection']['nms_iou']:g}", f"{r['box_f1_mean']:.3f}",
+                 *[f"{r['by_kind'].get(k, float('nan')):.3f}" for k in kinds], f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+                 f"{r['selection']['train_by_kind'].get('brightfield', float('nan')):.3f}", r["decision"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(result: dict) -> str:
+    return f"# CellFinder-lite levers: DSB2018 val split ({result['images']['val']} images), box F1@0.5 per image\n\n" + table(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_bench("detector-levers", args.out, "detector_levers", lambda: measure(args), render)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

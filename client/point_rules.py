@@ -1,0 +1,146 @@
+"""Client side of point prompts (``segment --points``, ``Segmenter.segment(image, points=...)``).
+
+Each prompt (one cell: its positive and negative points, client/points.py) is decoded by the
+served ``<family>_point_decoder`` on the image embedding of the frame that holds it; the encoder
+runs once a frame. Frames and masks follow the family's box rules:
+  litemedsam  native-resolution tiles (as lite_rules): a cell goes to the tile a box with the
+              extent of its points would go to (``lite_rules.assign_boxes``), its masks are
+              painted as box masks are (``lite_rules.paint_tiles``); an explicit ``scale``
+              resizes image and points as it resizes boxes.
+  cellsam     CellSAM's 1024 stretch (as cellsam_rules), points scaled as boxes are.
+  sam         CellSeg1's resized, zero-padded frame (as grid_rules), points scaled as SAM does.
+Prompts of equal point count are decoded together, unpadded (a prompt's mask does not depend on
+the others). Masks whose predicted IoU is below ``iou_threshold`` are dropped (negative keeps
+all) and every cell's score is 1.0, as for given boxes; later prompts win overlaps.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cellsam_triton.contracts import NAMES, Family
+from cellsam_triton.errors import UserError
+
+from .autoscale import capped, check_scale, segment_rescaled
+from .grid_rules import sam_frame, sam_upsample
+from .images import to_channels_last3, validate_image
+from .labels import cells_table, logit_threshold, paint_cells
+from .lite_rules import assign_boxes, channels_last, paint_tiles
+from .points import PointPrompts
+from .tiles import family_tiles, lite_normalize, tile_input
+from .transport import joined_masks, point_decoder_requests
+from .types import PipelineResult, Segmentation, SegmentOptions
+
+if TYPE_CHECKING:
+    from .grid_rules import Infer
+
+MAX_IN_FLIGHT = 2  # tiles decoded at once
+
+
+def decode_prompts(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts) -> tuple[np.ndarray, np.ndarray]:
+    """(low-res logits [K,m,m], predicted IoU [K]) of K prompts on one embedding. Prompts of equal
+    point count are decoded together without padding, so a prompt's mask does not depend on the
+    other prompts of the request (padding tokens, label -1, would change it slightly)."""
+    spec = family.point_decoder()
+    m = family.low_res_size
+    masks, ious = np.zeros((len(prompts), m, m), np.float32), np.zeros(len(prompts), np.float32)
+    counts = (prompts.labels >= 0).sum(axis=1)  # padding is at the end of each prompt
+    for count in np.unique(counts):
+        rows = np.flatnonzero(counts == count)
+        requests = point_decoder_requests(embeddings, prompts.coords[rows, :count], prompts.labels[rows, :count])
+        low_res, iou = joined_masks([infer(spec.name, request, spec) for request in requests], m)
+        masks[rows], ious[rows] = low_res[:, 0], iou[:, 0]
+    return masks, ious
+
+
+def decode_frame(infer: "Infer", family: Family, frame: np.ndarray, prompts: PointPrompts, iou_threshold: float) -> PipelineResult:
+    """Encoder, then the point decoder for ``prompts`` (in the frame's coordinates) on one frame
+    [1,3,s,s]; the kept masks as a pipeline result (low-res logits, prompt extents as boxes)."""
+    encoder = family.encoder()
+    embeddings = infer(encoder.name, {NAMES.image: frame}, encoder)[NAMES.image_embeddings]
+    masks, ious = decode_prompts(infer, family, embeddings, prompts)
+    keep = np.flatnonzero(ious >= iou_threshold) if iou_threshold >= 0 else np.arange(len(ious))
+    return PipelineResult(prompts.extents()[keep], np.ones(len(keep), np.float32), ious[keep], masks[keep], keep.astype(np.int32))
+
+
+def _checked(prompts: PointPrompts, image: np.ndarray) -> np.ndarray:
+    """``image`` (validated, channels last), once every point lies inside it."""
+    prompts.check_inside(image.shape)
+    return image
+
+
+# --- litemedsam: native-resolution tiles ------------------------------------------------------------
+def _tiles(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
+    norm = lite_normalize(image)
+    height, width = norm.shape[:2]
+    tiles = family_tiles(family, height, width)
+    jobs = [(tiles[k], indices) for k, indices in enumerate(assign_boxes(prompts.extents(), tiles)) if indices]
+
+    def one(job) -> PipelineResult:
+        tile, indices = job
+        local = prompts.frame(offset=(tile.x0, tile.y0), indices=indices)
+        return decode_frame(infer, family, tile_input(norm, tile), local, options.iou_threshold)
+
+    with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
+        results = list(pool.map(one, jobs))
+    return paint_tiles([tile for tile, _ in jobs], results, (height, width), options, prompted=True)
+
+
+def _lite(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
+    image = _checked(prompts, channels_last(image))
+    height, width = image.shape[:2]
+    factor = 1.0 if options.scale is None else capped(float(options.scale), (height, width), family)
+    if factor == 1.0:
+        return _tiles(image, infer, family, prompts, options)
+
+    def native(big: np.ndarray, _boxes: None, inner: SegmentOptions) -> Segmentation:
+        scaled = prompts.frame(scale=(big.shape[1] / width, big.shape[0] / height))
+        return _tiles(big, infer, family, scaled, inner)
+
+    return segment_rescaled(native, image, factor, None, options)
+
+
+# --- cellsam and sam: one frame ---------------------------------------------------------------------
+def _cellsam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
+    from .cellsam_rules import normalize, paint_frame, segmenter_input  # scikit-image: only for this family
+
+    image = _checked(prompts, to_channels_last3(image))
+    height, width = image.shape[:2]
+    size = family.input_size
+    frame = segmenter_input(normalize(image), size)
+    result = decode_frame(infer, family, frame, prompts.frame(scale=(size / width, size / height)), options.iou_threshold)
+    return paint_frame(result, family, (height, width), options)
+
+
+def _sam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
+    image = _checked(prompts, channels_last(image))
+    height, width = image.shape[:2]
+    size, m = family.input_size, family.low_res_size
+    frame, (h, w) = sam_frame(image, size)
+    result = decode_frame(infer, family, frame, prompts.frame(scale=(w / width, h / height)), options.iou_threshold)
+    wy, wx = sam_upsample(m, size, h, height), sam_upsample(m, size, w, width)
+    full = (slice(0, height), slice(0, width))
+    cut = logit_threshold(options.mask_threshold)
+    blocks = ((*full, wy @ mask.astype(np.float32) @ wx.T) for mask in result.masks)
+    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area)
+    return Segmentation(labels, cells_table(labels, np.asarray(result.scores, np.float64)[index]))
+
+
+RULES = {"litemedsam": _lite, "cellsam": _cellsam, "sam": _sam}
+
+
+def segment_points(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
+    """Segment one image with point prompts (input pixels) through the family's served point decoder.
+
+    ``infer(model, arrays, spec)`` sends one request to any served model (``TritonTransport.infer``,
+    ``ServerPool.infer_model``). A point outside the image is a `UserError`.
+    """
+    if family.preprocess not in RULES:
+        raise UserError(f"point prompts are not available for model {family.name} (pre-processing {family.preprocess!r})")
+    check_scale(options.scale)
+    if family.preprocess != "litemedsam" and options.scale not in (None, 1.0):
+        raise UserError(f"--scale applies to tiled models (cellsam_lite); {family.name} resizes every image to its input")
+    return RULES[family.preprocess](validate_image(image, "image"), infer, family, prompts, options.resolved(family))

@@ -1,0 +1,227 @@
+"""Point prompts and grid prompts on the default export: the points CSV (errors through the CLI), and
+`segment --points` / `Segmenter.segment(points=...)` / `TritonTransport.decode_points` /
+`segment --prompts grid` against a real tritonserver serving `cellsam-triton export`'s repository.
+
+The default decoder was fine-tuned with box prompts only, so point masks are poor (near the point,
+often not around it): these tests check the plumbing (tiles, frames, shapes, one cell a prompt),
+not accuracy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from test_server import REPO_ROOT
+
+from cellsam_triton.cli import main as cli
+from cellsam_triton.client.api import AsyncSegmenter, Segmenter
+from cellsam_triton.client.grid_rules import GridOptions
+from cellsam_triton.client.points import point_prompts, read_points_csv
+from cellsam_triton.client.tiles import family_tiles, lite_normalize, tile_input
+from cellsam_triton.client.transport import AsyncTritonTransport
+from cellsam_triton.client.types import SegmentOptions
+from cellsam_triton.contracts import LITE, MAX_PROMPT_POINTS
+from cellsam_triton.errors import UserError
+from cellsam_triton.server import EmbeddedServer
+
+KEEP_ALL = SegmentOptions(iou_threshold=-1)
+NEAR = 24  # pixels: how far a poor (box-trained) point mask may lie from its point
+
+
+def discs(height: int, width: int, centres: list[tuple[int, int]], radius: int = 9) -> np.ndarray:
+    """uint8 image: bright discs at ``centres`` (row, col) on a flat background (every tile with a disc
+    normalises like the whole image: same minimum and maximum)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.full((height, width), 20, np.uint8)
+    for cy, cx in centres:
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius] = 200
+    return image
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- the points CSV ----------------------------------------------------------------------------------
+def test_points_csv_one_cell_a_point_or_grouped_by_cell(tmp_path: Path) -> None:
+    plain = read_points_csv(write_csv(tmp_path / "plain.csv", "x,y\n10,20\n30.5,40\n"))
+    np.testing.assert_array_equal(plain.coords, [[[10, 20]], [[30.5, 40]]])
+    np.testing.assert_array_equal(plain.labels, [[1], [1]])
+    grouped = read_points_csv(write_csv(tmp_path / "grouped.csv", "cell,x,y,label\na,1,2,1\nb,5,6,1\na,3,4,0\na,7,8,1\n"))
+    np.testing.assert_array_equal(grouped.coords, [[[1, 2], [3, 4], [7, 8]], [[5, 6], [0, 0], [0, 0]]])
+    np.testing.assert_array_equal(grouped.labels, [[1, 0, 1], [1, -1, -1]])  # padded with SAM's "not a point"
+    np.testing.assert_array_equal(grouped.extents(), [[1, 2, 8, 9], [5, 6, 6, 7]])
+    shifted = grouped.frame(scale=(2, 2), offset=(1, 1), indices=[1])
+    np.testing.assert_array_equal(shifted.coords[0, 0], [9, 11])
+    with pytest.raises(UserError, match=r"point \(5, 60\) lies outside the image \(50 x 50 pixels\)"):
+        point_prompts([[1, 1], [5, 60]]).check_inside((50, 50))
+    with pytest.raises(UserError, match=f"at most {MAX_PROMPT_POINTS}"):
+        point_prompts(np.ones((MAX_PROMPT_POINTS + 1, 2)), cells=[0] * (MAX_PROMPT_POINTS + 1))
+
+
+BAD_FILES = {  # name: (content, what the one error line says); None: the file does not exist
+    "missing.csv": (None, "cannot read points"),
+    "empty.csv": ("", "empty points file"),
+    "blank.csv": ("\n  \n", "empty points file"),
+    "no_header.csv": ("10,20\n30,40\n", "header must name columns x,y"),
+    "no_y.csv": ("x,label\n10,1\n", "no 'y' column"),
+    "unknown_column.csv": ("x,y,z\n1,2,3\n", "unknown column 'z'"),
+    "only_header.csv": ("x,y\n", "no points"),
+    "not_a_number.csv": ("x,y\n10,abc\n", ":2: not a number"),
+    "nan.csv": ("x,y\n1,2\nnan,4\n", ":3: NaN or infinite"),
+    "bad_label.csv": ("x,y,label\n1,2,2\n", ":2: label must be 1 (positive) or 0 (negative), got 2"),
+    "negative_only.csv": ("x,y,label,cell\n1,2,1,a\n3,4,0,b\n", "cell 'b': no positive point"),
+    "negative_alone.csv": ("x,y,label\n1,2,0\n", ":2: no positive point"),
+    "short_row.csv": ("x,y\n1\n", ":2: expected 2 values, got 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_points_files_are_one_line_errors_before_any_server(name: str, tmp_path: Path, capsys) -> None:
+    content, problem = BAD_FILES[name]
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    np.save(tmp_path / "image.npy", discs(32, 32, [(16, 16)]))
+    code = cli(["segment", str(tmp_path / "image.npy"), "--points", str(path), "--out", str(tmp_path / "out"),
+                "--url", "127.0.0.1:9", "--retry-for", "0"])  # nothing listens there: the file is refused first
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"cellsam-triton segment: error: {path}") and problem in line, line
+
+
+def test_points_exclude_boxes_grid_and_slides(tmp_path: Path, capsys) -> None:
+    points = write_csv(tmp_path / "p.csv", "x,y\n1,2\n")
+    boxes = write_csv(tmp_path / "b.csv", "x0,y0,x1,y1\n1,2,3,4\n")
+    base = ["segment", "in.npy", "--points", str(points), "--out", str(tmp_path), "--url", "127.0.0.1:9"]
+    for extra, problem in ((["--boxes", str(boxes)], "--boxes and --points"), (["--prompts", "grid"], "--points and --prompts grid"),
+                           (["--slide"], "--points works on image files")):
+        assert cli(base + extra) == 2
+        assert problem in capsys.readouterr().err
+
+
+# --- served: the default export ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(default_repository: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real tritonserver on `cellsam-triton export`'s repository (the default model)."""
+    with EmbeddedServer(default_repository, log_path=tmp_path_factory.mktemp("points") / "triton.log") as server:
+        yield server
+
+
+def test_default_export_serves_point_decoder_and_grid(default_repository: Path) -> None:
+    served = {p.name for p in default_repository.iterdir() if (p / "config.pbtxt").is_file()}
+    assert {LITE.point_decoder_name, LITE.grid_name} <= served
+
+
+CENTRES = [(60, 100), (150, 300), (200, 500), (90, 420)]  # (row, col): three tiles across a 256 x 600 image
+
+
+def _near(cell: dict, x: float, y: float) -> bool:
+    return cell["x0"] - NEAR <= x < cell["x1"] + NEAR and cell["y0"] - NEAR <= y < cell["y1"] + NEAR
+
+
+def test_point_prompts_are_decoded_on_the_tile_that_holds_them(server: EmbeddedServer) -> None:
+    image = discs(256, 600, CENTRES)
+    xy = np.array([[c, r] for r, c in CENTRES], np.float32)
+    tiles = family_tiles(LITE, *image.shape)
+    assert len(tiles) == 3
+    with Segmenter(server.grpc_url) as seg:
+        result = seg.segment(image, points=xy, options=KEEP_ALL)
+        assert result.labels.shape == image.shape and 1 <= result.count <= len(xy)
+        for cell in result.cells:  # every cell lies at one of the points
+            assert any(_near(cell, x, y) for x, y in xy), cell
+        for x, y in xy:  # each point alone: its cell is what its tile alone gives (tiling and offsets)
+            alone = seg.segment(image, points=[[x, y]], options=KEEP_ALL).labels > 0
+            tile = next(t for t in tiles if t.owns(y, x))
+            crop = image[tile.window]
+            local = seg.segment(crop, points=[[x - tile.x0, y - tile.y0]], options=KEEP_ALL).labels > 0
+            np.testing.assert_array_equal(alone[tile.window], local)
+            assert not alone.sum() or alone[tile.window].sum() == alone.sum()
+
+
+def test_a_cell_of_several_points_is_one_prompt_and_one_cell(server: EmbeddedServer) -> None:
+    from cellsam_triton.client.point_rules import decode_prompts
+
+    image = discs(256, 256, [(80, 80), (80, 120), (200, 200)])
+    prompts = point_prompts([[80, 80], [120, 80], [200, 200], [30, 30]], labels=[1, 1, 1, 0], cells=["a", "a", "b", "a"])
+    assert prompts.coords.shape == (2, 3, 2)
+    with Segmenter(server.grpc_url) as seg:
+        result = seg.segment(image, points=prompts, options=KEEP_ALL)
+        assert result.count <= 2 and np.unique(result.labels).size == result.count + 1
+        singles = seg.segment(image, points=prompts.coords[prompts.labels == 1], options=KEEP_ALL)
+        assert singles.count <= 3
+        # the transport decodes point prompts on a cached embedding (interactive tools: embed once, prompt many times)
+        t = seg.transport
+        embeddings = t.embed(tile_input(lite_normalize(image), family_tiles(LITE, 256, 256)[0]))
+        masks, iou = t.decode_points(embeddings, prompts.coords[:1], prompts.labels[:1])
+        assert masks.shape == (1, 1, LITE.low_res_size, LITE.low_res_size) and iou.shape == (1, 1)
+        assert t.decode_points(embeddings, np.float32([[200, 200], [80, 80]]))[0].shape[0] == 2  # [N,2]: a positive point each
+        padded, _ = t.decode_points(embeddings, prompts.coords, prompts.labels)  # label -1 pads cell 'b' (SAM's "not a point")
+        np.testing.assert_allclose(padded[:1], masks, atol=1e-4 * max(1.0, float(np.abs(masks).max())))
+        # a prompt's mask does not depend on the others: prompts of one point count are decoded unpadded together
+        both, _ = decode_prompts(t.infer, seg.family, embeddings, prompts)
+        alone, _ = decode_prompts(t.infer, seg.family, embeddings, prompts.frame(indices=[1]))
+        unpadded, _ = t.decode_points(embeddings, prompts.coords[1:, :1], prompts.labels[1:, :1])
+        np.testing.assert_allclose(both[1], alone[0], atol=1e-4 * max(1.0, float(np.abs(alone).max())))
+        np.testing.assert_allclose(alone[0], unpadded[0, 0], atol=1e-4 * max(1.0, float(np.abs(alone).max())))
+
+
+def test_segment_points_cli_and_async(server: EmbeddedServer, tmp_path: Path) -> None:
+    image = discs(256, 600, CENTRES)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    points = write_csv(tmp_path / "points.csv", "x,y\n" + "".join(f"{c},{r}\n" for r, c in CENTRES))
+    out = tmp_path / "out"
+    code = cli(["segment", str(tmp_path / "cells.tif"), "--points", str(points), "--out", str(out),
+                "--url", server.grpc_url, "--iou-threshold", "-1"])
+    assert code == 0
+    labels = tifffile.imread(out / "cells_labels.tif")
+    with open(out / "cells_cells.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(np.unique(labels)) - 1 <= len(CENTRES)
+    assert all(float(r["score"]) == 1.0 for r in rows)
+
+    async def both() -> list:
+        async with AsyncTritonTransport(server.grpc_url) as t:  # point decoding on a cached embedding, asyncio flavour
+            embeddings = await t.embed(tile_input(lite_normalize(image), family_tiles(LITE, *image.shape)[0]))
+            masks, iou = await t.decode_points(embeddings, np.float32([[100, 60], [30, 30]]))
+            assert masks.shape == (2, 1, LITE.low_res_size, LITE.low_res_size) and iou.shape == (2, 1)
+        async with AsyncSegmenter(server.grpc_url) as seg:
+            return await asyncio.gather(seg.segment(image, points=[[c, r] for r, c in CENTRES], options=KEEP_ALL))
+
+    (result,) = asyncio.run(both())
+    # tiles embedded in one encoder batch or apart: the same masks but for rounding (a cell at the
+    # minimum area may come and go)
+    assert result.count <= len(CENTRES) and np.mean((result.labels > 0) == (labels > 0)) > 0.999
+
+    outside = write_csv(tmp_path / "outside.csv", "x,y\n10,10\n700,10\n")
+    process = subprocess.run(
+        [sys.executable, "-m", "cellsam_triton.cli", "segment", str(tmp_path / "cells.tif"), "--points", str(outside),
+         "--out", str(tmp_path / "out2"), "--url", server.grpc_url],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert process.returncode == 1 and "Traceback" not in process.stderr
+    (line,) = [e for e in process.stderr.splitlines() if "error:" in e]
+    assert "point (700, 10) lies outside the image (600 x 256 pixels)" in line and str(outside) in line, line
+
+
+def test_grid_prompts_work_against_the_default_export(server: EmbeddedServer, tmp_path: Path) -> None:
+    image = discs(256, 256, [(60, 60), (180, 190)])
+    np.save(tmp_path / "cells.npy", image)
+    code = cli(["segment", str(tmp_path / "cells.npy"), "--prompts", "grid", "--points-per-side", "8",
+                "--out", str(tmp_path / "out"), "--url", server.grpc_url])
+    assert code == 0
+    assert (tmp_path / "out" / "cells_labels.tif").is_file() and (tmp_path / "out" / "cells_cells.csv").is_file()
+    with Segmenter(server.grpc_url) as seg:
+        assert seg.family.grid == LITE.grid and seg.family.grid.points_per_side == 16
+        loose = seg.segment(image, prompts="grid", grid=GridOptions(points_per_side=8, pred_iou_threshold=0.0, stability_threshold=0.0))
+        assert loose.labels.shape == image.shape and loose.count >= 1
+        strict = seg.segment(image, prompts="grid", grid=GridOptions(points_per_side=4, pred_iou_threshold=1.0))
+        assert strict.count == 0
