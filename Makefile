@@ -49,8 +49,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# ACCURACY_ARGS="--before DIR": also an earlier export on the same images (before/after in one run)
+ACCURACY_ARGS ?=
 bench-accuracy: export
-	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA)
+	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA) $(ACCURACY_ARGS)
 
 # Speed of the default model: served roi vs served full vs the same steps on raw ONNX Runtime vs
 # the classical baseline, one run on the val split (bench/speed_default.{json,md}).

@@ -2,9 +2,10 @@
 
 For every ``NAME=WEIGHTS`` given, the score threshold and NMS IoU are chosen on the train images
 (their own views, best per-image box F1@0.5; never on val), then the val split is scored with them,
-overall and by image kind. The first row is the reference; a row is "kept" when it beats the
-reference on val overall and on the stained kind (the issue's two goals), else "dropped". The
-lever of each row is read from its provenance JSON (epochs, views, kind weights, init).
+overall and by image kind. The first row is the reference; a row is "better" when it beats the
+reference on val overall and on the stained kind (the issue's two goals), else "not better"; a
+detector is kept only if the served model is better end to end too (`make bench-accuracy
+ACCURACY_ARGS="--before DIR"`). The lever of each row is read from its provenance JSON.
 Writes ``detector_levers.{json,md}`` into ``--out`` and prints the table.
 
     python -m bench.detector_levers --data ../shared/data/dsb2018 \
@@ -61,6 +62,7 @@ def lever(weights: Path) -> str:
 def measure(args: argparse.Namespace) -> dict:
     from cellsam_triton.export.models.detector_lite import load_detector
     from cellsam_triton.export.train_detector import _load_split, at_threshold, choose_on_train, evaluate, prepare_training_set
+    from cellsam_triton.export.training import sha256_file
 
     named = []
     for item in args.detectors:
@@ -78,20 +80,28 @@ def measure(args: argparse.Namespace) -> dict:
         model = load_detector(path)
         selection = choose_on_train(model, train)
         row = at_threshold(evaluate(model, val, selection["nms_iou"]), selection["score_threshold"])
-        rows.append({"name": name, "weights": str(path), "lever": lever(path), "selection": selection, **row})
+        rows.append({"name": name, "weights": str(path), "weights_sha256": sha256_file(path), "lever": lever(path),
+                     "selection": selection, **row})
         print(f"{name}: val box F1 {row['box_f1_mean']:.3f} {row['by_kind']} at {selection}", file=sys.stderr, flush=True)
+    verdicts(rows)
+    return {"selection_rule": rows[0]["selection"]["rule"], "images": {s: len(v) for s, v in data.split_ids.items()}, "rows": rows}
+
+
+def verdicts(rows: list[dict]) -> None:
+    """Each row's box-level verdict against the first (the reference): "better" when it beats it on
+    val overall and on the stained kind (the issue's two goals), else "not better". Whether a
+    detector is kept is decided end to end (served, mask F1: `make bench-accuracy --before`)."""
     ref = rows[0]
+    ref["decision"] = "reference"
     for row in rows[1:]:
         better = row["box_f1_mean"] > ref["box_f1_mean"] and row["by_kind"].get("stained", 0) > ref["by_kind"].get("stained", 0)
-        row["decision"] = "kept" if better else "dropped"
-    ref["decision"] = "reference"
-    return {"selection_rule": rows[0]["selection"]["rule"], "images": {s: len(v) for s, v in data.split_ids.items()}, "rows": rows}
+        row["decision"] = "better" if better else "not better"
 
 
 def table(result: dict) -> str:
     kinds = sorted({k for r in result["rows"] for k in r["by_kind"]})
     head = ["detector", "lever", "score / NMS (chosen on train)", "val box F1", *[f"val {k}" for k in kinds], "precision", "recall",
-            "train brightfield (seen in training)", "decision"]
+            "train brightfield (seen in training)", "box-level verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cells = [r["name"], r["lever"], f"{r['selection']['score_threshold']:g} / {r['selection']['nms_iou']:g}", f"{r['box_f1_mean']:.3f}",

@@ -36,3 +36,24 @@ def test_serving_table_is_the_committed_run() -> None:
     assert readme_block("serving").strip() == rendered.strip()
     assert (ROOT / "bench" / "results.md").read_text() == serving_markdown(result)
     assert result["machine"]["git_commit"] != "unknown" and result["decode"]["factors"]
+
+
+def test_accuracy_table_is_the_committed_run() -> None:
+    from bench.accuracy import markdown_table
+
+    result = json.loads((ROOT / "bench" / "accuracy.json").read_text())
+    assert readme_block("accuracy").strip() == markdown_table(result).strip()
+    assert (ROOT / "bench" / "accuracy.md").read_text().split("\n", 2)[2] == markdown_table(result)
+    assert result["images"] == len(next(iter(result["per_image"].values())))
+
+
+def test_detector_levers_table_is_the_committed_run() -> None:
+    from bench.detector_levers import render
+
+    result = json.loads((ROOT / "bench" / "detector_levers.json").read_text())
+    assert readme_block("detector_levers").strip() == render(result).split("\n", 2)[2].strip()
+    assert (ROOT / "bench" / "detector_levers.md").read_text() == render(result)
+    committed = json.loads((ROOT / "export" / "weights" / "cellfinder_lite.json").read_text())
+    measured = {r["weights_sha256"]: r for r in result["rows"]}
+    assert committed["weights_sha256"] in measured  # the committed detector is a measured row
+    assert result["rows"][0]["decision"] == "reference" and all(r["decision"] in ("better", "not better") for r in result["rows"][1:])
