@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cellsam_triton.client.autoscale import resize_image, tile_snapped_factor
+from cellsam_triton.client.autoscale import auto_factor, resize_image
+from cellsam_triton.client.labels import cells_table
 from cellsam_triton.contracts import LITE
 from cellsam_triton.datasets import load_sample
-from cellsam_triton.model_repository import raster
 
 DIHEDRAL_VIEWS = 8
 COLOR_VERSION = 1  # bump when the colour draws change: cached views are keyed by their name
@@ -81,20 +81,11 @@ def stain_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.rint(rgb * 255).astype(np.uint8)
 
 
-def median_cell_size(labels: np.ndarray) -> float:
-    """Median square root of the ground-truth cells' box areas (0 when there are none)."""
-    boxes = raster.label_boxes(labels, 1, inclusive=False)
-    if len(boxes) == 0:
-        return 0.0
-    return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
-
-
 def auto_scale_factor(labels: np.ndarray) -> float:
-    """The client's enlargement for an image with these cells (1.0: sent at native scale)."""
-    size = median_cell_size(labels)
-    if size == 0.0 or size >= LITE.auto_scale_below:
-        return 1.0
-    return tile_snapped_factor(labels.shape, LITE.auto_scale_min_factor, LITE.auto_scale_factor, LITE)
+    """The client's enlargement (``autoscale.auto_factor``) for an image with these cells as found
+    cells (1.0: sent at native scale)."""
+    cells = cells_table(labels.astype(np.int32, copy=False), np.ones(int(labels.max()), np.float64))
+    return auto_factor(cells, LITE, labels.shape)
 
 
 def resize_labels(labels: np.ndarray, factor: float) -> np.ndarray:
