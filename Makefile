@@ -27,7 +27,7 @@ $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIEN
 	cd $(NODE_CLIENT) && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
-WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt export/weights/lite_decoder_roi.pt
+WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt export/weights/lite_decoder_roi.pt export/weights/lite_decoder_points.pt
 # what an exported repository is made from besides the weights: a change re-exports
 # (`<family>_labels` carries copies of the client's rule modules: export/labels_repository.py RULE_MODULES)
 RULE_SOURCES := $(addprefix client/,api.py transport.py types.py images.py labels.py tiles.py resize.py autoscale.py \

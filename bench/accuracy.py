@@ -3,7 +3,9 @@
 1. the served default model with its own detector boxes,
 2. the classical baseline (Otsu + watershed, bench/baseline.py), no server,
 3. the same served model prompted with the ground-truth boxes (the detector's ceiling),
-4. with ``--before REPOSITORY``: an earlier export with its detector boxes, on its own server
+4. the same served model in grid mode (``<family>_grid``, no detector), once per ``--grid`` density
+   (points per side; default 16, the served one; ``--grid 16,32`` also measures CellSeg1's 32 x 32),
+5. with ``--before REPOSITORY``: an earlier export with its detector boxes, on its own server
    (before/after accuracy and s/image of a change, same run, same machine).
 
 Starts an embedded tritonserver on an exported repository (or uses ``--url``), writes
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
+from cellsam_triton.client.grid_rules import GridOptions
 from cellsam_triton.errors import UserError
 
 from .report import run_main, write_results
@@ -50,7 +53,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--before", type=Path, default=None, metavar="REPOSITORY",
                         help="also run this earlier export (detector boxes) on the same images, served after the others "
                              "on its own server: accuracy and s/image before and after a change in one run")
+    parser.add_argument("--grid", type=grid_sides, default=(16,), metavar="N[,N]",
+                        help="grid-mode rows, points per side each (default 16; 'none': no grid row)")
     return parser.parse_args(argv)
+
+
+def grid_sides(text: str) -> tuple[int, ...]:
+    """``--grid``: comma-separated points per side, or 'none'."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sides = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N[,N...] or none, got {text!r}") from None
+    if not all(1 <= n <= 128 for n in sides):
+        raise argparse.ArgumentTypeError(f"points per side must be in [1, 128], got {text!r}")
+    return sides
 
 
 def server_url(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
@@ -71,7 +89,7 @@ def _embedded(repository: Path):
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Run the three methods; summaries (with a label each) and per-image rows."""
+    """Run the methods; summaries (with a label each) and per-image rows."""
     from cellsam_triton.client.api import Segmenter
     from cellsam_triton.datasets import data_checksum
 
@@ -85,6 +103,10 @@ def measure(args: argparse.Namespace) -> dict:
         classical = evaluate(args.data, records, lambda image, labels: segment_classical(image), "classical")
         runs["classical (Otsu + watershed)"] = classical
         runs[f"{model} (ground-truth boxes)"] = evaluate(args.data, records, served_predict(segmenter, "gt"), f"{model} gt")
+        for side in args.grid:
+            grid = GridOptions(points_per_side=side)
+            runs[f"{model} (grid {side}x{side}, no detector)"] = evaluate(
+                args.data, records, served_predict(segmenter, None, grid), f"{model} grid {side}")
     if args.before is not None:
         before = argparse.Namespace(**{**vars(args), "repository": args.before, "url": None})
         with server_url(before) as url, Segmenter(url, args.model, timeout_s=args.timeout) as segmenter:

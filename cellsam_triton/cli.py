@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("cellsam_triton.client.command", "segment images through a running server"),
     "eval": ("cellsam_triton.client.evaluate", "measure accuracy on a DSB-layout data set"),
     "train-detector": ("cellsam_triton.export.train_detector", "train CellFinder-lite on DSB-layout data"),
-    "train-decoder": ("cellsam_triton.export.train_decoder", "fine-tune LiteMedSAM's mask decoder on DSB-layout data (box prompts)"),
+    "train-decoder": ("cellsam_triton.export.train_decoder", "fine-tune LiteMedSAM's mask decoder on DSB-layout data (box and point prompts)"),
+    "select-grid": ("cellsam_triton.export.grid_selection", "choose the grid's thresholds for decoder weights on training images"),
     "finetune": ("cellsam_triton.export.finetune", "train CellSeg1 LoRA adapters from one annotated image (LiteMedSAM base)"),
 }
 

@@ -113,3 +113,19 @@ def segment_rescaled(
     labels, origin = fill_holes_and_remove_small(labels, int(options.min_cell_area or 0))
     scores = {row["label"]: row["score"] for row in result.cells}
     return Segmentation(labels, cells_table(labels, np.array([scores.get(int(o), np.nan) for o in origin])))
+
+
+def segment_at_scale(segment: Segment, image: np.ndarray, boxes: np.ndarray | None, options: SegmentOptions,
+                     family: Family) -> Segmentation:
+    """``segment`` (native resolution) at the scale ``options.scale`` asks for.
+
+    None: native, then (no boxes given) one enlarged pass when the cells found are small
+    (:func:`auto_factor`); 1.0: native only; another factor: that factor only (capped).
+    """
+    check_scale(options.scale)
+    if options.scale is None:
+        first = segment(image, boxes, options)
+        factor = 1.0 if boxes is not None else auto_factor(first.cells, family, image.shape[:2])
+        return first if factor == 1.0 else segment_rescaled(segment, image, factor, None, options)
+    factor = capped(float(options.scale), image.shape[:2], family)
+    return segment(image, boxes, options) if factor == 1.0 else segment_rescaled(segment, image, factor, boxes, options)

@@ -4,7 +4,8 @@ The served grid pipeline does the point grid, filtering, NMS and clean-up of one
 returns decided masks (logit > 0) largest first. Here the image becomes frames and the
 frames' masks one label image, painted large-to-small (small cells win where masks overlap):
   litemedsam  native-resolution tiles (as lite_rules); a tile keeps the masks whose box
-              centre lies in its core.
+              centre lies in its core. Images with small cells get the auto-scale pass of the
+              detector route (client/autoscale.py, ``--scale``).
   sam         CellSeg1's frame: min-max to 0..255, longest side resized to the input size,
               SAM pixel mean/std, zero-padded; masks up-sampled back like SAM's postprocessing.
   cellsam     CellSAM's frame (cellsam_rules: normalised, stretched to the input size); masks
@@ -22,6 +23,7 @@ import numpy as np
 from cellsam_triton.contracts import NAMES, Family
 from cellsam_triton.errors import UserError
 
+from .autoscale import check_scale, segment_at_scale
 from .images import to_channels_last3, validate_image
 from .labels import cells_table, paint_cells
 from .lite_rules import channels_last
@@ -174,14 +176,24 @@ def segment(image: np.ndarray, run: object, family: Family, boxes: np.ndarray | 
 
 
 def segment_grid(image: np.ndarray, infer: Infer, family: Family, options: SegmentOptions, grid: GridOptions) -> Segmentation:
-    """Segment one image with the family's served grid pipeline."""
+    """Segment one image with the family's served grid pipeline. Tiled families with an
+    auto-scale rule (the default model) follow ``options.scale`` as the detector route does: a
+    native pass, then one enlarged pass when its cells are small (client/autoscale.py)."""
     if family.preprocess not in FRAMES:
         raise UserError(f"grid prompts are not available for model {family.name} (pre-processing {family.preprocess!r})")
+    check_scale(options.scale)
     image = channels_last(validate_image(image, "image"))
-    found = FRAMES[family.preprocess](image, infer, family, grid.arrays())
-    found.sort(key=lambda item: -item[0])  # paint large to small: smaller cells win overlaps
-    blocks: Iterator = (block for _, _, block in found)
-    min_area = family.min_cell_area if options.min_cell_area is None else options.min_cell_area
-    labels, index = paint_cells(blocks, image.shape[:2], DECIDED, min_area)
-    scores = np.array([found[i][1] for i in index], np.float64)
-    return Segmentation(labels, cells_table(labels, scores))
+    arrays = grid.arrays()
+
+    def native(img: np.ndarray, _boxes: None, opts: SegmentOptions) -> Segmentation:
+        found = FRAMES[family.preprocess](img, infer, family, arrays)
+        found.sort(key=lambda item: -item[0])  # paint large to small: smaller cells win overlaps
+        blocks: Iterator = (block for _, _, block in found)
+        min_area = family.min_cell_area if opts.min_cell_area is None else opts.min_cell_area
+        labels, index = paint_cells(blocks, img.shape[:2], DECIDED, min_area)
+        scores = np.array([found[i][1] for i in index], np.float64)
+        return Segmentation(labels, cells_table(labels, scores))
+
+    if family.preprocess != "litemedsam" or family.auto_scale_below <= 0:
+        return native(image, None, options)
+    return segment_at_scale(native, image, None, options.resolved(family), family)

@@ -20,7 +20,7 @@ import numpy as np
 
 from cellsam_triton.contracts import NAMES, Family
 
-from .autoscale import auto_factor, capped, check_scale, segment_rescaled
+from .autoscale import check_scale, segment_at_scale
 from .images import validate_image
 from .labels import cells_table, logit_threshold, paint_cells
 from .tiles import Tile, core_prompt, family_tiles, lite_normalize, mask_block, owned, tile_input
@@ -87,19 +87,11 @@ def segment(
     """
     check_scale(options.scale)
     image = channels_last(validate_image(image, "image"))
-    options = options.resolved(family)
 
     def native(img: np.ndarray, prompts: np.ndarray | None, opts: SegmentOptions) -> Segmentation:
         return segment_native(img, run, family, prompts, opts)
 
-    if options.scale is None:
-        first = native(image, boxes, options)
-        factor = 1.0 if boxes is not None else auto_factor(first.cells, family, image.shape[:2])
-        return first if factor == 1.0 else segment_rescaled(native, image, factor, None, options)
-    factor = capped(float(options.scale), image.shape[:2], family)
-    if factor == 1.0:
-        return native(image, boxes, options)
-    return segment_rescaled(native, image, factor, boxes, options)
+    return segment_at_scale(native, image, boxes, options.resolved(family), family)
 
 
 def segment_native(

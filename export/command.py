@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             from .lite_export import DEFAULT_DETECTOR_WEIGHTS, served_family
 
             family = served_family(decoder_weights(args), decoder_context(args), encoder_precision(args),
-                                   args.detector_weights or DEFAULT_DETECTOR_WEIGHTS)
+                                   args.detector_weights or DEFAULT_DETECTOR_WEIGHTS, point_decoder_weights(args))
         else:
             family = served  # CellSeg1: with its grid threshold
         gpu = GpuOptions(precision=args.precision, trt_cache=args.trt_cache)

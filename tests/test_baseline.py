@@ -101,3 +101,14 @@ def test_accuracy_report_table_and_plot(tmp_path):
     png = tmp_path / "accuracy.png"
     bar_plot(result, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_grid_option_parses_densities() -> None:
+    import argparse
+
+    from bench.accuracy import grid_sides
+
+    assert grid_sides("16") == (16,) and grid_sides("16,32") == (16, 32) and grid_sides("none") == ()
+    for bad in ("0", "x", "16,,32", "200"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            grid_sides(bad)

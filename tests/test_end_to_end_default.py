@@ -76,7 +76,7 @@ def test_auto_scale_enlarges_images_of_small_cells_and_helps(default_server: Emb
 
 def test_bench_accuracy_runs_an_earlier_export_beside_in_one_run(default_server: EmbeddedServer, tmp_path: Path) -> None:
     """`make bench-accuracy --before REPO`: the earlier export gets its own server and row; with the
-    same repository on both sides its accuracy is the current model's."""
+    same repository on both sides its accuracy is the current model's. ``--grid`` adds grid-mode rows."""
     import json
 
     from bench.accuracy import main as bench_accuracy
@@ -84,9 +84,11 @@ def test_bench_accuracy_runs_an_earlier_export_beside_in_one_run(default_server:
     repository = Path(default_server.repository)
     out = tmp_path / "bench"
     assert bench_accuracy(["--url", default_server.grpc_url, "--data", str(DATA), "--limit", "1", "--out", str(out),
-                           "--before", str(repository)]) == 0
+                           "--before", str(repository), "--grid", "4"]) == 0
     methods = json.loads((out / "accuracy.json").read_text())["methods"]
-    assert len(methods) == 4
+    assert len(methods) == 5
+    (grid,) = [m for name, m in methods.items() if "(grid 4x4, no detector)" in name]
+    assert 0.0 <= grid["f1_mean"] <= 1.0 and grid["seconds_per_image"] > 0
     (now,) = [m for name, m in methods.items() if name.endswith("(detector boxes)") and "before" not in name]
     (before,) = [m for name, m in methods.items() if "before" in name]
     assert before["f1_mean"] == now["f1_mean"] and before["seconds_per_image"] > 0
