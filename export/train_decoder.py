@@ -183,6 +183,13 @@ def cell_points(tile: TileCells, picks: np.ndarray, rule: PointRule, rng: np.ran
     return coords, labels
 
 
+def cell_targets(tile: TileCells, picks: np.ndarray):
+    """Float target masks [n,256,256] of cells ``picks`` (1 on the cell's pixels)."""
+    import torch
+
+    return torch.from_numpy(tile.labels[None] == tile.values[picks][:, None, None]).float()
+
+
 def background_points(tile: TileCells, count: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``count`` one-point prompts [k,1,2] on background pixels inside the image."""
     height, width = tile.valid
@@ -228,7 +235,7 @@ class DecoderTrainer:
         import torch
 
         embedding = self.embedding(tile)
-        targets = torch.from_numpy(tile.labels[None] == tile.values[picks][:, None, None]).float()
+        targets = cell_targets(tile, picks)
         if (context or self.context) == "full":
             logits, iou = self.decoder(embedding, torch.from_numpy(boxes))
             return logits[:, 0], iou[:, 0], targets
@@ -295,7 +302,7 @@ class DecoderTrainer:
                 parts.append(self.predict(tile, picks[~by_point], boxes))
             if by_point.any():
                 coords, labels = cell_points(tile, picks[by_point], points, rng)
-                targets = torch.from_numpy(tile.labels[None] == tile.values[picks[by_point]][:, None, None]).float()
+                targets = cell_targets(tile, picks[by_point])
                 parts.append((*self.predict_points(tile, coords, labels), targets))
             empty = background_points(tile, points.background, rng)
             if len(empty):
@@ -335,7 +342,7 @@ class DecoderTrainer:
                 else:
                     coords, labels = cell_points(tile, picks, one_point, rng)
                     logits, _ = self.predict_points(tile, coords, labels)
-                    targets = torch.from_numpy(tile.labels[None] == tile.values[picks][:, None, None]).float()
+                    targets = cell_targets(tile, picks)
                     empty = background_points(tile, 1, rng)
                     if len(empty):
                         background.append(float(self.predict_points(tile, empty, np.ones((1, 1), np.float32))[1][0]))
