@@ -169,11 +169,15 @@ def segment(
     return paint_frame(run([request])[0], family, (height, width), options)
 
 
-def paint_frame(result: PipelineResult, family: Family, shape: tuple[int, int], options: SegmentOptions) -> Segmentation:
+def paint_frame(
+    result: PipelineResult, family: Family, shape: tuple[int, int], options: SegmentOptions,
+    seeds: list[np.ndarray] | None = None,
+) -> Segmentation:
     """The label image of one stretched frame's masks: up-sampled to ``shape``, thresholded,
-    painted in order (later masks win), cleaned (``options`` resolved)."""
+    painted in order (later masks win; with point ``seeds`` per mask, ``labels.paint_seeded``),
+    cleaned (``options`` resolved)."""
     cut = logit_threshold(options.mask_threshold)
     blocks = iter_mask_logits(result.masks, family.input_size, shape, above=cut)
-    labels, index = paint_cells(blocks, shape, cut, options.min_cell_area)
+    labels, index = paint_cells(blocks, shape, cut, options.min_cell_area, seeds)
     scores = np.asarray(result.scores, np.float64)[index]
     return Segmentation(labels, cells_table(labels, scores))

@@ -8,10 +8,11 @@ than ``min_size`` pixels are removed, relabelling 1..N in label order.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy.ndimage import binary_fill_holes, find_objects
+from scipy.ndimage import label as connected_parts
 
 LABEL_DTYPE = np.uint32
 
@@ -42,12 +43,48 @@ def paint_labels(
 
 
 def paint_cells(
-    blocks: Iterable[tuple[slice, slice, np.ndarray]], shape: tuple[int, int], above: float, min_size: int
+    blocks: Iterable[tuple[slice, slice, np.ndarray]], shape: tuple[int, int], above: float, min_size: int,
+    seeds: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`paint_labels` (later blocks on top) then :func:`fill_holes_and_remove_small`: the
-    label image and, for each label 1..n, the index of the block it was painted from."""
-    labels, origin = fill_holes_and_remove_small(paint_labels(blocks, shape, above), min_size)
+    """:func:`paint_labels` (later blocks on top; with point ``seeds``, :func:`paint_seeded`) then
+    :func:`fill_holes_and_remove_small`: the label image and, for each label 1..n, the index of
+    the block it was painted from."""
+    painted = paint_labels(blocks, shape, above) if seeds is None else paint_seeded(blocks, seeds, shape, above)
+    labels, origin = fill_holes_and_remove_small(painted, min_size)
     return labels, origin - 1
+
+
+def paint_seeded(
+    blocks: Iterable[tuple[slice, slice, np.ndarray]], seeds: Sequence[np.ndarray], shape: tuple[int, int], above: float
+) -> np.ndarray:
+    """Paint the masks of point prompts: mask i (a ``(rows, cols, logits)`` block) becomes label
+    i+1 where its logit > ``above`` and is the highest of all masks there (the decoder's most
+    confident cell takes a contested pixel; ties go to the earlier mask), then each label keeps only
+    its connected parts that hold one of its own points ``seeds[i]`` ([n,2] pixel row, col), or its
+    largest part if it holds none. So a click's cell is the region around the click, and a
+    neighbour's mask spilling over a cell neither erases it nor leaves fragments. uint32 [H,W]."""
+    labels = np.zeros(shape, LABEL_DTYPE)
+    best = np.full(shape, -np.inf, np.float32)
+    for index, (rows, cols, logits) in enumerate(blocks):
+        if logits.size:
+            wins = (logits > above) & (logits > best[rows, cols])
+            labels[rows, cols][wins] = index + 1
+            best[rows, cols][wins] = logits[wins]
+    for index, box in enumerate(find_objects(labels)):
+        if box is None:
+            continue
+        mine = labels[box] == index + 1
+        parts, count = connected_parts(mine)
+        if count < 2:
+            continue
+        local = np.asarray(seeds[index], np.int64).reshape(-1, 2) - (box[0].start, box[1].start)
+        inside = (local >= 0).all(1) & (local[:, 0] < mine.shape[0]) & (local[:, 1] < mine.shape[1])
+        held = parts[local[inside, 0], local[inside, 1]]
+        keep = np.unique(held[held > 0])
+        if keep.size == 0:
+            keep = np.array([1 + int(np.argmax(np.bincount(parts.ravel())[1:]))])
+        labels[box][mine & ~np.isin(parts, keep)] = 0
+    return labels
 
 
 def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = 25) -> tuple[np.ndarray, np.ndarray]:

@@ -123,18 +123,22 @@ def segment_native(
 
 
 def paint_tiles(
-    tiles: list[Tile], results: list[PipelineResult], shape: tuple[int, int], options: SegmentOptions, prompted: bool
+    tiles: list[Tile], results: list[PipelineResult], shape: tuple[int, int], options: SegmentOptions, prompted: bool,
+    seeds: list[list[np.ndarray]] | None = None,
 ) -> Segmentation:
     """The label image of tile results (``results[i]`` from ``tiles[i]``): masks painted in order of
     decreasing score, later masks winning overlaps. ``prompted``: every mask answers a given prompt
-    (boxes, points) and is kept; else a tile keeps the masks it owns (box centre in its core)."""
+    (boxes, points) and is kept; else a tile keeps the masks it owns (box centre in its core).
+    ``seeds[i][j]``: the point pixels (image frame) of result i's mask j, for point prompts
+    (``labels.paint_seeded`` arbitrates overlaps)."""
     cut = logit_threshold(options.mask_threshold)
-    kept = []  # (score, tile, result, mask index)
-    for tile, result in zip(tiles, results):
+    kept = []  # (score, tile index, mask index)
+    for t, (tile, result) in enumerate(zip(tiles, results)):
         indices = np.arange(len(result.scores)) if prompted else owned(result.boxes, tile)
-        kept += [(float(result.scores[i]), tile, result, int(i)) for i in indices]
+        kept += [(float(result.scores[i]), t, int(i)) for i in indices]
     kept.sort(key=lambda item: -item[0])  # stable: equal scores keep tile and prompt order
-    blocks = (mask_block(r.masks[i], t, shape, cut) for _, t, r, i in kept)
-    labels, index = paint_cells(blocks, shape, cut, options.min_cell_area)
+    blocks = (mask_block(results[t].masks[i], tiles[t], shape, cut) for _, t, i in kept)
+    ordered = None if seeds is None else [seeds[t][i] for _, t, i in kept]
+    labels, index = paint_cells(blocks, shape, cut, options.min_cell_area, ordered)
     scores = np.array([kept[i][0] for i in index], np.float64)
     return Segmentation(labels, cells_table(labels, scores))

@@ -11,7 +11,9 @@ runs once a frame. Frames and masks follow the family's box rules:
   sam         CellSeg1's resized, zero-padded frame (as grid_rules), points scaled as SAM does.
 Prompts of equal point count are decoded together, unpadded (a prompt's mask does not depend on
 the others). Masks whose predicted IoU is below ``iou_threshold`` are dropped (negative keeps
-all) and every cell's score is 1.0, as for given boxes; later prompts win overlaps.
+all) and every cell's score is 1.0, as for given boxes. Overlaps go to the mask with the higher
+logit and each cell keeps the connected part that holds its points (``labels.paint_seeded``):
+a neighbour's mask spilling over a clicked nucleus does not take it.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def _tiles(image: np.ndarray, infer: "Infer", family: Family, prompts: PointProm
 
     with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
         results = list(pool.map(one, jobs))
-    return paint_tiles([tile for tile, _ in jobs], results, (height, width), options, prompted=True)
+    seeds = [prompts.seeds([indices[k] for k in result.prompt_index]) for (_, indices), result in zip(jobs, results)]
+    return paint_tiles([tile for tile, _ in jobs], results, (height, width), options, prompted=True, seeds=seeds)
 
 
 def _lite(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
@@ -112,7 +115,7 @@ def _cellsam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPr
     size = family.input_size
     frame = segmenter_input(normalize(image), size)
     result = decode_frame(infer, family, frame, prompts.frame(scale=(size / width, size / height)), options.iou_threshold)
-    return paint_frame(result, family, (height, width), options)
+    return paint_frame(result, family, (height, width), options, prompts.seeds(result.prompt_index))
 
 
 def _sam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
@@ -125,7 +128,7 @@ def _sam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompt
     full = (slice(0, height), slice(0, width))
     cut = logit_threshold(options.mask_threshold)
     blocks = ((*full, wy @ mask.astype(np.float32) @ wx.T) for mask in result.masks)
-    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area)
+    labels, index = paint_cells(blocks, (height, width), cut, options.min_cell_area, prompts.seeds(result.prompt_index))
     return Segmentation(labels, cells_table(labels, np.asarray(result.scores, np.float64)[index]))
 
 

@@ -44,6 +44,15 @@ class PointPrompts:
         high = np.where(real, self.coords, -np.inf).max(axis=1)
         return np.concatenate([low, high + 1], axis=1).astype(np.float32).reshape(-1, 4)
 
+    def seeds(self, indices: Sequence[int]) -> list[np.ndarray]:
+        """The pixels (row, col) [n,2] int of the positive points of each prompt at ``indices``:
+        where a prompt's cell must lie when masks are painted (``labels.paint_seeded``)."""
+        out = []
+        for k in indices:
+            positive = self.coords[k][self.labels[k] == 1]
+            out.append(np.floor(positive[:, ::-1]).astype(np.int64))
+        return out
+
     def check_inside(self, shape: tuple[int, ...]) -> None:
         """A `UserError` naming the first point outside an image of ``shape`` (H, W, ...)."""
         height, width = shape[:2]

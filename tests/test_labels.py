@@ -15,7 +15,9 @@ from cellsam_triton.client.labels import (
     cells_table,
     fill_holes_and_remove_small,
     logit_threshold,
+    paint_cells,
     paint_labels,
+    paint_seeded,
     writer_dtype,
 )
 
@@ -39,6 +41,39 @@ def test_paint_later_masks_win_and_blocks_place_masks():
     expected[1:4, 1:4] = 1
     expected[2:4, 3:6] = 2
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_point_masks_share_contested_pixels_by_logit_and_keep_the_part_around_their_points():
+    """Mask 0 (a click on the left nucleus) spills over the right one; mask 1 (a later click on the
+    right nucleus) is surer there. Painting in order would let mask 1 win everything it covers;
+    by logit each keeps its own nucleus, and mask 0's stray pixels beyond mask 1 (a second,
+    unclicked part) are dropped rather than left as a fragment."""
+    left = np.full((6, 12), -3.0, np.float32)
+    left[1:5, 0:5] = 4.0  # its own nucleus
+    left[1:5, 5:12] = 1.0  # spill over the right one and beyond, weaker
+    right = np.full((6, 12), -3.0, np.float32)
+    right[0:6, 5:10] = 3.0
+    right[1:5, 0:5] = 0.5  # spill over the left nucleus, weaker than mask 0 there
+    blocks = [(slice(0, 6), slice(0, 12), left), (slice(0, 6), slice(0, 12), right)]
+    seeds = [np.array([[2, 2]]), np.array([[3, 7]])]
+    labels = paint_seeded(blocks, seeds, (6, 12), 0.0)
+    expected = np.zeros((6, 12), np.uint32)
+    expected[1:5, 0:5] = 1
+    expected[0:6, 5:10] = 2  # columns 10-11 were mask 0's but cut off from its click: dropped
+    np.testing.assert_array_equal(labels, expected)
+    ordered = paint_labels(iter(blocks), (6, 12), 0.0)
+    assert (ordered == 1).sum() == 2 * 4  # painting in order: the later mask takes the left nucleus
+    cells, origin = paint_cells(iter(blocks), (6, 12), 0.0, 1, seeds)
+    np.testing.assert_array_equal(cells, expected)
+    np.testing.assert_array_equal(origin, [0, 1])
+
+
+def test_a_point_mask_off_its_point_keeps_its_largest_part():
+    mask = np.full((5, 9), -1.0, np.float32)
+    mask[0:2, 0:2] = 2.0
+    mask[2:5, 4:9] = 2.0
+    labels = paint_seeded([(slice(0, 5), slice(0, 9), mask)], [np.array([[4, 0], [-1, 40]])], (5, 9), 0.0)
+    np.testing.assert_array_equal(labels, np.where(mask[None] > 0, 1, 0)[0] * (np.arange(9) >= 4))
 
 
 def test_no_masks_give_an_empty_image():
