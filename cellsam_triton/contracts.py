@@ -103,6 +103,10 @@ class GridRules:
     crop_n_layers: int = 0
     crop_overlap_ratio: float = 512 / 1500  # SAM's default
     crop_edge_fraction: float = 20 / 1024  # SAM's 20 px at 1024 input, as a fraction of the input
+    # embedding cells of the window each grid point is decoded on (``<family>_roi_point_decoder``,
+    # model_repository/roi_windows.point_windows); masks reaching an inner window side are decoded
+    # again on the whole embedding. 0: every point on the whole embedding
+    window: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,27 @@ class Family:
             ),
         )
 
+    @property
+    def roi_point_decoder_name(self) -> str:
+        return f"{self.name}_roi_point_decoder"
+
+    def roi_point_decoder(self) -> ModelSpec:
+        """Grid points decoded on embedding windows (``grid.window`` cells a side, dynamic in the
+        ONNX model): one positive point a prompt, prompts on axis 0."""
+        return ModelSpec(
+            self.roi_point_decoder_name,
+            inputs=(
+                Tensor(NAMES.embedding_windows, FP32, (-1, self.embed_dim, -1, -1)),  # [N,C,w,w] crops
+                Tensor(NAMES.window_origins, FP32, (-1, 2)),  # (x, y) of each window, embedding cells
+                Tensor(NAMES.point_coords, FP32, (-1, 1, 2)),  # [N,1,2] xy in the encoder frame (not the window's)
+                Tensor(NAMES.point_labels, FP32, (-1, 1)),  # [N,1] 1 (foreground)
+            ),
+            outputs=(
+                Tensor(NAMES.low_res_masks, FP32, (-1, 1, -1, -1)),  # the window's logits [N,1,sw,sw]
+                Tensor(NAMES.iou_predictions, FP32, (-1, 1)),
+            ),
+        )
+
     def grid_pipeline(self) -> ModelSpec:
         """Detector-free pipeline: a point grid as prompts; same outputs as :meth:`pipeline`.
 
@@ -393,8 +418,10 @@ LITE = Family(
     auto_scale_factor=2.0,
     auto_scale_min_factor=1.5,
     # `cellsam_lite_grid` (detector-free): cellseg1_lite's rules on the same 256 tiles (16 x 16 points;
-    # `--points-per-side 32` per request for CellSeg1's density).
-    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6, points_per_side=16),
+    # `--points-per-side 32` per request for CellSeg1's density); export serves the thresholds
+    # `select-grid` chose for the point decoder. Each point decoded on a 24-cell (96 px) window of
+    # the embedding: one-point val nuclei IoU >= 0.5 for 0.811 vs 0.821 whole, ~6x less decoding.
+    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6, points_per_side=16, window=24),
 )
 
 # CellSeg1 (SAM + merged LoRA at 512 input): detector-free, served with grid prompts; not in

@@ -31,9 +31,13 @@ class InProcessGrid:
     def __init__(self, encoder: torch.nn.Module, point_decoder: torch.nn.Module, family: Family) -> None:
         from cellsam_triton.model_repository.grid_generator import GridGenerator
 
-        self.modules = {"encoder": encoder.eval(), "point decoder": point_decoder.eval()}
+        from .models.window_point_decoder import WindowPointDecoder
+
+        window = WindowPointDecoder(point_decoder.prompt_encoder, point_decoder.mask_decoder)  # same modules
+        self.modules = {"encoder": encoder.eval(), "point decoder": point_decoder.eval(), "roi point decoder": window.eval()}
         self.family = family
-        self.generator = GridGenerator(family, self._call, encoder="encoder", decoder="point decoder")
+        self.generator = GridGenerator(family, self._call, encoder="encoder", decoder="point decoder",
+                                       window_decoder="roi point decoder")
         self._cache: dict[str, list[np.ndarray]] = {}
 
     def _call(self, stage: str, model: str, inputs: dict, outputs: tuple) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """Repository pieces for point prompts: ``<family>_point_decoder`` and ``<family>_grid``.
 
-Every SAM-family export serves them (the default model, CellSAM, CellSeg1). Rendered with
+Every SAM-family export serves them (the default model, CellSAM, CellSeg1); a family whose grid
+decodes on embedding windows (``grid.window``) also serves ``<family>_roi_point_decoder``. Rendered with
 export/repository.py's public helpers: the point decoder is an ONNX model like the box decoder
 (role "point_decoder": its own TensorRT profile on the point axis), the grid pipeline a Python BLS
 like the box pipeline (role "pipeline", so its config carries the family). :func:`write_served`
@@ -16,12 +17,15 @@ from cellsam_triton.contracts import Family, ModelSpec
 
 from .repository import PIPELINE_GLUE, RUNNER_GLUE, GpuOptions, family_roles, write_models
 
-GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "raster.py", "bls.py", "request_checks.py", "contracts.py")  # bls.py: the base shared with the box pipeline
+GRID_GLUE = ("grid_pipeline.py", "grid_generator.py", "grid_masks.py", "raster.py", "roi_windows.py", "bls.py", "request_checks.py",
+             "contracts.py")  # bls.py: the base shared with the box pipeline
 
 
 def grid_roles(family: Family) -> list[tuple[str, ModelSpec]]:
-    """(role, spec) of the two models that add grid prompts to a family."""
-    return [("point_decoder", family.point_decoder()), ("pipeline", family.grid_pipeline())]
+    """(role, spec) of the models that add point and grid prompts to a family: the point decoder,
+    with ``grid.window`` the window point decoder, and the grid pipeline."""
+    window = [("roi_point_decoder", family.roi_point_decoder())] if family.grid.window > 0 else []
+    return [("point_decoder", family.point_decoder()), *window, ("pipeline", family.grid_pipeline())]
 
 
 def served_roles(family: Family) -> list[tuple[str, ModelSpec]]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from cellsam_triton.errors import UserError
 
-IOU_CANDIDATES = (0.5, 0.6, 0.7, 0.8)
+IOU_CANDIDATES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # 0.5 won at the bottom of (0.5..0.8) once: the range goes lower
 STABILITY_CANDIDATES = (0.6, 0.8)
 RULE = ("predicted-IoU x stability threshold pair with the best mean per-image F1@0.5 of grid segmentation "
         "on seeded training images (ties: the higher thresholds); validation images are never used")
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     record = choose(InProcessGrid(lite.encoder, point, LITE), LITE, [load_sample(args.data, i) for i in ids], side)
     record.update({"rule": RULE, "images": len(ids), "seed": args.seed, "split": "train", "encoder": "fp32 (PyTorch)",
+                   "grid_window": LITE.grid.window,
                    "weights_sha256": sha256_file(args.weights), "command": command_line("select-grid"),
                    "seconds": round(time.perf_counter() - started, 1)})
     provenance = json.loads(provenance_path.read_text())

@@ -135,7 +135,7 @@ def export_encoder(encoder, examples: list, path: Path, tolerance: float):
     return report
 
 
-PARTS = ("encoder", "detector", "decoder", "roi_decoder", "point_decoder")
+PARTS = ("encoder", "detector", "decoder", "roi_decoder", "point_decoder", "roi_point_decoder")
 
 
 def export_lite(
@@ -169,7 +169,9 @@ def export_lite(
     from .train_decoder import load_decoder_weights
 
     lite = load_litemedsam()
-    point_decoder = copy.deepcopy(lite.decoder) if "point_decoder" in parts else None
+    if LITE.grid.window <= 0:
+        parts = tuple(p for p in parts if p != "roi_point_decoder")
+    point_decoder = copy.deepcopy(lite.decoder) if {"point_decoder", "roi_point_decoder"} & set(parts) else None
     if point_decoder is not None and point_decoder_weights is not None:
         load_decoder_weights(point_decoder, Path(point_decoder_weights))
     if decoder_context != "roi":
@@ -225,10 +227,14 @@ def export_lite(
         )
     if "roi_decoder" in parts:
         reports.append(export_window_decoder(lite.decoder, path(LITE.roi_decoder()), tolerance, embeddings, boxes, generator))
-    if point_decoder is not None:
+    if "point_decoder" in parts:
         from .point_export import export_point_decoder
 
         reports.append(export_point_decoder(LITE, point_decoder, repository_dir, tolerance))
+    if "roi_point_decoder" in parts:
+        from .point_export import export_window_point_decoder
+
+        reports.append(export_window_point_decoder(LITE, point_decoder, repository_dir, tolerance))
     return reports
 
 

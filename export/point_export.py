@@ -56,3 +56,30 @@ def export_point_decoder(family: Family, decoder: torch.nn.Module, repository_di
     axes = {names[1]: {0: "prompts", 1: "points"}, names[2]: {0: "prompts", 1: "points"}}
     axes.update({name: {0: "prompts"} for name in outputs})
     return export_onnx(point, sets[0], outputs, axes, model_path(repository_dir, spec), tolerance, sets[1:])
+
+
+def export_window_point_decoder(family: Family, decoder: torch.nn.Module, repository_dir: str | os.PathLike,
+                                tolerance: float = 1e-3) -> ExportReport:
+    """Write ``<family>_roi_point_decoder`` (grid points on embedding windows, the window side a
+    dynamic axis) from ``decoder``, checked on the family's window side and on a smaller one."""
+    from .models.window_point_decoder import WindowPointDecoder
+
+    spec = family.roi_point_decoder()
+    names = [t.name for t in spec.inputs]
+    outputs = [t.name for t in spec.outputs]
+    window = WindowPointDecoder(decoder.prompt_encoder, decoder.mask_decoder).eval()
+    size = window.prompt_encoder.input_image_size[0]
+    e = family.embed_size
+    generator = torch.Generator().manual_seed(4)
+
+    def example(n: int, side: int) -> dict:
+        origins = torch.randint(0, e - side + 1, (n, 2), generator=generator).float()
+        points = (origins + torch.rand(n, 2, generator=generator) * side) * (size / e)
+        windows = random_embeddings(window, generator).expand(n, -1, -1, -1)[:, :, :side, :side].contiguous()
+        return dict(zip(names, (windows, origins, points[:, None, :], torch.ones(n, 1))))
+
+    side = family.grid.window
+    axes = {names[0]: {0: "prompts", 2: "side", 3: "side"}, names[1]: {0: "prompts"}, names[2]: {0: "prompts"},
+            names[3]: {0: "prompts"}, outputs[0]: {0: "prompts", 2: "mask_side", 3: "mask_side"}, outputs[1]: {0: "prompts"}}
+    return export_onnx(window, example(3, side), outputs, axes, model_path(repository_dir, spec), tolerance,
+                       [example(1, side), example(5, max(1, side // 2))])

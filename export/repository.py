@@ -28,7 +28,7 @@ RUNNER_GLUE = ("onnx_runner.py",)
 # first file becomes model.py; contracts.py is the package's own (cellsam_triton/contracts.py)
 PIPELINE_GLUE = ("pipeline.py", "box_pipeline.py", "selection.py", "roi_windows.py", "bls.py", "request_checks.py", "contracts.py")
 ONNX_FILE = "model.onnx"
-ROLES = ("encoder", "detector", "decoder", "roi_decoder", "point_decoder", "pipeline", "labels")
+ROLES = ("encoder", "detector", "decoder", "roi_decoder", "point_decoder", "roi_point_decoder", "pipeline", "labels")
 # `<family>_labels` instances (Python BLS on KIND_CPU, export/labels_repository.py): two images
 # segmented at once overlap one's rule code (numpy) with the other's pipeline work, as the CLI's two
 # workers per server do; on the gpu target as many as the pipeline has, to keep the encoder batching.
@@ -54,7 +54,7 @@ TRT_WORKSPACE_BYTES = 4 << 30
 # instance, big batches); the decoder is small and latency-bound, so two instances let two
 # pipeline requests decode at once. The pipeline (Python BLS on CPU) needs as many instances as
 # requests in flight, or the encoder's batcher never sees a full batch: encoder_batch of them.
-GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2, "roi_decoder": 2, "point_decoder": 2}
+GPU_INSTANCES = {"encoder": 1, "detector": 1, "decoder": 2, "roi_decoder": 2, "point_decoder": 2, "roi_point_decoder": 2}
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,8 @@ def _gpu_runner(config, spec: ModelSpec, role: str, gpu: GpuOptions, family: Fam
     batched = spec.max_batch_size > 0
     preferred = tuple(sorted({max(1, spec.max_batch_size // 2), spec.max_batch_size})) if batched else ()
     warm = (1, spec.max_batch_size) if batched and spec.max_batch_size > 1 else (1,)
-    windows = {"roi_decoder": tuple(family.roi_windows), "point_decoder": (1, MAX_PROMPT_POINTS)}.get(role, (0,))
+    windows = {"roi_decoder": tuple(family.roi_windows), "point_decoder": (1, MAX_PROMPT_POINTS),
+               "roi_point_decoder": (family.grid.window,)}.get(role, (0,))
     config.platform = "onnxruntime_onnx"
     config.default_model_filename = ONNX_FILE
     _add_instances(config, "KIND_GPU", GPU_INSTANCES[role])

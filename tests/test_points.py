@@ -36,6 +36,7 @@ from cellsam_triton.server import EmbeddedServer
 KEEP_ALL = SegmentOptions(iou_threshold=-1)
 NEAR = 24  # pixels: how far a synthetic disc's point mask may lie from its point
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
+GRID_VAL_IMAGE = "dec1764c00e8b3c4bf1fc7a2fda341279218ff894186b0c2664128348683c757"  # 360x360 fluorescence, 21 large nuclei
 
 
 def discs(height: int, width: int, centres: list[tuple[int, int]], radius: int = 9) -> np.ndarray:
@@ -229,6 +230,38 @@ def test_grid_prompts_work_against_the_default_export(server: EmbeddedServer, tm
         assert loose.labels.shape == image.shape and loose.count >= 1
         strict = seg.segment(image, prompts="grid", grid=GridOptions(points_per_side=4, pred_iou_threshold=1.0))
         assert strict.count == 0
+
+
+def test_default_grid_decodes_points_on_embedding_windows(server: EmbeddedServer, default_repository: Path) -> None:
+    """``cellsam_lite_grid`` decodes its points with ``cellsam_lite_roi_point_decoder`` on windows of
+    ``grid.window`` embedding cells; masks reaching an inner window side are decoded again whole by
+    ``cellsam_lite_point_decoder``. Counted with Triton's own statistics on a real val image
+    (256 x 256 fluorescence, native scale: one tile of 16 x 16 points), whose nuclei it finds."""
+    import tritonclient.grpc as grpcclient
+
+    from cellsam_triton.client.metrics import score_image
+    from cellsam_triton.datasets import load_sample
+
+    if not (DATA / "manifest.csv").is_file():
+        pytest.skip(f"DSB2018 data not found at {DATA}")
+    assert LITE.grid.window > 0 and (default_repository / LITE.roi_point_decoder_name / "config.pbtxt").is_file()
+    names = (LITE.roi_point_decoder_name, LITE.point_decoder_name)
+
+    def requests() -> dict[str, int]:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            return {n: int(client.get_inference_statistics(model_name=n).model_stats[0].inference_count) for n in names}
+
+    image, labels = load_sample(DATA, GRID_VAL_IMAGE)
+    before = requests()
+    with Segmenter(server.grpc_url) as seg:
+        result = seg.segment(image, prompts="grid", options=SegmentOptions(scale=1.0))
+    after = requests()
+    windows, whole = (after[n] - before[n] for n in names)
+    print(f"window requests {windows}, whole-embedding requests {whole}, F1 {score_image(labels, result.labels).f1:.3f}")
+    tiles = len(family_tiles(LITE, *image.shape[:2]))
+    assert windows == 8 * tiles  # 256 points a tile, 32 a request (decoder_chunk x embed_size // window)
+    assert 1 <= whole < 16 * tiles  # some masks cut by their window, far from all (16 a request)
+    assert score_image(labels, result.labels).f1 >= 0.7
 
 
 def test_grid_mode_enlarges_images_of_small_cells_as_the_detector_route_does(server: EmbeddedServer) -> None:

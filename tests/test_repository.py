@@ -178,6 +178,32 @@ def test_every_family_renders_its_point_decoder_and_grid(family: Family) -> None
     assert list(warm.inputs["point_coords"].dims) == [family.decoder_chunk, 1, 2]
 
 
+def test_a_windowed_grid_serves_its_window_point_decoder_with_its_own_trt_profile() -> None:
+    """The default family decodes grid points on windows: export serves ``<family>_roi_point_decoder``
+    (one point a prompt), its TensorRT profile and warm-up on the grid's window side; families that
+    decode grid points whole do not serve it."""
+    from cellsam_triton.contracts import LITE
+    from cellsam_triton.export.grid_repository import served_roles
+
+    assert LITE.grid.window > 0
+    roles = dict((spec.name, role) for role, spec in served_roles(LITE))
+    assert roles[LITE.roi_point_decoder_name] == "roi_point_decoder"
+    for family in FAMILIES.values():
+        if family.grid.window == 0:
+            assert family.roi_point_decoder_name not in dict((s.name, r) for r, s in served_roles(family))
+    spec = LITE.roi_point_decoder()
+    config = parse_config(render_config(spec, "gpu", "roi_point_decoder", family=LITE))
+    assert config.instance_group[0].count == GPU_INSTANCES["roi_point_decoder"]
+    low, opt, high = (_profile(_trt(config)[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
+    w = LITE.grid.window
+    assert (low["embedding_windows"], high["embedding_windows"]) == ([1, LITE.embed_dim, w, w], [DECODER_MAX_BOXES, LITE.embed_dim, w, w])
+    assert opt["point_coords"] == [LITE.decoder_chunk, 1, 2] and high["point_labels"] == [DECODER_MAX_BOXES, 1]
+    (warm,) = config.model_warmup
+    assert list(warm.inputs["embedding_windows"].dims) == [LITE.decoder_chunk, LITE.embed_dim, w, w]
+    cpu = parse_config(render_config(spec, "cpu", "roi_point_decoder", family=LITE))
+    assert cpu.backend == "python"
+
+
 def test_gpu_warmup_covers_the_full_batch() -> None:
     spec = FAMILIES["cellsam"].encoder()
     config = parse_config(render_config(spec, "gpu", "encoder", family=FAMILIES["cellsam"]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cellsam_triton.contracts import LITE
-from cellsam_triton.model_repository.roi_windows import crop_windows, paste_windows, plan_windows
+from cellsam_triton.model_repository.roi_windows import crop_windows, cut_by_window, paste_windows, plan_windows, point_windows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
 E, STRIDE, SIDES, MARGIN = LITE.embed_size, LITE.input_size // LITE.embed_size, LITE.roi_windows, LITE.roi_margin
@@ -102,6 +102,89 @@ def test_window_decoder_on_the_whole_grid_is_the_full_decoder(lite) -> None:
         pe = window.window_pe(torch.tensor([[10.0, 20.0]]), 16)
     assert torch.equal(masks, window_masks) and torch.equal(iou, window_iou)
     assert torch.equal(pe, dense[:, :, 20:36, 10:26])
+
+
+# --- grid points on windows (``grid.window``) ----------------------------------------------------------
+def test_point_windows_centre_the_point_and_stay_in_the_grid() -> None:
+    side = LITE.grid.window
+    points = np.array([[128.0, 128.0], [0.0, 0.0], [255.9, 3.0], [40.0, 250.0]])
+    origin = point_windows(points, E, STRIDE, side)
+    np.testing.assert_array_equal(origin[0], [32 - side // 2] * 2)  # cell 32 in the middle of its window
+    np.testing.assert_array_equal(origin[1], [0, 0])
+    np.testing.assert_array_equal(origin[2], [E - side, 0])  # pushed inside at the far border
+    np.testing.assert_array_equal(origin[3], [max(0, 10 - side // 2), E - side])
+    cells = np.floor(points / STRIDE)
+    assert ((origin <= cells) & (cells < origin + side)).all()  # every point lies inside its window
+
+
+def test_cut_by_window_only_counts_window_sides_inside_the_grid() -> None:
+    side = 8
+    logits = np.full((4, 1, 4 * side, 4 * side), -5.0, np.float32)
+    logits[:, 0, 10:20, 10:20] = 3.0  # inside: never cut
+    logits[1, 0, 0, 12] = 1.0  # top row
+    logits[2, 0, 15, -1] = 1.0  # right column
+    logits[3, 0, 0, 12] = 1.0  # top row, but the window lies on the grid's top border
+    origin = np.array([[5, 5], [5, 5], [5, 5], [5, 0]])
+    np.testing.assert_array_equal(cut_by_window(logits, origin, side, E), [False, True, True, False])
+    far = np.array([[E - side, E - side]] * 4)  # right and bottom sides on the grid border
+    np.testing.assert_array_equal(cut_by_window(logits, far, side, E), [False, True, False, True])
+
+
+def test_window_point_decoder_on_the_whole_grid_is_the_point_decoder(lite) -> None:
+    import torch
+
+    from cellsam_triton.export.models.point_decoder import PointDecoder
+    from cellsam_triton.export.models.window_point_decoder import WindowPointDecoder
+
+    point = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
+    window = WindowPointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, E, E) * 0.5
+    coords, labels = torch.tensor([[[100.0, 120.0]], [[10.0, 30.0]]]), torch.ones(2, 1)
+    with torch.no_grad():
+        masks, iou = point(embedding, coords, labels)
+        window_masks, window_iou = window(embedding.expand(2, -1, -1, -1), torch.zeros(2, 2), coords, labels)
+    assert torch.equal(masks, window_masks) and torch.equal(iou, window_iou)
+
+
+def test_grid_generator_decodes_on_windows_and_cut_masks_again_whole() -> None:
+    """The generator's windowed decoding with stand-in decoders that record their calls: each point's
+    window logits are pasted at its window (FAR elsewhere); a mask reaching an inner window side is
+    replaced by the whole-embedding decoding of that point, and only those points are decoded whole."""
+    import dataclasses
+
+    from cellsam_triton.contracts import NAMES
+    from cellsam_triton.model_repository import grid_masks
+    from cellsam_triton.model_repository.grid_generator import GridGenerator
+
+    family = dataclasses.replace(LITE, grid=dataclasses.replace(LITE.grid, window=16))
+    calls = []
+    whole_value = 7.0
+
+    def call(stage, model, inputs, outputs):
+        calls.append((stage, model, len(inputs[NAMES.point_coords])))
+        n = len(inputs[NAMES.point_coords])
+        if stage == "point decoder":
+            return np.full((n, 1, 256, 256), whole_value, np.float32), np.full((n, 1), 0.5, np.float32)
+        side = inputs[NAMES.embedding_windows].shape[-1]
+        logits = np.full((n, 1, 4 * side, 4 * side), -3.0, np.float32)
+        logits[:, 0, 20:40, 20:40] = 2.0
+        logits[::2, 0, 10:50, 0] = 2.0  # every other point: a mask reaching the window's left side
+        return logits, np.arange(n, dtype=np.float32)[:, None] / 100
+
+    generator = GridGenerator(family, call)
+    points = np.array([[128.0, 128.0], [130.0, 40.0], [2.0, 100.0], [200.0, 200.0]], np.float32)
+    embeddings = np.zeros((1, 256, E, E), np.float32)
+    masks, ious = generator.decode(embeddings, points)
+    origin = point_windows(points, E, STRIDE, 16)
+    assert calls[0] == ("roi point decoder", family.roi_point_decoder_name, 4)
+    assert calls[1:] == [("point decoder", family.point_decoder_name, 1)]  # point 0; point 2's window is on the grid's left border
+    assert (masks[0] == whole_value).all() and ious[0] == 0.5
+    for k in (1, 2, 3):
+        x, y = origin[k] * 4
+        assert (masks[k, y + 20:y + 40, x + 20:x + 40] == 2.0).all() and ious[k] == np.float32(k / 100)
+        assert (masks[k] == grid_masks.FAR).sum() == 256 * 256 - 64 * 64
+    assert generator.decoded == {"window": 4, "whole": 1}
 
 
 # --- served: windows vs the whole embedding, same weights ------------------------------------------

@@ -107,6 +107,33 @@ def test_point_prompts_are_trained_unpadded_as_the_client_sends_them() -> None:
     assert not torch.allclose(padded[0, 0], logits[0], atol=1e-3)  # padding changes the answer: why it is avoided
 
 
+def test_roi_context_decodes_one_point_prompts_on_the_grid_windows() -> None:
+    """In the roi context a one-point prompt (the grid's) is decoded on its grid window as served
+    (``roi_windows.point_windows``, logits placed in the tile frame, ROI_FILL outside); prompts of
+    several points stay on the whole embedding, as the client decodes clicked cells."""
+    from cellsam_triton.contracts import LITE
+    from cellsam_triton.model_repository.roi_windows import point_windows
+
+    trainer = train_decoder.DecoderTrainer(Path("unused"), 1, 1e-4, 1.0, "roi", None)
+    embedding = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1))
+    trainer.embedding = lambda tile: embedding
+    coords = np.array([[[200, 30], [0, 0]], [[100, 90], [110, 95]]], np.float32)
+    labels = np.array([[1, -1], [1, 0]], np.float32)
+    w = LITE.grid.window
+    with torch.no_grad():
+        logits, iou = trainer.predict_points(_tile_with_cells(), coords, labels)
+        x, y = point_windows(coords[0, :1], 64, 4, w)[0]
+        window = embedding[:, :, y:y + w, x:x + w]
+        alone, alone_iou = trainer.window_points(window, torch.tensor([[float(x), float(y)]]), torch.from_numpy(coords[:1, :1]),
+                                                 torch.ones(1, 1))
+        whole, _ = trainer.points(embedding, torch.from_numpy(coords[1:]), torch.from_numpy(labels[1:]))
+    inside = logits[0, 4 * y:4 * (y + w), 4 * x:4 * (x + w)]
+    torch.testing.assert_close(inside, alone[0, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou[0], alone_iou[0, 0], atol=1e-5, rtol=1e-5)
+    assert (logits[0] == train_decoder.ROI_FILL).sum() == 256 * 256 - (4 * w) ** 2
+    torch.testing.assert_close(logits[1], whole[0, 0], atol=1e-4, rtol=1e-4)
+
+
 def _run(tmp_path: Path, *extra: str) -> argparse.Namespace:
     data = tmp_path / "data"
     if not data.exists():
@@ -163,7 +190,8 @@ def test_roi_context_trains_on_the_served_windows_from_init_weights(tmp_path: Pa
     args = _run(tmp_path, "--context", "roi", "--init", str(first.out), "--out", str(tmp_path / "w" / "roi.pt"))
     assert train_decoder.run(args) == 0
     provenance = json.loads(args.out.with_suffix(".json").read_text())
-    assert provenance["context"] == "roi" and provenance["roi"] == {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin}
+    assert provenance["context"] == "roi" and provenance["roi"] == {"windows": list(LITE.roi_windows), "margin": LITE.roi_margin,
+                                                                "grid_window": LITE.grid.window}
     assert provenance["init"]["path"] == "full.pt"
     assert provenance["init"]["sha256"] == hashlib.sha256(first.out.read_bytes()).hexdigest()
     assert provenance["init"]["provenance"] == json.loads(first.out.with_suffix(".json").read_text())  # the chain kept
