@@ -203,6 +203,24 @@ def background_points(tile: TileCells, count: int, rng: np.random.Generator) -> 
     return np.stack([xs[chosen], ys[chosen]], axis=1).astype(np.float32)[:, None, :]
 
 
+def window_crops(embedding, origins: np.ndarray, side: int):
+    """Windows [n,C,side,side] of a tile embedding [1,C,e,e] at ``origins`` (x, y), embedding cells."""
+    import torch
+
+    return torch.stack([embedding[0, :, y:y + side, x:x + side] for x, y in origins])
+
+
+def in_tile_frame(window_logits, origin):
+    """Window logits [h,w] placed in the tile's low-resolution frame at ``origin`` (embedding cells),
+    ``ROI_FILL`` outside, as the served pipelines paste them."""
+    import torch.nn.functional as F
+
+    scale = LITE.low_res_size // LITE.embed_size
+    x, y = (int(v) * scale for v in origin)
+    pad = LITE.low_res_size - window_logits.shape[-1]
+    return F.pad(window_logits, (x, pad - x, y, pad - y), value=ROI_FILL)
+
+
 class DecoderTrainer:
     """LiteMedSAM's box decoder, every parameter trainable, its optimiser and one training step."""
 
@@ -249,9 +267,8 @@ class DecoderTrainer:
     def predict_windows(self, embedding, boxes: np.ndarray):
         """Logits [n,256,256] and IoU [n] decoded as the served ROI pipeline does (roi_windows.py)."""
         import torch
-        import torch.nn.functional as F
 
-        e, scale = LITE.embed_size, LITE.low_res_size // LITE.embed_size
+        e = LITE.embed_size
         sides, origins = plan_windows(boxes, e, LITE.input_size // e, LITE.roi_windows, LITE.roi_margin)
         logits: list = [None] * len(boxes)
         ious: list = [None] * len(boxes)
@@ -261,12 +278,9 @@ class DecoderTrainer:
             if side == 0:
                 masks, iou = self.decoder(embedding, prompts)
             else:
-                windows = torch.stack([embedding[0, :, y:y + side, x:x + side] for x, y in origins[rows]])
-                masks, iou = self.window(windows, torch.from_numpy(origins[rows].astype(np.float32)), prompts)
+                masks, iou = self.window(window_crops(embedding, origins[rows], side), torch.from_numpy(origins[rows].astype(np.float32)), prompts)
             for k, row in enumerate(rows):
-                x, y = (int(v) * scale for v in origins[row])
-                pad = 0 if side == 0 else LITE.low_res_size - masks.shape[-1]
-                logits[row] = F.pad(masks[k, 0], (x, pad - x, y, pad - y), value=ROI_FILL)
+                logits[row] = masks[k, 0] if side == 0 else in_tile_frame(masks[k, 0], origins[row])
                 ious[row] = iou[k, 0]
         return torch.stack(logits), torch.stack(ious)
 
@@ -276,7 +290,6 @@ class DecoderTrainer:
         padding tokens the served prompts do not have); in ``context`` "roi" (default: the
         trainer's) one-point prompts on the grid's embedding windows, others whole."""
         import torch
-        import torch.nn.functional as F
 
         counts = (labels >= 0).sum(axis=1)
         window = LITE.grid.window if (context or self.context) == "roi" else 0
@@ -292,15 +305,12 @@ class DecoderTrainer:
                     logits[row], ious[row] = low_res[k, 0], iou[k, 0]
         rows = np.flatnonzero(on_window)
         if len(rows):
-            e, scale = LITE.embed_size, LITE.low_res_size // LITE.embed_size
+            e = LITE.embed_size
             origins = point_windows(coords[rows, 0], e, LITE.input_size // e, window)
-            windows = torch.stack([embedding[0, :, y:y + window, x:x + window] for x, y in origins])
-            low_res, iou = self.window_points(windows, torch.from_numpy(origins.astype(np.float32)),
+            low_res, iou = self.window_points(window_crops(embedding, origins, window), torch.from_numpy(origins.astype(np.float32)),
                                               torch.from_numpy(coords[rows, :1]), torch.from_numpy(labels[rows, :1]))
-            pad = LITE.low_res_size - low_res.shape[-1]
             for k, row in enumerate(rows):
-                x, y = (int(v) * scale for v in origins[k])
-                logits[row] = F.pad(low_res[k, 0], (x, pad - x, y, pad - y), value=ROI_FILL)
+                logits[row] = in_tile_frame(low_res[k, 0], origins[k])
                 ious[row] = iou[k, 0]
         return torch.stack(logits), torch.stack(ious)
 
