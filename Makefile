@@ -70,8 +70,9 @@ bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported $(
 	$(BIN)/python -m bench.speed_default --roi $(BENCH_DEFAULT)/roi --full $(BENCH_DEFAULT)/full \
 	  --roi-fp32 $(BENCH_DEFAULT)/roi_fp32 --data $(DATA) $(BENCH_DEFAULT_ARGS)
 
-# CellSeg1: default model vs grid prompts without / after one-image fine-tuning, full val split
-# (bench/cellseg1.md); CELLSEG1_ARGS="--limit N" for a shorter run.
+# CellSeg1: default model vs grid prompts (the point decoder) without / after one-image fine-tuning,
+# full val split (bench/cellseg1.md); CELLSEG1_ARGS="--limit N" for a shorter run,
+# CELLSEG1_ARGS="--work bench/cellseg1_run" to reuse the committed adapter and scores.
 CELLSEG1_ARGS ?=
 bench-cellseg1: export
 	$(BIN)/python -m bench.cellseg1 --repository $(REPO) --data $(DATA) $(CELLSEG1_ARGS)

@@ -1,12 +1,15 @@
 """`make bench-cellseg1`: CellSeg1 on the DSB2018 validation split, every method in one table.
 
 1. the served default model (LiteMedSAM + CellFinder-lite, detector boxes),
-2. grid prompts, no fine-tuning (``cellseg1_lite`` = plain LiteMedSAM through ``<model>_grid``),
+2. grid prompts, no fine-tuning (``export --model cellseg1`` without adapters: LiteMedSAM with
+   the default model's point decoder, the base `finetune` starts from, served with the grid
+   thresholds chosen on train for it),
 3. grid prompts after one-image fine-tuning (``cellsam-triton finetune`` on the training image
-   chosen by :func:`training_image`, exported with ``export --model cellseg1 --lora``), with
-   CellSeg1's predicted-IoU threshold 0.8,
-4. the same fine-tuned model with the threshold `finetune` calibrated on the training image
-   (export/grid_calibration.py; what ``export --lora`` serves by default).
+   chosen by :func:`training_image`, exported with ``export --model cellseg1 --lora``), with the
+   grid thresholds `finetune` recorded (export/grid_calibration.py: the base decoder's, kept;
+   what ``export --lora`` serves by default); ``--extra-iou-threshold 0.8`` adds CellSeg1's own.
+
+The report states the fine-tuning gain (row 3 minus row 2), overall and by kind.
 
 Each method runs on its own embedded tritonserver (one after the other). Writes
 ``cellseg1.json`` (summaries, per-image rows, the training record) and ``cellseg1.md`` (table).
@@ -102,20 +105,35 @@ def calibrate(data: Path, sample_id: str, lora: Path) -> dict:
 
 
 def export(repository: Path, lora: Path | None) -> Path:
-    """``export --model cellseg1 [--lora]`` (LiteMedSAM base, CellSeg1's grid threshold 0.8) into
-    ``repository``, unless done for this adapter; other thresholds are sent per request."""
+    """``export --model cellseg1 [--lora]`` (LiteMedSAM base, its served grid thresholds) into
+    ``repository``, unless done for these weights and family rules; other thresholds are sent per request."""
+    import hashlib
+
     from cellsam_triton.cli import main as cli
+    from cellsam_triton.contracts import CELLSEG1_LITE
+    from cellsam_triton.export.cellseg1_export import base_decoder_weights
     from cellsam_triton.export.training import sha256_file
 
     stamp = repository / ".cellseg1_exported"
-    key = "base" if lora is None else sha256_file(lora)
+    weights = sha256_file(base_decoder_weights("points") if lora is None else lora)
+    key = f"{'base' if lora is None else 'lora'}:{weights}|{hashlib.sha256(repr(CELLSEG1_LITE).encode()).hexdigest()[:12]}"
     if stamp.is_file() and stamp.read_text().strip() == key:
         return repository
-    argv = ["export", "--model", "cellseg1", "--repository", str(repository), "--target", "cpu", "--grid-iou-threshold", "0.8"]
+    argv = ["export", "--model", "cellseg1", "--repository", str(repository), "--target", "cpu"]
     if cli(argv + ([] if lora is None else ["--lora", str(lora)])) != 0:
         raise UserError(f"export of {repository} failed")
     stamp.write_text(key + "\n")
     return repository
+
+
+def served_thresholds(repository: Path) -> str:
+    """The grid thresholds ``repository`` serves (its ``cellseg1_lite_grid`` config), as a row label."""
+    from cellsam_triton.contracts import CELLSEG1_LITE
+    from cellsam_triton.export.repository import parse_config
+
+    config = parse_config(repository / CELLSEG1_LITE.grid_pipeline().name / "config.pbtxt")
+    rules = json.loads(config.parameters["family"].string_value)["grid"]
+    return f"pred-IoU >= {rules['pred_iou_threshold']:g}, stability >= {rules['stability_threshold']:g}"
 
 
 def model_key(repository: Path) -> str:
@@ -209,24 +227,20 @@ def measure(args: argparse.Namespace) -> dict:
             provenance_path(lora).write_text(json.dumps(provenance, indent=2) + "\n")
     base = export(args.work / "base_repository", None)
     tuned = export(args.work / "tuned_repository", lora)
-    grid = GridOptions(points_per_side=args.points_per_side)
+    grid = GridOptions(points_per_side=args.points_per_side)  # the served thresholds
     side = args.points_per_side or CELLSEG1_LITE.grid.points_per_side
     scores = args.scores or args.work / "scores"
+    before = f"grid {side}x{side}, no fine-tuning (point decoder; {served_thresholds(base)})"
+    after = f"grid {side}x{side}, one-image fine-tuned ({served_thresholds(tuned)})"
     runs = {
         f"{LITE.name} (detector boxes)":
             run_method(args.repository, args.data, records, LITE.name, args.timeout, None, scores / "default.jsonl"),
-        f"grid {side}x{side}, no fine-tuning":
-            run_method(base, args.data, records, "grid base", args.timeout, grid, scores / "grid_base.jsonl"),
-        f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= 0.8 (CellSeg1)":
-            run_method(tuned, args.data, records, "grid tuned", args.timeout, grid, scores / "grid_tuned.jsonl"),
+        before: run_method(base, args.data, records, "grid base", args.timeout, grid, scores / "grid_base.jsonl"),
+        after: run_method(tuned, args.data, records, "grid tuned", args.timeout, grid, scores / "grid_tuned.jsonl"),
     }
-    calibrated = provenance["grid"]["pred_iou_threshold"]
-    tuned_grid = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=calibrated)
-    runs[f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= {calibrated:g} (calibrated)"] = run_method(
-        tuned, args.data, records, "grid tuned calibrated", args.timeout, tuned_grid, scores / "grid_tuned_calibrated.jsonl")
     if args.extra_iou_threshold is not None:
         loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
-        name = f"grid {side}x{side}, one-image fine-tuned, pred-IoU >= {args.extra_iou_threshold:g}"
+        name = f"grid {side}x{side}, one-image fine-tuned (pred-IoU >= {args.extra_iou_threshold:g}, --extra-iou-threshold)"
         runs[name] = run_method(tuned, args.data, records, "grid tuned loose", args.timeout, loose,
                                 scores / "grid_tuned_loose.jsonl")
     return {
@@ -237,8 +251,24 @@ def measure(args: argparse.Namespace) -> dict:
         "training_rule": TRAINING_RULE,
         "finetune": provenance,
         "methods": {name: summary(scores) for name, scores in runs.items()},
+        "gain": finetune_gain(summary(runs[before]), summary(runs[after])),
         "per_image": {name: [s.as_dict() for s in scores] for name, scores in runs.items()},
     }
+
+
+def finetune_gain(before: dict, after: dict) -> dict:
+    """Per-image F1 of the fine-tuned grid minus the grid without fine-tuning (two ``summary``
+    results), overall and by kind."""
+    kinds = [k for k in after["by_kind"] if k in before["by_kind"]]
+    return {"before": before["f1_mean"], "after": after["f1_mean"], "f1_mean": after["f1_mean"] - before["f1_mean"],
+            "by_kind": {k: after["by_kind"][k]["f1_mean"] - before["by_kind"][k]["f1_mean"] for k in kinds}}
+
+
+def gain_sentence(gain: dict) -> str:
+    """The report's sentence on :func:`finetune_gain`."""
+    kinds = ", ".join(f"{k} {v:+.3f}" for k, v in gain["by_kind"].items())
+    return (f"One-image fine-tuning changes grid per-image F1@0.5 by **{gain['f1_mean']:+.3f}** "
+            f"({gain['before']:.3f} -> {gain['after']:.3f}; {kinds}).")
 
 
 def report(result: dict) -> str:
@@ -253,10 +283,12 @@ def report(result: dict) -> str:
         + (f"{ft['config']['epochs']} epochs in {seconds:.0f} s, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}."
            if seconds is not None else "adapter file given."),
     ]
+    if result.get("gain"):
+        lines += ["", gain_sentence(result["gain"])]
     grid = ft.get("grid")
     if grid:
         f1 = ", ".join(f"{t}: {v:.3f}" for t, v in grid["training_f1_by_threshold"].items())
-        lines += ["", f"Calibrated threshold: {grid['rule']}; F1 on the training image by threshold: {f1}."]
+        lines += ["", f"Served grid threshold after fine-tuning: {grid['rule']}; F1 on the training image by threshold: {f1}."]
     return "\n".join(lines) + "\n"
 
 

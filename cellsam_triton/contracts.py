@@ -438,7 +438,9 @@ CELLSEG1 = Family(
 )
 
 # CellSeg1 on the LiteMedSAM base (`finetune` + `export --model cellseg1` without
-# --sam-checkpoint): LiteMedSAM's 256 tiles, LoRA merged, detector-free (grid prompts).
+# --sam-checkpoint): LiteMedSAM's 256 tiles, LoRA merged into the point decoder `finetune`
+# started from (the default model's, export/cellseg1_export.py), detector-free (grid prompts).
+# Grid and auto-scale as the default model's grid: the same base, the same tiles.
 CELLSEG1_LITE = Family(
     name="cellseg1_lite",
     input_size=256,
@@ -446,7 +448,10 @@ CELLSEG1_LITE = Family(
     detector="none",
     preprocess="litemedsam",
     encoder_batch=4,
-    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6, points_per_side=16),
+    auto_scale_below=LITE.auto_scale_below,
+    auto_scale_factor=LITE.auto_scale_factor,
+    auto_scale_min_factor=LITE.auto_scale_min_factor,
+    grid=GridRules(pred_iou_threshold=0.8, stability_threshold=0.6, points_per_side=16, window=LITE.grid.window),
 )
 
 FAMILIES = {f.name: f for f in (CELLSAM, LITE)}

@@ -10,8 +10,11 @@ Runtime with the same (merged) PyTorch modules, and tests/test_cellseg1.py compa
 files with the *unmerged* adapters. ViT-H (> 2 GB) goes to one external data file.
 
 Without a SAM checkpoint the base is LiteMedSAM (``cellseg1_lite``: 256 tiles, TinyViT encoder,
-adapters from ``cellsam-triton finetune``, see export/models/lite_lora.py); tests/test_finetune.py
-compares its merged ONNX files with the unmerged PyTorch adapters.
+adapters from ``cellsam-triton finetune``, see export/models/lite_lora.py) with the decoder the
+adapters were fine-tuned from (by default the default model's point decoder, named in the adapter
+file by sha256); tests/test_finetune.py compares its merged ONNX files with the unmerged PyTorch
+adapters. ``<family>_roi_point_decoder`` (grid points on embedding windows) is exported when the
+family's grid has a window.
 """
 
 from __future__ import annotations
@@ -67,17 +70,71 @@ def export_cellseg1(
     return export_sam_family(modules, family, repository_dir, tolerance)
 
 
-def load_lite_base(lora: str | os.PathLike | None):
-    """LiteMedSAM (encoder, PointDecoder) with an adapter file merged in (none: the plain base)."""
-    from .models.cellseg1 import load_state
-    from .models.lite_lora import merge_lite_lora
+BASE_DECODERS = ("points", "litemedsam")  # `finetune --base-decoder`, besides a weights file
+
+
+def base_decoder_weights(choice: str | os.PathLike) -> Path | None:
+    """The decoder weights `finetune --base-decoder` names: "points" the default model's point
+    decoder (``lite_export.DEFAULT_POINT_DECODER_WEIGHTS``), "litemedsam" LiteMedSAM's own (None,
+    CellSeg1's recipe exactly), else a `train-decoder` weights file."""
+    from cellsam_triton.errors import UserError
+
+    from .lite_export import DEFAULT_POINT_DECODER_WEIGHTS
+
+    if str(choice) == "points":
+        return DEFAULT_POINT_DECODER_WEIGHTS
+    if str(choice) == "litemedsam":
+        return None
+    if not Path(choice).is_file():
+        raise UserError(f"--base-decoder: {choice} is neither {' nor '.join(BASE_DECODERS)} nor a decoder weights file")
+    return Path(choice)
+
+
+def find_base_decoder(sha256: str, lora: Path) -> Path:
+    """The decoder weights an adapter file was fine-tuned from (by sha256): among the committed
+    weights, then beside the adapter file."""
+    from cellsam_triton.errors import UserError
+
+    from .lite_export import WEIGHTS_DIR
+    from .training import sha256_file
+
+    for folder in (WEIGHTS_DIR, lora.parent):
+        for path in sorted(folder.glob("*.pt")):
+            if sha256_file(path) == sha256:
+                return path
+    raise UserError(f"{lora} was fine-tuned from decoder weights with sha256 {sha256[:12]}..., found neither in "
+                    f"{WEIGHTS_DIR} nor beside the adapter file; put that weights file beside it")
+
+
+def lite_base_modules(decoder_weights: Path | None):
+    """LiteMedSAM's encoder and a PointDecoder with ``decoder_weights`` loaded (None: its own)."""
     from .models.litemedsam import load_litemedsam
     from .models.point_decoder import PointDecoder
+    from .train_decoder import load_decoder_weights
 
     lite = load_litemedsam()
-    decoder = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
-    if lora is not None:
-        merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, load_state(lora))
+    if decoder_weights is not None:
+        load_decoder_weights(lite.decoder, Path(decoder_weights))
+    return lite, PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
+
+
+def load_lite_base(lora: str | os.PathLike | None):
+    """LiteMedSAM (encoder, PointDecoder) with an adapter file merged in.
+
+    The base decoder is the one the adapter file names (``lite_lora.BASE_KEY``, written by
+    `finetune`); an adapter file without that key was trained on LiteMedSAM's own decoder
+    (CellSeg1's recipe, adapters from before the point decoder). Without an adapter file: the
+    base `finetune` starts from by default, the default model's point decoder (no fine-tuning)."""
+    from .models.cellseg1 import load_state
+    from .models.lite_lora import base_decoder_sha256, merge_lite_lora
+
+    if lora is None:
+        lite, decoder = lite_base_modules(base_decoder_weights("points"))
+        return lite.encoder.eval(), decoder
+    adapters = load_state(lora)
+    sha256 = base_decoder_sha256(adapters)
+    lite, decoder = lite_base_modules(None if sha256 is None else find_base_decoder(sha256, Path(lora)))
+    merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, adapters)
     return lite.encoder.eval(), decoder
 
 
@@ -98,12 +155,17 @@ def export_lite_family(encoder, decoder, family: Family, repository_dir: str | o
     axes = {name: {0: "num_boxes"} for name in (names[1], *outputs)}
     reports.append(export_onnx(box, sets[0], outputs, axes, model_path(repository_dir, dec), tolerance, sets[1:]))
     reports.append(export_point_decoder(family, decoder, repository_dir, tolerance))
+    if family.grid.window > 0:
+        from .point_export import export_window_point_decoder
+
+        reports.append(export_window_point_decoder(family, decoder, repository_dir, tolerance))
     return reports
 
 
 def export_cellseg1_lite(
     lora: str | os.PathLike | None, repository_dir: str | os.PathLike, tolerance: float = 1e-3, family: Family = CELLSEG1_LITE
 ) -> list[ExportReport]:
-    """LiteMedSAM + a `finetune` adapter file (merged) -> ``cellseg1_lite`` ONNX models."""
+    """LiteMedSAM + a `finetune` adapter file (merged into its base decoder) -> ``cellseg1_lite`` ONNX
+    models; without one, the base `finetune` starts from."""
     encoder, decoder = load_lite_base(None if lora is None else Path(lora))
     return export_lite_family(encoder, decoder, family, repository_dir, tolerance)

@@ -124,19 +124,38 @@ def point_decoder_weights(args: argparse.Namespace) -> Path | None:
 
 def served_grid_family(family: Family, args: argparse.Namespace) -> tuple[Family, str]:
     """A CellSeg1 family with its served predicted-IoU threshold: ``--grid-iou-threshold``, else
-    the one `finetune` calibrated (``grid`` in the adapter's provenance file), else CellSeg1's."""
+    the one `finetune` chose (``grid`` in the adapter's provenance file: calibrated on the training
+    image, or the base decoder's kept with its stability threshold), else CellSeg1's.
+    ``cellseg1_lite`` without adapters is the default model's point decoder: its grid thresholds
+    chosen on train (`select-grid`) unless ``--grid-iou-threshold``."""
     import dataclasses
     import json
 
     from .finetune import provenance_path
 
     threshold, source = args.grid_iou_threshold, "--grid-iou-threshold"
+    if family is CELLSEG1_LITE and args.lora is None:
+        from .cellseg1_export import base_decoder_weights
+        from .lite_export import grid_selection
+
+        chosen = grid_selection(base_decoder_weights("points"))
+        if chosen:
+            family = dataclasses.replace(family, grid=dataclasses.replace(family.grid, **chosen))
+            if threshold is None:
+                return family, "chosen on train for the point decoder (select-grid)"
     if threshold is None and args.lora is not None and provenance_path(args.lora).is_file():
         try:
             grid = json.loads(provenance_path(args.lora).read_text()).get("grid") or {}
         except (json.JSONDecodeError, AttributeError):
             raise UserError(f"{provenance_path(args.lora)}: not a `finetune` provenance file (bad JSON)") from None
-        threshold, source = grid.get("pred_iou_threshold"), f"calibrated on the training image ({provenance_path(args.lora).name})"
+        threshold = grid.get("pred_iou_threshold")
+        kept = "stability_threshold" in grid  # the base decoder's thresholds, kept by `finetune`
+        source = f"{'kept from the base decoder' if kept else 'calibrated on the training image'} ({provenance_path(args.lora).name})"
+        if kept:
+            stability = grid["stability_threshold"]
+            if not (isinstance(stability, (int, float)) and 0.0 <= stability <= 1.0):
+                raise UserError(f"grid stability threshold must be in [0, 1], got {stability!r} ({source})")
+            family = dataclasses.replace(family, grid=dataclasses.replace(family.grid, stability_threshold=float(stability)))
     if threshold is None:
         return family, f"CellSeg1's {family.grid.pred_iou_threshold:g}"
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):

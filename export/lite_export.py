@@ -55,10 +55,10 @@ def detector_selection(path: Path) -> dict:
     return {"bbox_threshold": float(selection["score_threshold"]), "nms_iou": float(selection["nms_iou"])} if selection else {}
 
 
-def grid_selection(path: Path | None) -> dict:
-    """The grid thresholds chosen on train for point decoder weights (``grid_selection`` beside
-    them, see export/grid_selection.py); {} when none was recorded. Recorded for other weights
-    (their sha256 differs) is an error, not a silent mismatch."""
+def grid_selection_record(path: Path | None) -> dict:
+    """The whole `select-grid` record beside point decoder weights (export/grid_selection.py); {}
+    when none was recorded. Recorded for other weights (their sha256 differs) is an error, not a
+    silent mismatch."""
     import json
 
     from .training import sha256_file
@@ -67,11 +67,15 @@ def grid_selection(path: Path | None) -> dict:
     if beside is None or not beside.is_file():
         return {}
     selection = json.loads(beside.read_text()).get("grid_selection") or {}
-    if not selection:
-        return {}
-    if selection.get("weights_sha256") != sha256_file(path):
+    if selection and selection.get("weights_sha256") != sha256_file(path):
         raise UserError(f"{beside}: grid_selection was made for other weights; run `cellsam-triton select-grid --weights {path}` again")
-    return {k: selection[k] for k in ("pred_iou_threshold", "stability_threshold", "points_per_side")}
+    return selection
+
+
+def grid_selection(path: Path | None) -> dict:
+    """The grid thresholds chosen on train for point decoder weights ({} when none was recorded)."""
+    selection = grid_selection_record(path)
+    return {k: selection[k] for k in ("pred_iou_threshold", "stability_threshold", "points_per_side")} if selection else {}
 
 
 def served_family(decoder_weights: Path | None, decoder_context: str = LITE.decoder_context,

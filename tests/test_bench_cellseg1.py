@@ -1,4 +1,5 @@
-"""bench.cellseg1: the fine-tuning image rule and the resumable per-image checkpoints."""
+"""bench.cellseg1: the fine-tuning image rule, the resumable per-image checkpoints and the
+fine-tuning gain the report states."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.cellseg1 import load_checkpoint, model_key, run_method, training_image
+from bench.cellseg1 import finetune_gain, gain_sentence, load_checkpoint, model_key, run_method, training_image
 from cellsam_triton.client.metrics import ImageScore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
@@ -63,3 +64,14 @@ def test_training_image_rule_picks_a_train_image():
     peers = [r for r in records.values() if split_of(r.id) == "train" and r.kind == "fluorescence"
              and (r.height, r.width) == (256, 256)]
     assert record.objects == max(r.objects for r in peers)
+
+
+def test_report_states_the_fine_tuning_gain_by_kind():
+    def row(f1, fluo, stained):
+        return {"f1_mean": f1, "by_kind": {"fluorescence": {"f1_mean": fluo}, "stained": {"f1_mean": stained}}}
+
+    gain = finetune_gain(row(0.70, 0.75, 0.40), row(0.72, 0.80, 0.30))
+    assert gain["f1_mean"] == pytest.approx(0.02) and gain["by_kind"]["stained"] == pytest.approx(-0.10)
+    assert "by **+0.020** (0.700 -> 0.720; fluorescence +0.050, stained -0.100)" in gain_sentence(gain)
+    lost = finetune_gain(row(0.70, 0.75, 0.40), row(0.60, 0.65, 0.30))
+    assert "by **-0.100**" in gain_sentence(lost)

@@ -146,14 +146,126 @@ def test_finetune_cli_writes_adapters_and_provenance(dsb_pair, tmp_path: Path, c
     assert provenance["config"]["seed"] == 3 and provenance["config"]["epochs"] == 2
     assert len(provenance["image_sha256"]) == 64 and provenance["adapter_sha256"]
     assert np.isfinite(provenance["loss_last"]) and provenance["instances"] > 0
-    grid = provenance["grid"]
-    assert grid["points_per_side"] == 4 and grid["pred_iou_threshold"] in CANDIDATES
+    from cellsam_triton.export.lite_export import DEFAULT_POINT_DECODER_WEIGHTS, grid_selection
+
+    grid = provenance["grid"]  # from the point decoder: its thresholds chosen on train are kept
+    chosen = grid_selection(DEFAULT_POINT_DECODER_WEIGHTS)
+    assert grid["points_per_side"] == 4 and "select-grid" in grid["rule"]
+    assert (grid["pred_iou_threshold"], grid["stability_threshold"]) == (chosen["pred_iou_threshold"], chosen["stability_threshold"])
     f1 = {float(t): v for t, v in grid["training_f1_by_threshold"].items()}
-    assert sorted(f1) == sorted(CANDIDATES) and f1[grid["pred_iou_threshold"]] == max(f1.values())
+    assert sorted(f1) == sorted(CANDIDATES)  # the sweep on the training image, recorded
+    assert provenance["config"]["lr"] == 2e-4 and provenance["config"]["full_lr"] == 1e-4  # a point decoder's rates
+    assert provenance["served_scale"] >= 1.0
     out_text = capsys.readouterr().out
     assert "wrote" in out_text and f"predicted IoU >= {grid['pred_iou_threshold']:g}" in out_text
-    encoder, decoder = _lite()  # the file merges into a fresh base
-    lite_lora.merge_lite_lora(encoder, decoder.prompt_encoder, decoder.mask_decoder, adapters)
+    # from LiteMedSAM's own decoder (CellSeg1's recipe): its rates, the best threshold on the training image
+    plain = tmp_path / "plain.pth"
+    assert cli(["finetune", "--image", str(image), "--labels", str(labels), "--out", str(plain), "--epochs", "1",
+                "--prompts", "2", "--base-decoder", "litemedsam", "--no-progress", "--calibration-points", "4"]) == 0
+    plain_record = json.loads(plain.with_suffix(".json").read_text())
+    f1 = {float(t): v for t, v in plain_record["grid"]["training_f1_by_threshold"].items()}
+    assert f1[plain_record["grid"]["pred_iou_threshold"]] == max(f1.values()) and "stability_threshold" not in plain_record["grid"]
+    assert plain_record["config"]["lr"] == 2e-3 and plain_record["base"]["decoder_sha256"] is None
+    assert lite_lora.BASE_KEY not in torch.load(plain, weights_only=True)
+    # without the sweep the point decoder's thresholds are still what export will serve
+    quick = tmp_path / "quick.pth"
+    assert cli(["finetune", "--image", str(image), "--labels", str(labels), "--out", str(quick), "--epochs", "1",
+                "--prompts", "2", "--no-calibrate", "--no-progress"]) == 0
+    quick_grid = json.loads(quick.with_suffix(".json").read_text())["grid"]
+    assert quick_grid["pred_iou_threshold"] == chosen["pred_iou_threshold"] and "training_f1_by_threshold" not in quick_grid
+    assert "kept from the base decoder" in capsys.readouterr().out
+    from cellsam_triton.export.cellseg1_export import load_lite_base
+
+    assert provenance["base"]["decoder"] == "lite_decoder_points.pt"  # the default model's point decoder
+    assert lite_lora.base_decoder_sha256(adapters) == provenance["base"]["decoder_sha256"]
+    load_lite_base(out)  # the file merges into a fresh copy of that base
+
+
+def _synthetic_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A 256x256 image of bright squares on a dark ground and their labels."""
+    labels = np.zeros((256, 256), np.int64)
+    for i, (y, x) in enumerate([(30, 40), (90, 150), (160, 60), (200, 200), (60, 210)], start=1):
+        labels[y:y + 18, x:x + 18] = i
+    image = (labels > 0).astype(np.float32) * 0.8 + np.random.default_rng(0).random((256, 256)).astype(np.float32) * 0.1
+    return np.repeat(image[..., None], 3, axis=-1), labels
+
+
+def test_training_views_follow_the_served_scale() -> None:
+    """Small cells: the image is enlarged by the factor the served model's auto-scale picks for
+    them (256x256 with ~10 px nuclei -> 1.75x, 4 tiles); large cells keep the native scale."""
+    from cellsam_triton.client.autoscale import auto_factor
+    from cellsam_triton.export.finetune import FinetuneConfig, with_base_rates
+    from cellsam_triton.export.finetune_data import at_served_scale
+
+    image, labels = _synthetic_pair()  # 18 px squares: native
+    same = at_served_scale(image, labels, CELLSEG1_LITE)
+    assert same[2] == 1.0 and same[0] is image
+    small = np.zeros((256, 256), np.int64)
+    for i in range(25):
+        y, x = divmod(i, 5)
+        small[20 + 45 * y:30 + 45 * y, 20 + 45 * x:30 + 45 * x] = i + 1
+    big_image, big_labels, factor = at_served_scale(image, small, CELLSEG1_LITE)
+    cells = [{"x0": 0, "x1": 10, "y0": 0, "y1": 10}] * 3
+    assert factor == auto_factor(cells, CELLSEG1_LITE, (256, 256)) == 1.75
+    assert big_image.shape == (448, 448, 3) and big_labels.shape == (448, 448)
+    assert set(np.unique(big_labels)) == set(np.unique(small))  # every instance kept, ids unchanged
+    assert abs((big_labels == 7).sum() / (small == 7).sum() - 1.75 ** 2) < 0.4
+
+    assert (with_base_rates(FinetuneConfig()).lr, with_base_rates(FinetuneConfig()).full_lr) == (2e-4, 1e-4)
+    assert with_base_rates(FinetuneConfig(base_decoder="litemedsam")).lr == 2e-3
+    assert with_base_rates(FinetuneConfig(lr=5e-4)).lr == 5e-4
+
+
+def test_finetune_starts_from_the_point_decoder_and_export_merges_into_it(tmp_path: Path) -> None:
+    """Default base: the default model's point decoder; the adapter file names it (sha256) and
+    `load_lite_base` (export) merges into it, matching the unmerged trained modules; merged into
+    LiteMedSAM's own decoder instead the answers differ (so the base matters). ``--base-decoder
+    litemedsam`` writes no base key (CellSeg1's recipe)."""
+    from cellsam_triton.export.cellseg1_export import load_lite_base
+    from cellsam_triton.export.finetune import FinetuneConfig
+    from cellsam_triton.export.finetune_data import normalise
+    from cellsam_triton.export.finetune_train import Trainer
+    from cellsam_triton.export.lite_export import DEFAULT_POINT_DECODER_WEIGHTS
+    from cellsam_triton.export.training import sha256_file
+
+    image, labels = _synthetic_pair()
+    trainer = Trainer(FinetuneConfig(epochs=2, prompts=3, background=1, views=1, calibrate=False))
+    trainer.fit(normalise(image), labels, np.random.default_rng(0), progress=False)
+    adapters = trainer.adapters()
+    assert lite_lora.base_decoder_sha256(adapters) == sha256_file(DEFAULT_POINT_DECODER_WEIGHTS)
+    torch.save(adapters, tmp_path / "lora.pth")
+    _, merged = load_lite_base(tmp_path / "lora.pth")
+    _, base = load_lite_base(None)  # no adapters: the base itself
+    wrong_encoder, wrong = _lite()
+    lite_lora.merge_lite_lora(wrong_encoder, wrong.prompt_encoder, wrong.mask_decoder, adapters)
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(1, 256, 64, 64, generator=g) * 0.5
+    coords, point_labels = torch.rand(4, 1, 2, generator=g) * 256, torch.ones(4, 1)
+    with torch.no_grad():
+        want = trainer.decoder(emb, coords, point_labels)[0]
+        have = merged(emb, coords, point_labels)[0]
+        other = wrong(emb, coords, point_labels)[0]
+        before = base(emb, coords, point_labels)[0]
+    torch.testing.assert_close(have, want, atol=1e-3, rtol=1e-4)
+    assert (other - want).abs().max() > 0.5 and (before - want).abs().max() > 1e-3
+
+    plain = Trainer(FinetuneConfig(epochs=1, prompts=2, background=0, views=1, calibrate=False, base_decoder="litemedsam"))
+    assert lite_lora.BASE_KEY not in plain.adapters() and plain.base["decoder_sha256"] is None
+
+
+def test_adapter_of_an_unknown_base_is_a_one_line_error(unmerged, tmp_path: Path, capsys) -> None:
+    lora = tmp_path / "lora.pth"
+    torch.save(lite_lora.with_base_decoder(unmerged[2], "ab" * 32), lora)
+    code = cli(["export", "--model", "cellseg1", "--lora", str(lora), "--repository", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code != 0 and "fine-tuned from decoder weights with sha256 abababababab" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+    torch.save({**unmerged[2], lite_lora.BASE_KEY: torch.zeros(3, dtype=torch.uint8)}, lora)
+    with pytest.raises(UserError, match="not a sha256"):
+        lite_lora.base_decoder_sha256(torch.load(lora, weights_only=True))
+    code = cli(["finetune", "--image", str(lora), "--labels", str(lora), "--base-decoder", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--base-decoder" in err and "Traceback" not in err
 
 
 def test_finetune_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
@@ -208,6 +320,22 @@ def test_export_serves_the_calibrated_grid_threshold(lite_repository: Path, unme
     assert "must be in [0, 1]" in err and "Traceback" not in err and not (tmp_path / "r").exists()
     assert cli(["export", "--repository", str(tmp_path / "r"), "--grid-iou-threshold", "0.5"]) != 0
     assert "is for --model cellseg1" in capsys.readouterr().err
+    # a provenance file whose thresholds were kept from the base decoder: both are served
+    kept = tmp_path / "kept.pth"
+    kept.write_bytes(lora.read_bytes())
+    kept.with_suffix(".json").write_text(json.dumps({"grid": {"pred_iou_threshold": 0.45, "stability_threshold": 0.55}}))
+    family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=None, lora=kept))
+    assert (family.grid.pred_iou_threshold, family.grid.stability_threshold) == (0.45, 0.55) and "kept" in source
+    kept.with_suffix(".json").write_text(json.dumps({"grid": {"pred_iou_threshold": 0.45, "stability_threshold": 2}}))
+    with pytest.raises(UserError, match="stability threshold must be in"):
+        served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=None, lora=kept))
+    # no adapters: the point decoder `finetune` starts from, with the grid thresholds chosen on train for it
+    from cellsam_triton.export.lite_export import DEFAULT_POINT_DECODER_WEIGHTS, grid_selection
+
+    chosen = grid_selection(DEFAULT_POINT_DECODER_WEIGHTS)
+    family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=None, lora=None))
+    assert "chosen on train" in source and chosen
+    assert (family.grid.pred_iou_threshold, family.grid.stability_threshold) == (chosen["pred_iou_threshold"], chosen["stability_threshold"])
 
 
 def test_merged_onnx_matches_unmerged_pytorch(unmerged, lite_repository: Path) -> None:
@@ -228,7 +356,8 @@ def test_merged_onnx_matches_unmerged_pytorch(unmerged, lite_repository: Path) -
     np.testing.assert_allclose(iou, want_iou.numpy(), atol=1e-3)
     names = sorted(p.name for p in lite_repository.iterdir() if p.is_dir())
     assert names == sorted(["cellseg1_lite", "cellseg1_lite_encoder", "cellseg1_lite_decoder",
-                            "cellseg1_lite_point_decoder", "cellseg1_lite_grid", "cellseg1_lite_labels"])
+                            "cellseg1_lite_point_decoder", "cellseg1_lite_roi_point_decoder", "cellseg1_lite_grid",
+                            "cellseg1_lite_labels"])
     for pipeline in ("cellseg1_lite", "cellseg1_lite_grid"):
         assert (lite_repository / pipeline / "1" / "bls.py").is_file()  # shared BLS glue beside both
 

@@ -7,6 +7,8 @@ decoder's ``sa``/``cti``/``cit``/``fati`` adapters on ``q_proj``/``v_proj``, and
 ``qkv`` lays its output out per head as [q (key_dim) | k (key_dim) | v (d)] x heads, so q's
 adapter B is [heads*key_dim, r] and v's [heads*d, r], added to those interleaved rows.
 Merge: W' = W + B @ A (no scaling), exactly what :class:`TinyQKVWithLoRA` computes unmerged.
+Adapters fine-tuned from other decoder weights than LiteMedSAM's own (`finetune --base-decoder`)
+name them by sha256 in :data:`BASE_KEY` (uint8 hex digits), so export merges them into that base.
 """
 
 from __future__ import annotations
@@ -18,6 +20,27 @@ from cellsam_triton.errors import UserError
 
 from .cellseg1 import _LoRA, adapter_state, attach_lora, merge_lora
 from .sam_vit import StateDict
+
+
+BASE_KEY = "cellsam_triton.base_decoder_sha256"
+
+
+def with_base_decoder(adapters: StateDict, sha256: str | None) -> StateDict:
+    """``adapters`` naming the decoder weights they were trained from (None: LiteMedSAM's own)."""
+    if sha256 is None:
+        return adapters
+    return {**adapters, BASE_KEY: torch.tensor(list(sha256.encode("ascii")), dtype=torch.uint8)}
+
+
+def base_decoder_sha256(adapters: StateDict) -> str | None:
+    """The sha256 of the decoder weights an adapter file was trained from (None: LiteMedSAM's own)."""
+    value = adapters.get(BASE_KEY)
+    if value is None:
+        return None
+    text = bytes(value.to(torch.uint8).tolist()).decode("ascii", errors="replace")
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise UserError(f"adapter file: {BASE_KEY} is not a sha256 hex digest")
+    return text
 
 
 def tiny_attentions(encoder: nn.Module) -> list[nn.Module]:
@@ -82,7 +105,9 @@ def _delta(adapters: StateDict, i: int, rows: int, cols: int) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_lite_lora(encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, adapters: StateDict) -> None:
-    """Merge an adapter file into plain LiteMedSAM modules in place (W' = W + B @ A)."""
+    """Merge an adapter file into LiteMedSAM modules in place (W' = W + B @ A); the modules hold
+    the base decoder the file names (:func:`base_decoder_sha256`)."""
+    adapters = {k: v for k, v in adapters.items() if k != BASE_KEY}  # the caller loaded that base
     attentions = tiny_attentions(encoder)
     encoder_keys = [k for k in adapters if k.startswith("w_a_")]
     if len(encoder_keys) not in (0, 2 * len(attentions)):
