@@ -118,6 +118,18 @@ def lite_base_modules(decoder_weights: Path | None):
     return lite, PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
 
 
+def lite_base_decoder(lora: str | os.PathLike | None) -> Path | None:
+    """The decoder weights ``cellseg1_lite`` is built on: the one the adapter file names (None:
+    LiteMedSAM's own), without adapters the default model's point decoder."""
+    from .models.cellseg1 import load_state
+    from .models.lite_lora import base_decoder_sha256
+
+    if lora is None:
+        return base_decoder_weights("points")
+    sha256 = base_decoder_sha256(load_state(lora))
+    return None if sha256 is None else find_base_decoder(sha256, Path(lora))
+
+
 def load_lite_base(lora: str | os.PathLike | None):
     """LiteMedSAM (encoder, PointDecoder) with an adapter file merged in.
 
@@ -126,15 +138,11 @@ def load_lite_base(lora: str | os.PathLike | None):
     (CellSeg1's recipe, adapters from before the point decoder). Without an adapter file: the
     base `finetune` starts from by default, the default model's point decoder (no fine-tuning)."""
     from .models.cellseg1 import load_state
-    from .models.lite_lora import base_decoder_sha256, merge_lite_lora
+    from .models.lite_lora import merge_lite_lora
 
-    if lora is None:
-        lite, decoder = lite_base_modules(base_decoder_weights("points"))
-        return lite.encoder.eval(), decoder
-    adapters = load_state(lora)
-    sha256 = base_decoder_sha256(adapters)
-    lite, decoder = lite_base_modules(None if sha256 is None else find_base_decoder(sha256, Path(lora)))
-    merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, adapters)
+    lite, decoder = lite_base_modules(lite_base_decoder(lora))
+    if lora is not None:
+        merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, load_state(lora))
     return lite.encoder.eval(), decoder
 
 

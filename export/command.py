@@ -126,23 +126,23 @@ def served_grid_family(family: Family, args: argparse.Namespace) -> tuple[Family
     """A CellSeg1 family with its served predicted-IoU threshold: ``--grid-iou-threshold``, else
     the one `finetune` chose (``grid`` in the adapter's provenance file: calibrated on the training
     image, or the base decoder's kept with its stability threshold), else CellSeg1's.
-    ``cellseg1_lite`` without adapters is the default model's point decoder: its grid thresholds
-    chosen on train (`select-grid`) unless ``--grid-iou-threshold``."""
+    ``cellseg1_lite`` starts from its base decoder's grid thresholds chosen on train (`select-grid`;
+    the default model's point decoder without adapters or when the adapter file names it)."""
     import dataclasses
     import json
 
     from .finetune import provenance_path
 
     threshold, source = args.grid_iou_threshold, "--grid-iou-threshold"
-    if family is CELLSEG1_LITE and args.lora is None:
-        from .cellseg1_export import base_decoder_weights
+    if family is CELLSEG1_LITE:  # the select-grid thresholds of the base decoder, where it has them
+        from .cellseg1_export import lite_base_decoder
         from .lite_export import grid_selection
 
-        chosen = grid_selection(base_decoder_weights("points"))
+        chosen = grid_selection(lite_base_decoder(args.lora))
         if chosen:
             family = dataclasses.replace(family, grid=dataclasses.replace(family.grid, **chosen))
-            if threshold is None:
-                return family, "chosen on train for the point decoder (select-grid)"
+            if threshold is None and (args.lora is None or not provenance_path(args.lora).is_file()):
+                return family, "chosen on train for the base decoder (select-grid)"
     if threshold is None and args.lora is not None and provenance_path(args.lora).is_file():
         try:
             grid = json.loads(provenance_path(args.lora).read_text()).get("grid") or {}

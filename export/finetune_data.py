@@ -1,11 +1,11 @@
 """Training views of ONE annotated image for `cellsam-triton finetune` (numpy + scipy).
 
-The image is first brought to the scale it is served at: a family that auto-scales (client/autoscale.py)
-enlarges images whose median cell is small, so the one image is enlarged by the factor the served
-model would pick from its labelled cells (:func:`at_served_scale`; the default model's point decoder
-was trained at those scales too). It is normalised exactly as the served LiteMedSAM tiles are
-(``client.tiles.lite_normalize`` of the whole image), then every training step sees a new augmented view: random zoom (0.75-1.33),
-random 256x256 window (zero-padded when smaller), flips, 90-degree turns and a random gamma /
+The image is first brought to the scale it is served at: a family that auto-scales
+(client/autoscale.py) enlarges images whose median cell is small, so the one image is enlarged by
+the factor the served model would pick from its labelled cells (:func:`at_served_scale`; the
+default model's point decoder was trained at those scales too). It is normalised exactly as the
+served LiteMedSAM tiles are (``client.tiles.lite_normalize`` of the whole image), then every
+training step sees a new augmented view: random zoom (0.75-1.33), random 256x256 window (zero-padded when smaller), flips, 90-degree turns and a random gamma /
 contrast change. Prompts follow CellSeg1: one point drawn uniformly from each sampled instance,
 its full mask as the target; optionally some background points whose target is empty (predicted
 IoU target 0), so grid points off the cells learn to score low.

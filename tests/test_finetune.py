@@ -248,6 +248,15 @@ def test_finetune_starts_from_the_point_decoder_and_export_merges_into_it(tmp_pa
         before = base(emb, coords, point_labels)[0]
     torch.testing.assert_close(have, want, atol=1e-3, rtol=1e-4)
     assert (other - want).abs().max() > 0.5 and (before - want).abs().max() > 1e-3
+    # no lora.json beside it: export serves the base decoder's grid thresholds chosen on train
+    from argparse import Namespace
+
+    from cellsam_triton.export.command import served_grid_family
+    from cellsam_triton.export.lite_export import grid_selection
+
+    family, source = served_grid_family(CELLSEG1_LITE, Namespace(grid_iou_threshold=None, lora=tmp_path / "lora.pth"))
+    chosen = grid_selection(DEFAULT_POINT_DECODER_WEIGHTS)
+    assert "base decoder" in source and family.grid.pred_iou_threshold == chosen["pred_iou_threshold"]
 
     plain = Trainer(FinetuneConfig(epochs=1, prompts=2, background=0, views=1, calibrate=False, base_decoder="litemedsam"))
     assert lite_lora.BASE_KEY not in plain.adapters() and plain.base["decoder_sha256"] is None
