@@ -78,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from cellsam_triton.datasets import load_sample
 
     from .grid_calibration import InProcessGrid
-    from .models.litemedsam import load_litemedsam
-    from .models.point_decoder import PointDecoder
-    from .train_decoder import load_decoder_weights
+    from .cellseg1_export import lite_base_modules
     from .training import command_line, sha256_file
 
     if args.images < 1:
@@ -92,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if not provenance_path.is_file():
         raise UserError(f"{provenance_path} not found: select-grid records its choice beside weights from train-decoder")
     torch.set_num_threads(max(1, args.threads))
-    lite = load_litemedsam()
-    load_decoder_weights(lite.decoder, args.weights)
-    point = PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder)
+    lite, point = lite_base_modules(args.weights)
     ids = training_ids(args.data, args.images, args.seed)
     started = time.perf_counter()
     record = choose(InProcessGrid(lite.encoder, point, LITE), LITE, [load_sample(args.data, i) for i in ids], side)
