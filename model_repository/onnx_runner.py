@@ -5,7 +5,7 @@ Config parameters: ``onnx_file`` (default model.onnx), ``intra_op_threads`` (0 =
 ``inter_op_threads``, ``allow_spinning`` ("0": idle intra-op threads sleep at once instead of
 spinning, so a model that just ran does not take the cores from the next one in another process). Every request is checked against the model config (names, dtypes, shapes)
 before anything runs, and inputs must agree on the axes the ONNX graph names alike (the ROI
-decoder's windows, origins and boxes on "boxes"); a bad request gets a TritonError
+decoder's windows, origins and boxes on "boxes"), and no input may be empty (zero prompts); a bad request gets a TritonError
 (INVALID_ARGUMENT) and the others in the batch still run.
 Requests of a dynamically batched model are concatenated on axis 0 and run in one session call.
 """
@@ -91,6 +91,8 @@ class TritonPythonModel:
             array = tensor.as_numpy()
             if array.dtype != dtype:
                 raise RequestError(f"{self.name}: input '{name}' has dtype {array.dtype}, expected {dtype}")
+            if array.size == 0:  # ONNX Runtime would fail on it (zero prompts: a reshape of nothing)
+                raise RequestError(f"{self.name}: input '{name}' is empty (shape {list(array.shape)}); send at least one")
             expected = ([-1] if self.max_batch > 0 else []) + dims
             shape_ok = array.ndim == len(expected) and all(e in (-1, a) for e, a in zip(expected, array.shape))
             if not shape_ok:

@@ -229,3 +229,21 @@ def test_point_decoder_refuses_coords_and_labels_of_different_point_counts(defau
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "'point_labels'" in str(info.value), str(info.value)
     request["point_labels"] = np.float32([[1, 0, -1], [1, 1, 1]])  # several points a prompt, padded with -1
     assert send(default_client, LITE.point_decoder_name, request).as_numpy("iou_predictions").shape == (2, 1)
+
+
+def test_decoders_refuse_zero_prompts_with_a_clean_error(default_client) -> None:
+    """Zero boxes or points (a shape ONNX Runtime cannot reshape) is the caller's mistake, named as such."""
+    embeddings = np.zeros((1, LITE.embed_dim, LITE.embed_size, LITE.embed_size), np.float32)
+    windows = {"embedding_windows": np.zeros((0, LITE.embed_dim, 16, 16), np.float32), "window_origins": np.zeros((0, 2), np.float32)}
+    points = {"point_coords": np.zeros((0, 1, 2), np.float32), "point_labels": np.zeros((0, 1), np.float32)}
+    requests = {LITE.decoder_name: {"image_embeddings": embeddings, "boxes": np.zeros((0, 4), np.float32)},
+                LITE.roi_decoder_name: {**windows, "boxes": np.zeros((0, 4), np.float32)},
+                LITE.point_decoder_name: {"image_embeddings": embeddings, **points},
+                LITE.roi_point_decoder_name: {**windows, **points}}
+    for model, request in requests.items():
+        with pytest.raises(InferenceServerException) as info:
+            send(default_client, model, request)
+        message = str(info.value)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "is empty" in message, (model, message)
+        assert "\n" not in message.strip() and "ONNX Runtime failed" not in message, message
+    assert default_client.is_server_ready()
