@@ -70,9 +70,10 @@ bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported $(
 	$(BIN)/python -m bench.speed_default --roi $(BENCH_DEFAULT)/roi --full $(BENCH_DEFAULT)/full \
 	  --roi-fp32 $(BENCH_DEFAULT)/roi_fp32 --data $(DATA) $(BENCH_DEFAULT_ARGS)
 
-# CellSeg1: default model vs grid prompts (the point decoder) without / after one-image fine-tuning,
-# full val split (bench/cellseg1.md); CELLSEG1_ARGS="--limit N" for a shorter run,
-# CELLSEG1_ARGS="--work bench/cellseg1_run" to reuse the committed adapter and scores.
+# CellSeg1: default model vs grid prompts (the point decoder) without / after one-image fine-tuning
+# (one row per training image kind: fluorescence, stained), full val split (bench/cellseg1.md);
+# CELLSEG1_ARGS="--limit N" for a shorter run, "--training-kinds stained" for one fine-tuned row,
+# "--work bench/cellseg1_run" to reuse the committed adapters and scores.
 CELLSEG1_ARGS ?=
 bench-cellseg1: export
 	$(BIN)/python -m bench.cellseg1 --repository $(REPO) --data $(DATA) $(CELLSEG1_ARGS)

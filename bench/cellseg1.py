@@ -4,12 +4,13 @@
 2. grid prompts, no fine-tuning (``export --model cellseg1`` without adapters: LiteMedSAM with
    the default model's point decoder, the base `finetune` starts from, served with the grid
    thresholds chosen on train for it),
-3. grid prompts after one-image fine-tuning (``cellsam-triton finetune`` on the training image
-   chosen by :func:`training_image`, exported with ``export --model cellseg1 --lora``), with the
+3. grid prompts after one-image fine-tuning, one row per ``--training-kinds`` kind
+   (``cellsam-triton finetune`` on the training image of that kind chosen by :func:`training_image`,
+   exported with ``export --model cellseg1 --lora``), with the
    grid thresholds `finetune` recorded (export/grid_calibration.py: the base decoder's, kept;
    what ``export --lora`` serves by default); ``--extra-iou-threshold 0.8`` adds CellSeg1's own.
 
-The report states the fine-tuning gain (row 3 minus row 2), overall and by kind.
+The report states each fine-tuning gain (a row 3 minus row 2), overall and by kind.
 
 Each method runs on its own embedded tritonserver (one after the other). Writes
 ``cellseg1.json`` (summaries, per-image rows, the training record) and ``cellseg1.md`` (table).
@@ -34,17 +35,32 @@ from .accuracy import SPLIT, markdown_table
 
 HERE = Path(__file__).resolve().parent
 WORK = Path("build/cellseg1")
-TRAINING_RULE = "train split, fluorescence, 256x256, most annotated nuclei (manifest `objects`); ties: smallest id"
+TRAINING_SIZES = {"fluorescence": (256, 256), "stained": (256, 320)}  # the most common size of each kind in DSB
 
 
-def training_image(data: Path) -> str:
-    """The id of the one fine-tuning image (TRAINING_RULE); never a validation image."""
+def training_rule(kind: str = "fluorescence") -> str:
+    """The fine-tuning image rule for ``kind``, in words."""
+    height, width = TRAINING_SIZES[kind]
+    return f"train split, {kind}, {height}x{width}, most annotated nuclei (manifest `objects`); ties: smallest id"
+
+
+def training_kinds(text: str) -> list[str]:
+    """``--training-kinds`` parsed: known kinds, comma-separated, each once."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in TRAINING_SIZES]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"expected kinds from {', '.join(TRAINING_SIZES)}, comma-separated, each once; got {text!r}")
+    return kinds
+
+
+def training_image(data: Path, kind: str = "fluorescence") -> str:
+    """The id of the one fine-tuning image (:func:`training_rule`); never a validation image."""
     from cellsam_triton.datasets import load_manifest, split_of
 
-    pool = [r for r in load_manifest(data)
-            if split_of(r.id) == "train" and r.kind == "fluorescence" and (r.height, r.width) == (256, 256)]
+    size = TRAINING_SIZES[kind]
+    pool = [r for r in load_manifest(data) if split_of(r.id) == "train" and r.kind == kind and (r.height, r.width) == size]
     if not pool:
-        raise UserError(f"no 256x256 fluorescence training image in {data}")
+        raise UserError(f"no {size[0]}x{size[1]} {kind} training image in {data}")
     return min(pool, key=lambda r: (-r.objects, r.id)).id
 
 
@@ -53,12 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repository", type=Path, default=Path("build/repository"), help="exported default model repository")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"), help="DSB-layout folder")
     parser.add_argument("--work", type=Path, default=WORK, help="adapter file and CellSeg1 repositories (default %(default)s)")
-    parser.add_argument("--lora", type=Path, default=None, help="use this adapter file instead of fine-tuning")
+    parser.add_argument("--lora", type=Path, default=None, help="use this adapter file instead of fine-tuning (one --training-kinds)")
     parser.add_argument("--scores", type=Path, default=None, metavar="DIR",
                         help="per-image score checkpoints, reused by a rerun (default: <work>/scores)")
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: finetune's)")
     parser.add_argument("--prompts", type=int, default=None, help="fine-tuning prompts per step (default: finetune's)")
     parser.add_argument("--encoder-lora", action="store_true", help="fine-tune with encoder LoRA too (slower)")
+    parser.add_argument("--training-kinds", type=training_kinds, default=list(TRAINING_SIZES), metavar="K[,K]",
+                        help="one fine-tuned row per kind, each on its own training image (default: fluorescence,stained)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N validation images only")
     parser.add_argument("--points-per-side", type=int, default=None, metavar="N", help="grid points per side (default: the model's)")
     parser.add_argument("--extra-iou-threshold", type=float, default=None, metavar="T",
@@ -68,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def finetune(data: Path, sample_id: str, out: Path, settings: dict) -> dict:
+def finetune(data: Path, sample_id: str, out: Path, settings: dict, rule: str) -> dict:
     """Fine-tune on one DSB sample (in process, same code as `cellsam-triton finetune`); its provenance."""
     import numpy as np
     import torch
@@ -85,7 +103,7 @@ def finetune(data: Path, sample_id: str, out: Path, settings: dict) -> dict:
     provenance = {
         "command": f"python -m bench.cellseg1 (finetune_arrays on {sample_id})",
         "image": str(sample_path(data, sample_id)), "image_sha256": sha256_file(sample_path(data, sample_id)),
-        "training_rule": TRAINING_RULE,
+        "training_rule": rule,
         **write_provenance_fields(config, record, out),
     }
     provenance_path(out).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -202,22 +220,17 @@ def run_method(repository: Path, data: Path, records: list, desc: str, timeout: 
     return [done[r.id] for r in records]
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Fine-tune (unless ``--lora``), export, and score the three methods."""
-    from cellsam_triton.client.grid_rules import GridOptions
-    from cellsam_triton.contracts import CELLSEG1_LITE, LITE
-    from cellsam_triton.datasets import data_checksum
-
-    records = select(args.data, SPLIT, args.limit)
-    sample_id = training_image(args.data)
-    if sample_id in {r.id for r in records}:
-        raise UserError(f"training image {sample_id} is in the validation split")
-    lora = args.lora or args.work / "lora.pth"
+def tuned_adapter(args: argparse.Namespace, kind: str, records: list) -> tuple[str, Path, dict]:
+    """(training image id, adapter file, its provenance) of ``kind``'s row: fine-tuned unless the file is there."""
     from cellsam_triton.export.finetune import provenance_path
 
+    sample_id = training_image(args.data, kind)
+    if sample_id in {r.id for r in records}:
+        raise UserError(f"training image {sample_id} is in the validation split")
+    lora = args.lora or args.work / f"lora_{kind}.pth"
     if args.lora is None and not lora.is_file():
         settings = {"epochs": args.epochs, "prompts": args.prompts, "encoder_lora": True if args.encoder_lora else None}
-        provenance = finetune(args.data, sample_id, lora, settings)
+        provenance = finetune(args.data, sample_id, lora, settings, training_rule(kind))
     else:
         path = provenance_path(lora)
         provenance = json.loads(path.read_text()) if path.is_file() else {"adapter": str(lora)}
@@ -225,33 +238,49 @@ def measure(args: argparse.Namespace) -> dict:
         provenance["grid"] = calibrate(args.data, sample_id, lora)
         if provenance_path(lora).is_file():
             provenance_path(lora).write_text(json.dumps(provenance, indent=2) + "\n")
+    return sample_id, lora, provenance
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Fine-tune (unless ``--lora``) on one image of each kind, export, and score every method."""
+    from cellsam_triton.client.grid_rules import GridOptions
+    from cellsam_triton.contracts import CELLSEG1_LITE, LITE
+    from cellsam_triton.datasets import data_checksum
+
+    if args.lora is not None and len(args.training_kinds) != 1:
+        raise UserError("--lora names one adapter: give one kind with --training-kinds")
+    records = select(args.data, SPLIT, args.limit)
     base = export(args.work / "base_repository", None)
-    tuned = export(args.work / "tuned_repository", lora)
     grid = GridOptions(points_per_side=args.points_per_side)  # the served thresholds
     side = args.points_per_side or CELLSEG1_LITE.grid.points_per_side
     scores = args.scores or args.work / "scores"
     before = f"grid {side}x{side}, no fine-tuning (point decoder; {served_thresholds(base)})"
-    after = f"grid {side}x{side}, one-image fine-tuned ({served_thresholds(tuned)})"
     runs = {
         f"{LITE.name} (detector boxes)":
             run_method(args.repository, args.data, records, LITE.name, args.timeout, None, scores / "default.jsonl"),
         before: run_method(base, args.data, records, "grid base", args.timeout, grid, scores / "grid_base.jsonl"),
-        after: run_method(tuned, args.data, records, "grid tuned", args.timeout, grid, scores / "grid_tuned.jsonl"),
     }
-    if args.extra_iou_threshold is not None:
-        loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
-        name = f"grid {side}x{side}, one-image fine-tuned (pred-IoU >= {args.extra_iou_threshold:g}, --extra-iou-threshold)"
-        runs[name] = run_method(tuned, args.data, records, "grid tuned loose", args.timeout, loose,
-                                scores / "grid_tuned_loose.jsonl")
+    tuned = {}
+    for kind in args.training_kinds:
+        sample_id, lora, provenance = tuned_adapter(args, kind, records)
+        repository = export(args.work / f"tuned_{kind}_repository", lora)
+        after = f"grid {side}x{side}, fine-tuned on one {kind} image ({served_thresholds(repository)})"
+        runs[after] = run_method(repository, args.data, records, f"grid tuned ({kind})", args.timeout, grid,
+                                 scores / f"grid_tuned_{kind}.jsonl")
+        if args.extra_iou_threshold is not None:
+            loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
+            name = f"grid {side}x{side}, fine-tuned on one {kind} image (pred-IoU >= {args.extra_iou_threshold:g}, --extra-iou-threshold)"
+            runs[name] = run_method(repository, args.data, records, f"grid tuned loose ({kind})", args.timeout, loose,
+                                    scores / f"grid_tuned_{kind}_loose.jsonl")
+        gain = finetune_gain(summary(runs[before]), summary(runs[after]))
+        tuned[kind] = {"training_image": sample_id, "training_rule": training_rule(kind), "finetune": provenance,
+                       "gain": {**gain, "stderr": paired_stderr(runs[before], runs[after])}}
     return {
         "split": SPLIT,
         "images": len(records),
         "data_checksum": data_checksum(args.data, [r.id for r in records]),
-        "training_image": sample_id,
-        "training_rule": TRAINING_RULE,
-        "finetune": provenance,
+        "tuned": tuned,
         "methods": {name: summary(scores) for name, scores in runs.items()},
-        "gain": finetune_gain(summary(runs[before]), summary(runs[after])),
         "per_image": {name: [s.as_dict() for s in scores] for name, scores in runs.items()},
     }
 
@@ -264,31 +293,36 @@ def finetune_gain(before: dict, after: dict) -> dict:
             "by_kind": {k: after["by_kind"][k]["f1_mean"] - before["by_kind"][k]["f1_mean"] for k in kinds}}
 
 
-def gain_sentence(gain: dict) -> str:
-    """The report's sentence on :func:`finetune_gain`."""
+def paired_stderr(before: list, after: list) -> float:
+    """Standard error of the mean per-image F1 difference (same images, same order): the noise a
+    gain must clear."""
+    import numpy as np
+
+    diff = np.array([a.f1 - b.f1 for b, a in zip(before, after, strict=True)])
+    return float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+
+
+def gain_sentence(gain: dict, kind: str = "fluorescence") -> str:
+    """The report's sentence on :func:`finetune_gain` of the row fine-tuned on one ``kind`` image."""
     kinds = ", ".join(f"{k} {v:+.3f}" for k, v in gain["by_kind"].items())
-    return (f"One-image fine-tuning changes grid per-image F1@0.5 by **{gain['f1_mean']:+.3f}** "
-            f"({gain['before']:.3f} -> {gain['after']:.3f}; {kinds}).")
+    noise = f", paired standard error {gain['stderr']:.3f}" if "stderr" in gain else ""
+    return (f"Fine-tuning on one {kind} image changes grid per-image F1@0.5 by **{gain['f1_mean']:+.3f}** "
+            f"({gain['before']:.3f} -> {gain['after']:.3f}; {kinds}{noise}).")
 
 
 def report(result: dict) -> str:
     """The markdown of cellseg1.md: table and how it was made."""
-    ft = result["finetune"]
-    seconds = ft.get("seconds")
-    lines = [
-        f"# CellSeg1 on DSB2018 {result['split']} split ({result['images']} images)",
-        "",
-        markdown_table(result),
-        f"Fine-tuning image: `{result['training_image']}` ({TRAINING_RULE}); "
-        + (f"{ft['config']['epochs']} epochs in {seconds:.0f} s, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}."
-           if seconds is not None else "adapter file given."),
-    ]
-    if result.get("gain"):
-        lines += ["", gain_sentence(result["gain"])]
-    grid = ft.get("grid")
-    if grid:
-        f1 = ", ".join(f"{t}: {v:.3f}" for t, v in grid["training_f1_by_threshold"].items())
-        lines += ["", f"Served grid threshold after fine-tuning: {grid['rule']}; F1 on the training image by threshold: {f1}."]
+    lines = [f"# CellSeg1 on DSB2018 {result['split']} split ({result['images']} images)", "", markdown_table(result).rstrip("\n")]
+    for kind, row in result["tuned"].items():
+        ft = row["finetune"]
+        seconds = ft.get("seconds")
+        lines += ["", f"Fine-tuning image ({kind}): `{row['training_image']}` ({row['training_rule']}); "
+                  + (f"{ft['config']['epochs']} epochs in {seconds:.0f} s, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}."
+                     if seconds is not None else "adapter file given."), "", gain_sentence(row["gain"], kind)]
+        grid = ft.get("grid")
+        if grid and "training_f1_by_threshold" in grid:
+            f1 = ", ".join(f"{t}: {v:.3f}" for t, v in grid["training_f1_by_threshold"].items())
+            lines += ["", f"Served grid threshold: {grid['rule']}; F1 on the training image by threshold: {f1}."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,13 +3,15 @@ fine-tuning gain the report states."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from bench.cellseg1 import finetune_gain, gain_sentence, load_checkpoint, model_key, run_method, training_image
+from bench.cellseg1 import (TRAINING_SIZES, finetune_gain, gain_sentence, load_checkpoint, model_key, paired_stderr, report,
+                            run_method, training_image, training_kinds, training_rule)
 from cellsam_triton.client.metrics import ImageScore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
@@ -53,17 +55,19 @@ def test_finished_checkpoint_is_reused_without_a_server(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "manifest.csv").is_file(), reason=f"DSB2018 data not found at {DATA}")
-def test_training_image_rule_picks_a_train_image():
+@pytest.mark.parametrize("kind", ["fluorescence", "stained"])
+def test_training_image_rule_picks_a_train_image(kind: str):
     from cellsam_triton.datasets import load_manifest, split_of
 
-    chosen = training_image(DATA)
+    chosen = training_image(DATA, kind)
     records = {r.id: r for r in load_manifest(DATA)}
     assert split_of(chosen) == "train"
     record = records[chosen]
-    assert record.kind == "fluorescence" and (record.height, record.width) == (256, 256)
-    peers = [r for r in records.values() if split_of(r.id) == "train" and r.kind == "fluorescence"
-             and (r.height, r.width) == (256, 256)]
-    assert record.objects == max(r.objects for r in peers)
+    assert record.kind == kind and (record.height, record.width) == TRAINING_SIZES[kind]
+    peers = [r for r in records.values() if split_of(r.id) == "train" and r.kind == kind
+             and (r.height, r.width) == TRAINING_SIZES[kind]]
+    assert record.objects == max(r.objects for r in peers) and len(peers) > 1
+    assert kind in training_rule(kind)
 
 
 def test_report_states_the_fine_tuning_gain_by_kind():
@@ -74,4 +78,22 @@ def test_report_states_the_fine_tuning_gain_by_kind():
     assert gain["f1_mean"] == pytest.approx(0.02) and gain["by_kind"]["stained"] == pytest.approx(-0.10)
     assert "by **+0.020** (0.700 -> 0.720; fluorescence +0.050, stained -0.100)" in gain_sentence(gain)
     lost = finetune_gain(row(0.70, 0.75, 0.40), row(0.60, 0.65, 0.30))
-    assert "by **-0.100**" in gain_sentence(lost)
+    assert "one stained image changes grid per-image F1@0.5 by **-0.100**" in gain_sentence(lost, "stained")
+    scores = [SimpleNamespace(f1=f) for f in (0.5, 0.7, 0.9)]
+    moved = [SimpleNamespace(f1=f) for f in (0.6, 0.7, 0.8)]  # differences +0.1, 0, -0.1
+    assert paired_stderr(scores, moved) == pytest.approx(0.1 / 3 ** 0.5)
+    assert "stained -0.100, paired standard error 0.058)" in gain_sentence({**lost, "stderr": paired_stderr(scores, moved)})
+    provenance = {"seconds": 12.0, "config": {"epochs": 60}, "loss_first": 0.5, "loss_last": 0.4}
+    result = {"split": "val", "images": 2, "methods": {},
+              "tuned": {kind: {"training_image": f"id-{kind}", "training_rule": training_rule(kind), "finetune": provenance,
+                               "gain": g} for kind, g in (("fluorescence", gain), ("stained", lost))}}
+    text = report(result)
+    assert "Fine-tuning image (stained): `id-stained`" in text and "one fluorescence image changes" in text
+    assert "by **-0.100**" in text and "by **+0.020**" in text
+
+
+def test_training_kinds_argument():
+    assert training_kinds("stained, fluorescence") == ["stained", "fluorescence"]
+    for bad in ("", "brightfield", "stained,stained"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            training_kinds(bad)
