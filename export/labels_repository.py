@@ -37,6 +37,8 @@ RULE_MODULES = (
     "cellsam_triton.client.lite_rules",
     "cellsam_triton.client.cellsam_rules",
     "cellsam_triton.client.grid_rules",
+    "cellsam_triton.client.points",
+    "cellsam_triton.client.point_rules",
     "cellsam_triton.model_repository",
     "cellsam_triton.model_repository.raster",
 )

@@ -14,8 +14,9 @@ import numpy as np
 from cellsam_triton.client.api import rule_set, segment_image
 from cellsam_triton.client.autoscale import MAX_SCALE
 from cellsam_triton.client.grid_rules import GridOptions
+from cellsam_triton.client.points import PAD_LABEL, point_prompts
 from cellsam_triton.client.types import SegmentOptions
-from cellsam_triton.contracts import CELL_COLUMNS, LABELS_MAX_BOXES, LABELS_MAX_PIXELS, NAMES
+from cellsam_triton.contracts import CELL_COLUMNS, LABELS_MAX_BOXES, LABELS_MAX_PIXELS, MAX_PROMPT_POINTS, NAMES
 from cellsam_triton.errors import UserError
 
 try:  # a package in the project, loose files beside model.py inside Triton
@@ -115,6 +116,41 @@ def prompt_boxes(inputs):
     return boxes
 
 
+GRID_SETTINGS = (NAMES.points_per_side, NAMES.pred_iou_threshold, NAMES.stability_threshold, NAMES.crop_n_layers)
+
+
+def prompt_points(inputs):
+    """The optional point prompts, one row per cell: ``point_coords`` FP32 [N, P, 2] xy in input
+    pixels and ``point_labels`` FP32 [N, P] (1 positive, 0 negative, -1 padding after a row's points;
+    absent: every point positive), as `segment --points` reads a CSV with a ``cell`` column."""
+    coords, labels = inputs.get(NAMES.point_coords), inputs.get(NAMES.point_labels)
+    if coords is None:
+        if labels is not None:
+            raise RequestError(f"input '{NAMES.point_labels}' needs the points themselves in '{NAMES.point_coords}'")
+        return None
+    check(NAMES.point_coords, coords, np.float32, (-1, -1, 2))
+    cells, width = coords.shape[:2]
+    if cells == 0 or width == 0:
+        raise RequestError(f"input '{NAMES.point_coords}' is empty (shape {list(coords.shape)})")
+    if cells > LABELS_MAX_BOXES:
+        raise RequestError(f"input '{NAMES.point_coords}' has {cells} cells, more than the limit of {LABELS_MAX_BOXES}")
+    if width > MAX_PROMPT_POINTS:
+        raise RequestError(f"input '{NAMES.point_coords}' has {width} points a cell, at most {MAX_PROMPT_POINTS}")
+    labels = np.ones((cells, width), np.float32) if labels is None else check(NAMES.point_labels, labels, np.float32, (cells, width))
+    if not np.isin(labels, (1, 0, PAD_LABEL)).all():
+        raise RequestError(f"input '{NAMES.point_labels}' values must be 1 (positive), 0 (negative) or {PAD_LABEL:g} (padding)")
+    real = labels != PAD_LABEL
+    misplaced = (np.diff(real.astype(np.int8), axis=1) > 0).any(axis=1) | ~real[:, 0]  # a point after padding, or none
+    if misplaced.any():
+        raise RequestError(f"input '{NAMES.point_labels}' row {int(np.flatnonzero(misplaced)[0])}: padding ({PAD_LABEL:g}) "
+                           "must follow the cell's points, and a cell needs at least one point")
+    rows, columns = np.nonzero(real)
+    try:
+        return point_prompts(coords[rows, columns], labels[rows, columns], cells=rows.tolist(), source=f"input '{NAMES.point_coords}'")
+    except UserError as exc:
+        raise RequestError(str(exc).strip().splitlines()[0]) from None
+
+
 def cells_array(cells):
     """The cell table (rows keyed by CELL_COLUMNS) as FP32 [N, len(CELL_COLUMNS)]."""
     rows = [[row[column] for column in CELL_COLUMNS] for row in cells]
@@ -129,12 +165,18 @@ def answer(inputs, family, transport):
     """
     _, image = image_input(inputs)
     options = segment_options(inputs)
-    if family.detector == "none":  # detector-free (CellSeg1): the CLI's --prompts grid
+    points = prompt_points(inputs)
+    if points is not None:  # the CLI's --points: no detector, no grid
+        other = [name for name in (NAMES.boxes, *GRID_SETTINGS) if inputs.get(name) is not None]
+        if other:
+            raise RequestError(f"input '{other[0]}' does not go with point prompts ('{NAMES.point_coords}'): give one kind of prompt")
+        boxes, prompts, grid = None, "detector", None
+    elif family.detector == "none":  # detector-free (CellSeg1): the CLI's --prompts grid
         boxes, prompts, grid = None, "grid", grid_options(inputs)
     else:
         boxes, prompts, grid = prompt_boxes(inputs), "detector", None
     try:
-        result = segment_image(image, family, transport.run, transport.infer, boxes, options, prompts, grid)
+        result = segment_image(image, family, transport.run, transport.infer, boxes, options, prompts, grid, points)
     except UserError as exc:  # what the CLI would say about this image or setting
         lines = str(exc).strip().splitlines()
         raise RequestError(lines[0] if lines else type(exc).__name__) from None

@@ -66,6 +66,7 @@ def test_every_family_has_a_labels_contract(family: Family) -> None:
     grid = {NAMES.points_per_side, NAMES.pred_iou_threshold, NAMES.stability_threshold, NAMES.crop_n_layers}
     assert (grid <= set(inputs)) == (family.detector == "none")
     assert (NAMES.boxes in inputs) == (family.detector != "none")
+    assert (inputs[NAMES.point_coords].dims, inputs[NAMES.point_labels].dims) == ((-1, -1, 2), (-1, -1))  # every family
     assert (NAMES.scale in inputs) == (family.preprocess == "litemedsam" and family.detector != "none")
     assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [("labels", "UINT32", (-1, -1)), ("cells", "FP32", (-1, 7))]
     assert CELL_COLUMNS == ("label", "x0", "y0", "x1", "y1", "score", "area")
@@ -96,7 +97,8 @@ def test_written_model_carries_the_installed_rule_code(tmp_path: Path) -> None:
     # the copy imports on its own: every cellsam_triton module the rule sets use comes from it
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import labels_request, bls_transport; "
-        "import cellsam_triton.client.lite_rules, cellsam_triton.client.cellsam_rules, cellsam_triton.client.grid_rules; "
+        "import cellsam_triton.client.lite_rules, cellsam_triton.client.cellsam_rules, cellsam_triton.client.grid_rules, "
+        "cellsam_triton.client.point_rules; "
         "bad = [m for m, v in sys.modules.items() if m.startswith('cellsam_triton') and not v.__file__.startswith(sys.argv[1])]; "
         "print(len([m for m in sys.modules if m.startswith('cellsam_triton')]), bad)"
     )
@@ -126,6 +128,7 @@ def test_an_empty_answer_is_a_zero_label_image_and_no_rows() -> None:
 
 
 GOOD = blocks_image(40, 50)
+POINT = {"point_coords": np.array([[[10, 12]]], np.float32)}  # one cell, one positive point
 NAN = GOOD.astype(np.float32)
 NAN[3, 4, 0] = np.nan
 BAD_REQUESTS = [
@@ -151,6 +154,18 @@ BAD_REQUESTS = [
     ({"image": GOOD, "min_cell_area": np.array([-1], np.int32)}, "'min_cell_area' must lie in"),
     ({"image": GOOD, "scale": np.array([-1], np.float32)}, "'scale' must be 0 (auto) or a factor in (0, 8]"),
     ({"image": GOOD, "scale": np.array([9], np.float32)}, "'scale' must be 0 (auto)"),
+    ({"image": GOOD, "point_coords": np.ones((2, 2), np.float32)}, "'point_coords' has shape [2, 2], expected [-1, -1, 2]"),
+    ({"image": GOOD, "point_coords": np.full((1, 1, 2), np.nan, np.float32)}, "'point_coords' contains NaN"),
+    ({"image": GOOD, "point_coords": np.ones((0, 1, 2), np.float32)}, "'point_coords' is empty"),
+    ({"image": GOOD, "point_coords": np.ones((1, 33, 2), np.float32)}, "33 points a cell, at most 32"),
+    ({"image": GOOD, "point_labels": np.ones((1, 1), np.float32)}, "'point_labels' needs the points themselves"),
+    ({"image": GOOD, **POINT, "point_labels": np.ones((1, 2), np.float32)}, "'point_labels' has shape [1, 2], expected [1, 1]"),
+    ({"image": GOOD, **POINT, "point_labels": np.array([[2]], np.float32)}, "values must be 1 (positive), 0 (negative) or -1"),
+    ({"image": GOOD, "point_coords": np.ones((2, 2, 2), np.float32), "point_labels": np.float32([[1, 1], [-1, 1]])},
+     "'point_labels' row 1: padding (-1) must follow"),
+    ({"image": GOOD, **POINT, "point_labels": np.array([[0]], np.float32)}, "input 'point_coords' cell 0: no positive point"),
+    ({"image": GOOD, **POINT, "boxes": np.array([[0, 0, 5, 5]], np.float32)}, "input 'boxes' does not go with point prompts"),
+    ({"image": GOOD, "point_coords": np.float32([[[3, 4]], [[60, 4]]])}, "point (60, 4) lies outside the image (50 x 40 pixels)"),
 ]
 
 
@@ -169,6 +184,10 @@ def test_rule_code_refusals_and_grid_settings_are_invalid_arguments() -> None:
                         (NAMES.pred_iou_threshold, np.array([2], np.float32))):
         with pytest.raises(RequestError, match=f"'{name}' must lie in"):
             labels_request.answer({"image": GOOD, name: value}, GRID_FAMILY, BlsTransport(GRID_FAMILY, _no_cells))
+    with pytest.raises(RequestError, match="'points_per_side' does not go with point prompts") as info:  # points or a grid
+        labels_request.answer({"image": GOOD, **POINT, "points_per_side": np.array([4], np.int32)}, GRID_FAMILY,
+                              BlsTransport(GRID_FAMILY, _no_cells))
+    assert info.value.invalid_argument
 
 
 # --- served: tiny families of every rule set --------------------------------------------------------------

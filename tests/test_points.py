@@ -178,6 +178,42 @@ def test_a_cell_of_several_points_is_one_prompt_and_one_cell(server: EmbeddedSer
         np.testing.assert_allclose(alone[0], unpadded[0, 0], atol=1e-4 * max(1.0, float(np.abs(alone).max())))
 
 
+def test_labels_model_takes_point_prompts_as_segment_does(server: EmbeddedServer) -> None:
+    """Clients in any language: `cellsam_lite_labels` with point_coords / point_labels answers what
+    `Segmenter.segment(points=...)` does (same rule code, run by BLS)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    image = np.ascontiguousarray(np.repeat(discs(300, 340, [(60, 70), (60, 110), (200, 250), (150, 40)])[..., None], 3, axis=-1))
+    prompts = point_prompts([[70, 60], [110, 60], [20, 20], [250, 200], [40, 150]], labels=[1, 1, 0, 1, 1],
+                            cells=["a", "a", "a", "b", "c"])
+    arrays = {"image": image, "point_coords": prompts.coords, "point_labels": prompts.labels,
+              "iou_threshold": np.float32([-1])}
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        def send(arrays):
+            inputs = []
+            for name, array in arrays.items():
+                tensor = grpcclient.InferInput(name, list(array.shape), "UINT8" if array.dtype == np.uint8 else "FP32")
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            result = client.infer(LITE.labels_name, inputs, client_timeout=120)
+            return result.as_numpy("labels"), result.as_numpy("cells")
+
+        labels, cells = send(arrays)
+        with Segmenter(server.grpc_url) as seg:
+            local = seg.segment(image, points=prompts, options=KEEP_ALL)
+        assert 2 <= local.count <= 3  # one cell a prompt at most
+        np.testing.assert_array_equal(labels, local.labels)
+        np.testing.assert_array_equal(cells[:, 0], [row["label"] for row in local.cells])
+        outside = {**arrays, "point_coords": prompts.coords + np.float32(400)}
+        with pytest.raises(InferenceServerException) as info:
+            send(outside)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "lies outside the image" in str(info.value)
+    finally:
+        client.close()
+
+
 def test_segment_points_cli_and_async(server: EmbeddedServer, tmp_path: Path) -> None:
     image = discs(256, 600, CENTRES)
     tifffile.imwrite(tmp_path / "cells.tif", image)
