@@ -217,6 +217,35 @@ def test_node_client_reports_refusals_in_one_line(default_server: EmbeddedServer
     assert done.returncode == 2 and "bytes" in done.stderr  # the NPY header is not pixels
 
 
+def test_node_client_sends_point_prompts_as_segment_does(default_server: EmbeddedServer, images, cli_labels, tmp_path: Path) -> None:
+    """`--points CSV` (the CLI's format): the same cells as `Segmenter.segment(points=...)` with that file."""
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.client.points import read_points_csv
+
+    node = node_or_skip()
+    prefix, path = next(iter(images.items()))
+    found = cli_labels[prefix]
+    rows = ["x,y,label,cell"]
+    for k, label in enumerate(np.unique(found[found > 0])[:6]):  # a point inside each of six cells the CLI found
+        ys, xs = np.nonzero(found == label)
+        rows.append(f"{xs[len(xs) // 2]},{ys[len(ys) // 2]},1,c{k}")
+    rows.append("0,0,0,c0")  # a negative point joins cell c0 (its row padded for the others)
+    points = tmp_path / "points.csv"
+    points.write_text("\n".join(rows) + "\n")
+    done = run_node(node, default_server, str(path), "--points", str(points), "--labels", str(tmp_path / "labels.npy"))
+    assert done.returncode == 0, done.stderr
+    with Segmenter(default_server.grpc_url) as segmenter:
+        local = segmenter.segment(np.load(path), points=read_points_csv(points))
+    assert 1 <= local.count <= 6
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), local.labels)
+    points.write_text("x,y\n5,9999\n")  # outside the image: the server's one-line refusal
+    done = run_node(node, default_server, str(path), "--points", str(points))
+    assert done.returncode == 1 and done.stderr.startswith("error: INVALID_ARGUMENT:") and "outside the image" in done.stderr
+    points.write_text("x,z\n1,2\n")  # a bad file: a usage error before any request
+    done = run_node(node, default_server, str(path), "--points", str(points))
+    assert done.returncode == 2 and "points header must name columns x,y" in done.stderr
+
+
 def test_curl_example_of_the_readme(default_server: EmbeddedServer, images, cli_labels, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl not found")

@@ -7,6 +7,7 @@
 //   node segment.js IMAGE.npy [--url 127.0.0.1:8001] [--model cellsam_lite_labels]
 //                   [--out cells.json] [--labels labels.npy] [--mask-threshold 0.5] ...
 //   node segment.js --raw image.bin --shape 520,696,3 --dtype uint8 ...
+//   node segment.js IMAGE.npy --points points.csv    # point prompts: header x,y[,label][,cell], as `segment --points`
 //
 // The image: an NPY file (uint8, uint16 or float32; [H, W] or [H, W, C], C <= 3 or 4 = RGBA, alpha dropped by the server) or raw
 // little-endian bytes with --shape and --dtype. Writes the cell table as JSON (stdout without
@@ -60,6 +61,7 @@ function parseArgs(argv) {
     else if (flag === '--raw') args.raw = value();
     else if (flag === '--shape') args.shape = value().split(',').map(Number);
     else if (flag === '--dtype') args.dtype = value();
+    else if (flag === '--points') args.points = value();
     else if (flag in SETTINGS) {
       const [name, datatype] = SETTINGS[flag];
       const number = Number(value());
@@ -108,6 +110,47 @@ function readImage(args) {
   return image;
 }
 
+// A points CSV (header x,y and optionally label, cell; the CLI's format) -> the labels model's
+// point_coords [N,P,2] and point_labels [N,P] (-1 pads a cell's row): one cell per point, or per
+// `cell` value. The server checks the rest (labels, a positive point per cell, inside the image).
+function readPoints(file) {
+  let text;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (error) {
+    throw new UsageError(`${file}: cannot read points (${error.code || error.message})`);
+  }
+  const lines = text.split(/\r?\n/).map((line, k) => [k + 1, line.trim()]).filter(([, line]) => line);
+  if (lines.length < 2) throw new UsageError(`${file}: no points (a header x,y[,label][,cell] and one point a line)`);
+  const header = lines[0][1].split(',').map((name) => name.trim().toLowerCase());
+  const unknown = header.find((name) => !['x', 'y', 'label', 'cell'].includes(name));
+  if (unknown !== undefined || !header.includes('x') || !header.includes('y')) {
+    throw new UsageError(`${file}: points header must name columns x,y and optionally label,cell; got '${lines[0][1]}'`);
+  }
+  const cells = new Map();
+  for (const [number, line] of lines.slice(1)) {
+    const values = line.split(',').map((v) => v.trim());
+    if (values.length !== header.length) throw new UsageError(`${file}:${number}: ${values.length} values, the header has ${header.length}`);
+    const row = Object.fromEntries(header.map((name, k) => [name, values[k]]));
+    const point = [Number(row.x), Number(row.y), row.label === undefined ? 1 : Number(row.label)];
+    if (!point.every(Number.isFinite)) throw new UsageError(`${file}:${number}: x, y and label must be numbers`);
+    const key = row.cell === undefined ? `line ${number}` : `cell ${row.cell}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(point);
+  }
+  const width = Math.max(...[...cells.values()].map((points) => points.length));
+  const coords = new Float32Array(cells.size * width * 2);
+  const labels = new Float32Array(cells.size * width).fill(-1);
+  [...cells.values()].forEach((points, k) => points.forEach(([x, y, label], p) => {
+    coords.set([x, y], (k * width + p) * 2);
+    labels[k * width + p] = label;
+  }));
+  return [
+    { name: 'point_coords', datatype: 'FP32', shape: [cells.size, width, 2], bytes: Buffer.from(coords.buffer) },
+    { name: 'point_labels', datatype: 'FP32', shape: [cells.size, width], bytes: Buffer.from(labels.buffer) },
+  ];
+}
+
 function scalarBytes({ datatype, number }) {
   const buffer = Buffer.alloc(4);
   if (datatype === 'FP32') buffer.writeFloatLE(number);
@@ -115,13 +158,14 @@ function scalarBytes({ datatype, number }) {
   return buffer;
 }
 
-function buildRequest(model, image, settings) {
+function buildRequest(model, image, settings, points = []) {
   const [name, datatype] = DTYPES[image.dtype];
+  const tensors = [...settings.map((s) => ({ name: s.name, datatype: s.datatype, shape: [1], bytes: scalarBytes(s) })), ...points];
   return {
     model_name: model,
-    inputs: [{ name, datatype, shape: image.shape }, ...settings.map((s) => ({ name: s.name, datatype: s.datatype, shape: [1] }))],
+    inputs: [{ name, datatype, shape: image.shape }, ...tensors.map((t) => ({ name: t.name, datatype: t.datatype, shape: t.shape }))],
     outputs: [{ name: 'labels' }, { name: 'cells' }],
-    raw_input_contents: [image.data, ...settings.map(scalarBytes)],
+    raw_input_contents: [image.data, ...tensors.map((t) => t.bytes)],
   };
 }
 
@@ -180,20 +224,22 @@ function infer(args, request) {
 async function main() {
   let args;
   let image;
+  let points;
   try {
     args = parseArgs(process.argv.slice(2));
     image = readImage(args);
+    points = args.points === undefined ? [] : readPoints(args.points);
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
     if (error.message) console.error(`error: ${error.message}`);
     console.error('usage: node segment.js IMAGE.npy | --raw FILE --shape H,W[,C] --dtype uint8|uint16|float32 '
-      + '[--url HOST:PORT] [--model NAME] [--out cells.json] [--labels labels.npy] [--timeout S] '
+      + '[--url HOST:PORT] [--model NAME] [--out cells.json] [--labels labels.npy] [--points points.csv] [--timeout S] '
       + `[${Object.keys(SETTINGS).join(' X] [')} X]`);
     return 2;
   }
   let response;
   try {
-    response = await infer(args, buildRequest(args.model, image, args.settings));
+    response = await infer(args, buildRequest(args.model, image, args.settings, points));
   } catch (error) {
     const status = grpc.status[error.code] || error.code;
     console.error(`error: ${status}: ${String(error.details || error.message).split('\n')[0]}`);
