@@ -345,8 +345,8 @@ class Family:
         ``scale`` (tiled families; absent or 0 = auto), point prompts (``point_coords`` [N, P, 2] xy in
         input pixels, one row per cell, ``point_labels`` [N, P] 1 / 0 / -1 padding; the detector or
         grid is skipped, ``<family>_point_decoder`` decodes them as `segment --points` does) and, for
-        detector-free families, the grid settings. Outputs: ``labels`` [H, W] (0 background, 1..N) and ``cells`` [N, 7] rows of
-        CELL_COLUMNS, as in the CLI's cells CSV.
+        detector-free families, the grid settings. Outputs: ``labels`` [H, W] (0 background, 1..N)
+        and ``cells`` [N, 7] rows of CELL_COLUMNS, as in the CLI's cells CSV.
         """
         image = (-1, -1, -1)
         inputs = [Tensor(NAMES.image, UINT8, image, optional=True), Tensor(NAMES.image_uint16, UINT16, image, optional=True),
@@ -359,7 +359,8 @@ class Family:
         inputs.append(Tensor(NAMES.min_cell_area, INT32, (1,), optional=True))
         if self.detector != "none" and self.preprocess == "litemedsam":
             inputs.append(Tensor(NAMES.scale, FP32, (1,), optional=True))
-        inputs += [Tensor(NAMES.point_coords, FP32, (-1, -1, 2), optional=True), Tensor(NAMES.point_labels, FP32, (-1, -1), optional=True)]
+        inputs += [Tensor(NAMES.point_coords, FP32, (-1, -1, 2), optional=True),
+                   Tensor(NAMES.point_labels, FP32, (-1, -1), optional=True)]
         if self.detector == "none":
             inputs += [Tensor(NAMES.points_per_side, INT32, (1,), optional=True),
                        Tensor(NAMES.pred_iou_threshold, FP32, (1,), optional=True),

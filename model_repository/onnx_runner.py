@@ -4,9 +4,9 @@ Copied by the repository renderer to ``<model>/1/model.py``; self-contained (num
 Config parameters: ``onnx_file`` (default model.onnx), ``intra_op_threads`` (0 = all cores),
 ``inter_op_threads``, ``allow_spinning`` ("0": idle intra-op threads sleep at once instead of
 spinning, so a model that just ran does not take the cores from the next one in another process). Every request is checked against the model config (names, dtypes, shapes)
-before anything runs, and inputs must agree on the axes the ONNX graph names alike (the ROI
-decoder's windows, origins and boxes on "boxes"), and no input may be empty (zero prompts); a bad request gets a TritonError
-(INVALID_ARGUMENT) and the others in the batch still run.
+before anything runs, inputs must agree on the axes the ONNX graph names alike (the ROI decoder's
+windows, origins and boxes on "boxes") and no input may be empty (zero prompts); a bad request gets
+a TritonError (INVALID_ARGUMENT) and the others in the batch still run.
 Requests of a dynamically batched model are concatenated on axis 0 and run in one session call.
 """
 
