@@ -118,15 +118,16 @@ def lite_base_modules(decoder_weights: Path | None):
     return lite, PointDecoder(lite.decoder.prompt_encoder, lite.decoder.mask_decoder).eval()
 
 
-def lite_base_decoder(lora: str | os.PathLike | None) -> Path | None:
+def lite_base_decoder(lora: str | os.PathLike | None, adapters: dict | None = None) -> Path | None:
     """The decoder weights ``cellseg1_lite`` is built on: the one the adapter file names (None:
-    LiteMedSAM's own), without adapters the default model's point decoder."""
+    LiteMedSAM's own), without adapters the default model's point decoder. ``adapters``: the
+    file's state dict when the caller has read it already."""
     from .models.cellseg1 import load_state
     from .models.lite_lora import base_decoder_sha256
 
     if lora is None:
         return base_decoder_weights("points")
-    sha256 = base_decoder_sha256(load_state(lora))
+    sha256 = base_decoder_sha256(load_state(lora) if adapters is None else adapters)
     return None if sha256 is None else find_base_decoder(sha256, Path(lora))
 
 
@@ -140,9 +141,10 @@ def load_lite_base(lora: str | os.PathLike | None):
     from .models.cellseg1 import load_state
     from .models.lite_lora import merge_lite_lora
 
-    lite, decoder = lite_base_modules(lite_base_decoder(lora))
-    if lora is not None:
-        merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, load_state(lora))
+    adapters = None if lora is None else load_state(lora)
+    lite, decoder = lite_base_modules(lite_base_decoder(lora, adapters))
+    if adapters is not None:
+        merge_lite_lora(lite.encoder, decoder.prompt_encoder, decoder.mask_decoder, adapters)
     return lite.encoder.eval(), decoder
 
 

@@ -152,15 +152,19 @@ def served_grid_family(family: Family, args: argparse.Namespace) -> tuple[Family
         kept = "stability_threshold" in grid  # the base decoder's thresholds, kept by `finetune`
         source = f"{'kept from the base decoder' if kept else 'calibrated on the training image'} ({provenance_path(args.lora).name})"
         if kept:
-            stability = grid["stability_threshold"]
-            if not (isinstance(stability, (int, float)) and 0.0 <= stability <= 1.0):
-                raise UserError(f"grid stability threshold must be in [0, 1], got {stability!r} ({source})")
-            family = dataclasses.replace(family, grid=dataclasses.replace(family.grid, stability_threshold=float(stability)))
+            stability = _grid_fraction(grid["stability_threshold"], "stability", source)
+            family = dataclasses.replace(family, grid=dataclasses.replace(family.grid, stability_threshold=stability))
     if threshold is None:
         return family, f"CellSeg1's {family.grid.pred_iou_threshold:g}"
-    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
-        raise UserError(f"grid predicted-IoU threshold must be in [0, 1], got {threshold!r} ({source})")
-    return dataclasses.replace(family, grid=dataclasses.replace(family.grid, pred_iou_threshold=float(threshold))), source
+    threshold = _grid_fraction(threshold, "predicted-IoU", source)
+    return dataclasses.replace(family, grid=dataclasses.replace(family.grid, pred_iou_threshold=threshold)), source
+
+
+def _grid_fraction(value, what: str, source: str) -> float:
+    """A served grid threshold as a float in [0, 1]; a UserError naming where it came from otherwise."""
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise UserError(f"grid {what} threshold must be in [0, 1], got {value!r} ({source})")
+    return float(value)
 
 
 def install(staging: Path, repository: Path, family: Family) -> list[Path]:

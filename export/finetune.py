@@ -139,7 +139,6 @@ def finetune_arrays(image: np.ndarray, labels: np.ndarray, config: FinetuneConfi
     from .finetune_train import Trainer
 
     _check(config)
-    config = with_base_rates(config)
     labels = check_labels(labels, image.shape[:2], "labels")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -159,17 +158,16 @@ def finetune_arrays(image: np.ndarray, labels: np.ndarray, config: FinetuneConfi
         "base": trainer.base,
         "trainable_parameters": trainer.trainable,
     }
-    from .cellseg1_export import base_decoder_weights
     from .grid_calibration import calibrate, kept_thresholds
     from .lite_export import grid_selection_record
 
-    keep = grid_selection_record(base_decoder_weights(config.base_decoder)) or None  # the base's select-grid record
+    keep = grid_selection_record(trainer.base_weights) or None  # the base's select-grid record
     if config.calibrate:  # on the unmerged modules just trained (segment_grid auto-scales itself)
         record["grid"] = calibrate(trainer.encoder, trainer.decoder, CELLSEG1_LITE, image, labels,
                                    config.calibration_points or None, keep=keep)
     elif keep is not None:
         record["grid"] = kept_thresholds(keep)
-    record["config"] = asdict(config)  # with the learning rates resolved
+    record["config"] = asdict(trainer.config)  # with the learning rates resolved
     return trainer.adapters(), record
 
 

