@@ -49,7 +49,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# ACCURACY_ARGS="--before DIR": also an earlier export on the same images (before/after in one run)
+# ACCURACY_ARGS="--before DIR": also an earlier export on the same images (before/after in one run);
+# "--tta 2 --tta 4": also the served model with test-time flips; "--grid 16,32" / "--grid none": grid rows
 ACCURACY_ARGS ?=
 bench-accuracy: export
 	$(BIN)/python -m bench.accuracy --repository $(REPO) --data $(DATA) $(ACCURACY_ARGS)

@@ -1,6 +1,7 @@
 """`make bench-accuracy`: accuracy on the DSB2018 validation split, three methods in one run.
 
-1. the served default model with its own detector boxes,
+1. the served default model with its own detector boxes (and, with ``--tta N``, with N detector
+   views a tile: test-time flips),
 2. the classical baseline (Otsu + watershed, bench/baseline.py), no server,
 3. the same served model prompted with the ground-truth boxes (the detector's ceiling),
 4. the same served model in grid mode (``<family>_grid``, no detector), once per ``--grid`` density
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.client.grid_rules import GridOptions
+from cellsam_triton.client.types import SegmentOptions
 from cellsam_triton.errors import UserError
 
 from .report import run_main, write_results
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--before", type=Path, default=None, metavar="REPOSITORY",
                         help="also run this earlier export (detector boxes) on the same images, served after the others "
                              "on its own server: accuracy and s/image before and after a change in one run")
+    parser.add_argument("--tta", type=int, choices=(2, 4), action="append", default=[], metavar="N",
+                        help="also the served model with N detector views a tile (test-time flips; repeatable)")
     parser.add_argument("--grid", type=grid_sides, default=(16,), metavar="N[,N]",
                         help="grid-mode rows, points per side each (default 16; 'none': no grid row)")
     return parser.parse_args(argv)
@@ -100,6 +104,9 @@ def measure(args: argparse.Namespace) -> dict:
     with server_url(args) as url, Segmenter(url, args.model, timeout_s=args.timeout) as segmenter:
         model = args.model or segmenter.family.pipeline_name
         runs[f"{model} (detector boxes)"] = evaluate(args.data, records, served_predict(segmenter, None), model)
+        for views in args.tta:
+            runs[f"{model} (detector boxes, --tta {views})"] = evaluate(
+                args.data, records, served_predict(segmenter, None, options=SegmentOptions(tta=views)), f"{model} tta {views}")
         classical = evaluate(args.data, records, lambda image, labels: segment_classical(image), "classical")
         runs["classical (Otsu + watershed)"] = classical
         runs[f"{model} (ground-truth boxes)"] = evaluate(args.data, records, served_predict(segmenter, "gt"), f"{model} gt")

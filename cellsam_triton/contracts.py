@@ -25,6 +25,9 @@ DECODER_CONTEXTS = ("full", "roi")
 # Encoder weights as served on the cpu target: "int8" = per-channel INT8 weight MatMuls
 # (export/encoder_int8.py); the gpu target always serves the FP32 graph (TensorRT FP32/FP16).
 ENCODER_PRECISIONS = ("fp32", "int8")
+# Test-time flips of the cellfinder_lite detector (request input ``tta``): 1 = off, 2 = the tile
+# and its left-right mirror, 4 = also its top-bottom mirror and both (model_repository/selection.py).
+TTA_VIEWS = (1, 2, 4)
 
 
 # Tile overlap of whole-image tiling (pixels of the encoder frame) unless a family sets its own.
@@ -57,6 +60,7 @@ class NAMES:
     core = "core"
     bbox_threshold = "bbox_threshold"
     iou_threshold = "iou_threshold"
+    tta = "tta"
     scores = "scores"
     iou_predictions = "iou_predictions"
     masks = "masks"
@@ -257,6 +261,8 @@ class Family:
             Tensor(NAMES.bbox_threshold, FP32, (1,), optional=True),
             Tensor(NAMES.iou_threshold, FP32, (1,), optional=True),
         ]
+        if self.detector == "cellfinder_lite":  # detector views per tile, one of TTA_VIEWS
+            inputs.append(Tensor(NAMES.tta, INT32, (1,), optional=True))
         outputs = (
             Tensor(NAMES.boxes, FP32, (-1, 4)),  # kept boxes, xyxy, encoder frame, label order
             Tensor(NAMES.scores, FP32, (-1,)),  # detector score (1.0 for given prompts)
@@ -342,7 +348,8 @@ class Family:
         channels, so [C, H, W] works too), H * W <= LABELS_MAX_PIXELS. The other inputs are
         optional, absent = the family's default, as the CLI's options: prompt ``boxes`` (xyxy,
         input pixels, x1/y1 exclusive; the detector is skipped), thresholds, ``min_cell_area``,
-        ``scale`` (tiled families; absent or 0 = auto), point prompts (``point_coords`` [N, P, 2] xy in
+        ``scale`` (tiled families; absent or 0 = auto), ``tta`` (detector flips, 1 / 2 / 4; families with
+        CellFinder-lite), point prompts (``point_coords`` [N, P, 2] xy in
         input pixels, one row per cell, ``point_labels`` [N, P] 1 / 0 / -1 padding; the detector or
         grid is skipped, ``<family>_point_decoder`` decodes them as `segment --points` does) and, for
         detector-free families, the grid settings. Outputs: ``labels`` [H, W] (0 background, 1..N)
@@ -359,6 +366,8 @@ class Family:
         inputs.append(Tensor(NAMES.min_cell_area, INT32, (1,), optional=True))
         if self.detector != "none" and self.preprocess == "litemedsam":
             inputs.append(Tensor(NAMES.scale, FP32, (1,), optional=True))
+        if self.detector == "cellfinder_lite":
+            inputs.append(Tensor(NAMES.tta, INT32, (1,), optional=True))
         inputs += [Tensor(NAMES.point_coords, FP32, (-1, -1, 2), optional=True),
                    Tensor(NAMES.point_labels, FP32, (-1, -1), optional=True)]
         if self.detector == "none":

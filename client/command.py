@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", default="auto", metavar="auto|FACTOR",
                         help="tiled models: resize by FACTOR before segmenting (labels come back at input size); "
                              "auto = native, then 2x when cells are small (default %(default)s)")
+    parser.add_argument("--tta", type=int, choices=(1, 2, 4), default=1, metavar="N",
+                        help="default model: detect on N views of each tile (1 off, 2 with its left-right mirror, "
+                             "4 with every flip), boxes fused; N encoder passes a tile (default %(default)s)")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png (cell outlines on the image)")
     parser.add_argument("--format", default=None, metavar="LIST",
                         help="outputs, comma-separated: tif (<stem>_labels.tif), csv (<stem>_cells.csv), "
@@ -90,7 +93,9 @@ def _options(args: argparse.Namespace) -> SegmentOptions:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold, None, _scale(args.scale))
+    if args.tta != 1 and (args.boxes is not None or args.points is not None or args.prompts == "grid"):
+        raise UserError("--tta flips the detector: it does not go with --boxes, --points or --prompts grid")
+    return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold, None, _scale(args.scale), args.tta)
 
 
 def _scale(text: str) -> float | None:

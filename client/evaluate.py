@@ -83,14 +83,14 @@ def evaluate(data: Path, records: list, predict: Predict, desc: str = "eval",
     return scores
 
 
-def served_predict(segmenter, boxes: str | None, grid=None) -> Predict:
+def served_predict(segmenter, boxes: str | None, grid=None, options=None) -> Predict:
     """A Predict through a `Segmenter`: detector boxes, ground-truth boxes when boxes == "gt", or
-    grid prompts when ``grid`` (a `GridOptions`) is given."""
+    grid prompts when ``grid`` (a `GridOptions`) is given; ``options`` a `SegmentOptions` or None."""
     if grid is not None:
-        return lambda image, labels: segmenter.segment(image, prompts="grid", grid=grid).labels
+        return lambda image, labels: segmenter.segment(image, prompts="grid", grid=grid, options=options).labels
     if boxes == "gt":
-        return lambda image, labels: segmenter.segment(image, boxes=gt_boxes(labels)).labels
-    return lambda image, labels: segmenter.segment(image).labels
+        return lambda image, labels: segmenter.segment(image, boxes=gt_boxes(labels), options=options).labels
+    return lambda image, labels: segmenter.segment(image, options=options).labels
 
 
 def summary(scores: list[ImageScore], **info) -> dict:

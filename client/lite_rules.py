@@ -51,14 +51,18 @@ def assign_boxes(boxes: np.ndarray, tiles: list[Tile]) -> list[list[int]]:
 
 
 def build_requests(
-    norm: np.ndarray, tiles: list[Tile], boxes: np.ndarray | None, bbox_threshold: float, iou_threshold: float
+    norm: np.ndarray, tiles: list[Tile], boxes: np.ndarray | None, bbox_threshold: float, iou_threshold: float,
+    tta: int | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], list[int]]:
-    """Pipeline requests and the index of the tile each one is for (tiles without prompts skipped)."""
+    """Pipeline requests and the index of the tile each one is for (tiles without prompts skipped);
+    ``tta`` > 1 asks the detector for that many flipped views of each tile."""
     thresholds = {
         NAMES.bbox_threshold: np.array([bbox_threshold], np.float32),
         NAMES.iou_threshold: np.array([iou_threshold], np.float32),
     }
     if boxes is None:
+        if tta not in (None, 1):
+            thresholds[NAMES.tta] = np.array([tta], np.int32)
         return [{NAMES.image: tile_input(norm, t), NAMES.core: core_prompt(t), **thresholds} for t in tiles], list(range(len(tiles)))
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     requests, used = [], []
@@ -117,6 +121,7 @@ def segment_native(
         boxes,
         options.bbox_threshold,
         options.iou_threshold,
+        options.tta,
     )
     results = run(requests) if requests else []
     return paint_tiles([tiles[k] for k in used], results, (height, width), options, prompted=boxes is not None)

@@ -335,6 +335,7 @@ def segment_slide(
     options = (options or SegmentOptions()).resolved(family)
     if options.scale not in (None, 1.0):
         raise UserError("--scale is not supported with --slide: slides are segmented at native resolution")
+    options.check_tta(family, detector_boxes=True)
     bbox = options.bbox_threshold
     iou = options.iou_threshold
     cut = logit_threshold(options.mask_threshold)
@@ -371,7 +372,7 @@ def segment_slide(
             kept = []  # (score, rank, cropped logits block): results are dropped batch by batch
             for start in range(0, len(local), TILE_BATCH):
                 batch = local[start : start + TILE_BATCH]
-                requests, _ = build_requests(norm, batch, None, bbox, iou)
+                requests, _ = build_requests(norm, batch, None, bbox, iou, options.tta)
                 for t, r in zip(batch, run(requests)):
                     rank = grid_index[(t.y0 + y0, t.x0 + x0)] * masks_per_tile
                     kept += [(float(r.scores[i]), rank + int(i), _compact(mask_block(r.masks[i], t, norm.shape[:2], cut)))

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from cellsam_triton.contracts import CELL_COLUMNS  # the columns of the CSV and of `<family>_labels`' cells
+from cellsam_triton.contracts import CELL_COLUMNS, TTA_VIEWS  # the columns of the CSV and of `<family>_labels`' cells
+from cellsam_triton.errors import UserError
 
 if TYPE_CHECKING:
     from cellsam_triton.contracts import Family
@@ -43,6 +44,18 @@ class SegmentOptions:
     mask_threshold: float | None = None  # on sigmoid(logit)
     min_cell_area: int | None = None
     scale: float | None = None  # tiled families: None = automatic (client/autoscale.py), 1.0 = native
+    tta: int | None = None  # CellFinder-lite's test-time flips, one of contracts.TTA_VIEWS; None = 1 (off)
+
+    def check_tta(self, family: "Family", detector_boxes: bool) -> None:
+        """UserError unless ``tta`` is off, or one of TTA_VIEWS on CellFinder-lite's detector boxes."""
+        if self.tta in (None, 1):
+            return
+        if self.tta not in TTA_VIEWS:
+            raise UserError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {self.tta}")
+        if family.detector != "cellfinder_lite":
+            raise UserError(f"test-time flips (tta) need CellFinder-lite; model {family.name} has detector {family.detector}")
+        if not detector_boxes:
+            raise UserError("test-time flips (tta) apply to detector boxes only, not to given boxes, points or grid prompts")
 
     def resolved(self, family: "Family") -> "SegmentOptions":
         """A copy with every None replaced by the model family's default (``scale`` stays automatic)."""

@@ -5,21 +5,24 @@ so that the very same steps run on plain ONNX Runtime sessions too (the raw row 
 ``make bench-default``). ``call(stage, model, inputs, outputs)`` runs a composing model: a BLS
 request when served. Steps: validate -> encoder -> prompts (given boxes, or detector + selection,
 then only the detections whose centre lies in the optional ``core``) -> decoder in chunks ->
-IoU filter. With ``decoder_context`` "roi" each box is decoded on an embedding window
-(roi_windows.py) by ``<family>_roi_decoder``, boxes too large for every window by the full
-decoder. Zero detections is an empty answer, not an error.
+IoU filter. With ``tta`` 2 or 4 (cellfinder_lite only) the detector also reads the encoder's
+embedding of the mirrored tile(s), one encoder call each; the views' boxes are fused
+(selection.fuse_views) and the masks decoded on the tile's own embedding. With
+``decoder_context`` "roi" each box is decoded on an embedding window (roi_windows.py) by
+``<family>_roi_decoder``, boxes too large for every window by the full decoder. Zero detections
+is an empty answer, not an error.
 """
 
 import numpy as np
 
 try:  # a package in the project, loose files beside model.py inside Triton
-    from ..contracts import NAMES
+    from ..contracts import NAMES, TTA_VIEWS
     from . import roi_windows, selection
     from .request_checks import RequestError, check, required, scalar
 except ImportError:
     import roi_windows
     import selection
-    from contracts import NAMES
+    from contracts import NAMES, TTA_VIEWS
     from request_checks import RequestError, check, required, scalar
 
 DEFAULT_MAX_PROMPTS = 4096  # given boxes per request; 4096 masks of 256x256 FP16 = 512 MiB answer
@@ -47,8 +50,9 @@ class BoxPipeline:
         except Exception as exc:  # the call's own error type (BLS, ONNX Runtime)
             raise RequestError(str(exc), invalid_argument=False) from None
 
-    def _detect(self, inputs, embeddings, bbox_threshold):
-        """(boxes [N,4], scores [N]) chosen by the family's detector and selection rule."""
+    def _detect(self, inputs, embeddings, bbox_threshold, tta=1):
+        """(boxes [N,4], scores [N]) chosen by the family's detector and selection rule; ``tta``
+        views of the tile (cellfinder_lite) fused before the threshold."""
         if self.family.detector == "cellfinder":
             image = inputs.get(NAMES.detector_image)
             if image is None:
@@ -56,10 +60,39 @@ class BoxPipeline:
             check(NAMES.detector_image, image, np.float32, self.image_shape)
             logits, boxes = self._call("detector", self.detector, {NAMES.image: image}, (NAMES.pred_logits, NAMES.pred_boxes))
             return selection.select_cellfinder(logits[0], boxes[0], self.image_shape[-1], bbox_threshold)
+        if tta == 1:
+            scores, boxes = self._lite_detections(embeddings)
+            return selection.select_lite(scores, boxes, bbox_threshold, self.family.nms_iou, self.family.max_detections)
+        views = []
+        for view in range(tta):
+            seen = embeddings
+            if view:
+                mirrored = selection.flip_view(inputs[NAMES.image], view)
+                (seen,) = self._call("encoder", self.encoder, {NAMES.image: mirrored}, (NAMES.image_embeddings,))
+            scores, boxes = self._lite_detections(seen)
+            kept, kept_scores = selection.select_lite(
+                scores, boxes, selection.TTA_CANDIDATE_THRESHOLD, self.family.nms_iou, self.family.max_detections)
+            views.append((selection.unflip_boxes(kept, view, self.image_shape[-1]), kept_scores))
+        fused, fused_scores = selection.fuse_views(views)
+        return selection.select_lite(fused_scores, fused, bbox_threshold, self.family.nms_iou, self.family.max_detections)
+
+    def _lite_detections(self, embeddings):
+        """CellFinder-lite's raw (scores [L], boxes [L,4]) on one embedding."""
         scores, boxes = self._call(
             "detector", self.detector, {NAMES.image_embeddings: embeddings}, (NAMES.pred_scores, NAMES.pred_boxes)
         )
-        return selection.select_lite(scores[0], boxes[0], bbox_threshold, self.family.nms_iou, self.family.max_detections)
+        return scores[0], boxes[0]
+
+    def _tta(self, inputs, prompts):
+        """The request's detector views (1 when absent); INVALID_ARGUMENT outside TTA_VIEWS or with given boxes."""
+        if self.family.detector != "cellfinder_lite" or NAMES.tta not in inputs:
+            return 1
+        views = scalar(inputs, NAMES.tta, np.int32, 1)
+        if views not in TTA_VIEWS:
+            raise RequestError(f"input 'tta' must be one of {', '.join(map(str, TTA_VIEWS))}, got {views}")
+        if views > 1 and prompts is not None:
+            raise RequestError("input 'tta' flips the detector; it does not apply with given 'boxes'")
+        return views
 
     def _run_decoder(self, model, inputs, count):
         """(mask logits [n,1,h,w], IoU [n,1]) of one decoder call for ``count`` boxes."""
@@ -116,11 +149,12 @@ class BoxPipeline:
         core = inputs.get(NAMES.core)
         if core is not None:
             core = check(NAMES.core, core, np.float32, (4,))
+        tta = self._tta(inputs, prompts)
         (embeddings,) = self._call("encoder", self.encoder, {NAMES.image: image}, (NAMES.image_embeddings,))
         if prompts is not None:
             boxes, scores = prompts, np.ones(len(prompts), np.float32)
         else:
-            boxes, scores = self._detect(inputs, embeddings, bbox_threshold)
+            boxes, scores = self._detect(inputs, embeddings, bbox_threshold, tta)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         scores = np.asarray(scores, np.float32).reshape(-1)
         if core is not None and prompts is None:  # detections the client's tile does not own

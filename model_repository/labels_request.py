@@ -16,7 +16,7 @@ from cellsam_triton.client.autoscale import MAX_SCALE
 from cellsam_triton.client.grid_rules import GridOptions
 from cellsam_triton.client.points import PAD_LABEL, point_prompts
 from cellsam_triton.client.types import SegmentOptions
-from cellsam_triton.contracts import CELL_COLUMNS, LABELS_MAX_BOXES, LABELS_MAX_PIXELS, MAX_PROMPT_POINTS, NAMES
+from cellsam_triton.contracts import CELL_COLUMNS, LABELS_MAX_BOXES, LABELS_MAX_PIXELS, MAX_PROMPT_POINTS, NAMES, TTA_VIEWS
 from cellsam_triton.errors import UserError
 
 try:  # a package in the project, loose files beside model.py inside Triton
@@ -86,8 +86,11 @@ def segment_options(inputs):
     scale = scalar(inputs, NAMES.scale, np.float32, None)
     if scale is not None and not 0.0 <= scale <= MAX_SCALE:
         raise RequestError(f"input '{NAMES.scale}' must be 0 (auto) or a factor in (0, {MAX_SCALE:g}], got {scale}")
+    tta = scalar(inputs, NAMES.tta, np.int32, None)
+    if tta is not None and tta not in TTA_VIEWS:
+        raise RequestError(f"input '{NAMES.tta}' must be one of {', '.join(map(str, TTA_VIEWS))}, got {tta}")
     return SegmentOptions(_fraction(inputs, NAMES.bbox_threshold), iou, _fraction(inputs, NAMES.mask_threshold), area,
-                          scale or None)
+                          scale or None, tta)
 
 
 def grid_options(inputs):

@@ -18,6 +18,7 @@ from cellsam_triton.server import EmbeddedServer  # noqa: E402
 
 TEST_EXIT_TIMEOUT_S = 2
 START_TIMEOUT_S = 90
+DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"  # real labelled data, never committed
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +63,17 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repository = tmp_path_factory.mktemp("default_model") / "repository"
     assert cli(["export", "--repository", str(repository), "--threads", "1"]) == 0
     return repository
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[EmbeddedServer]:
+    """A real tritonserver on the default export for one test module (skips, before exporting, when the
+    DSB data are absent: these modules segment real images)."""
+    if not (DSB / "manifest.csv").is_file():
+        pytest.skip(f"DSB2018 data not found at {DSB}")
+    repository = request.getfixturevalue("default_repository")  # exported once per session
+    with EmbeddedServer(repository, log_path=tmp_path_factory.mktemp("default_server") / "triton.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -246,6 +246,23 @@ def test_node_client_sends_point_prompts_as_segment_does(default_server: Embedde
     assert done.returncode == 2 and "points header must name columns x,y" in done.stderr
 
 
+def test_node_client_sends_test_time_flips(default_server: EmbeddedServer, images, tmp_path: Path) -> None:
+    """`--tta 2` (the `tta` input): the labels of `Segmenter.segment` with the same flips, on the stained image."""
+    from cellsam_triton.client.api import Segmenter
+    from cellsam_triton.client.types import SegmentOptions
+
+    node = node_or_skip()
+    path = images["0e21d7b3ee"]
+    done = run_node(node, default_server, str(path), "--tta", "2", "--labels", str(tmp_path / "labels.npy"))
+    assert done.returncode == 0, done.stderr
+    with Segmenter(default_server.grpc_url) as segmenter:
+        local = segmenter.segment(np.load(path), options=SegmentOptions(tta=2))
+    assert local.count > 10
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), local.labels)
+    done = run_node(node, default_server, str(path), "--tta", "3")
+    assert done.returncode == 1 and done.stderr.strip() == "error: INVALID_ARGUMENT: input 'tta' must be one of 1, 2, 4, got 3"
+
+
 def test_curl_example_of_the_readme(default_server: EmbeddedServer, images, cli_labels, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl not found")

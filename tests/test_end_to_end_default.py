@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 
 from cellsam_triton.cli import main as cli
@@ -16,16 +15,6 @@ from cellsam_triton.server import EmbeddedServer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
 IMAGES = 6
 MIN_MEAN_F1 = 0.6  # a floor for "finds real cells"; bench-accuracy measures the model properly
-
-
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    if not (DATA / "manifest.csv").is_file():
-        pytest.skip(f"DSB2018 data not found at {DATA}")
-    root = tmp_path_factory.mktemp("default_e2e")
-    repository = request.getfixturevalue("default_repository")  # exported once per session (conftest)
-    with EmbeddedServer(repository, log_path=root / "triton.log") as server:
-        yield server
 
 
 def test_default_model_segments_real_nuclei(default_server: EmbeddedServer, tmp_path: Path) -> None:
@@ -76,7 +65,8 @@ def test_auto_scale_enlarges_images_of_small_cells_and_helps(default_server: Emb
 
 def test_bench_accuracy_runs_an_earlier_export_beside_in_one_run(default_server: EmbeddedServer, tmp_path: Path) -> None:
     """`make bench-accuracy --before REPO`: the earlier export gets its own server and row; with the
-    same repository on both sides its accuracy is the current model's. ``--grid`` adds grid-mode rows."""
+    same repository on both sides its accuracy is the current model's. ``--grid`` adds grid-mode rows,
+    ``--tta`` a row with test-time flips."""
     import json
 
     from bench.accuracy import main as bench_accuracy
@@ -84,9 +74,11 @@ def test_bench_accuracy_runs_an_earlier_export_beside_in_one_run(default_server:
     repository = Path(default_server.repository)
     out = tmp_path / "bench"
     assert bench_accuracy(["--url", default_server.grpc_url, "--data", str(DATA), "--limit", "1", "--out", str(out),
-                           "--before", str(repository), "--grid", "4"]) == 0
+                           "--before", str(repository), "--grid", "4", "--tta", "2"]) == 0
     methods = json.loads((out / "accuracy.json").read_text())["methods"]
-    assert len(methods) == 5
+    assert len(methods) == 6
+    (flips,) = [m for name, m in methods.items() if name.endswith("(detector boxes, --tta 2)")]
+    assert 0.0 <= flips["f1_mean"] <= 1.0 and flips["seconds_per_image"] > 0
     (grid,) = [m for name, m in methods.items() if "(grid 4x4, no detector)" in name]
     assert 0.0 <= grid["f1_mean"] <= 1.0 and grid["seconds_per_image"] > 0
     (now,) = [m for name, m in methods.items() if name.endswith("(detector boxes)") and "before" not in name]

@@ -357,15 +357,6 @@ def test_dask_job_all_formats(tiny_server, tmp_path: Path, capsys) -> None:
         check_outputs(tmp_path / "out", source.stem, np.moveaxis(frame(k).astype(np.float32), -1, 0))
 
 
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    if not (DATA / "manifest.csv").is_file():
-        pytest.skip(f"DSB2018 data not found at {DATA}")
-    repository = request.getfixturevalue("default_repository")  # exported once per session (conftest)
-    with EmbeddedServer(repository, log_path=tmp_path_factory.mktemp("formats") / "triton.log") as server:
-        yield server
-
-
 @pytest.mark.data
 def test_segment_a_real_image_into_every_format(default_server, tmp_path: Path) -> None:
     from cellsam_triton.datasets import load_manifest, load_sample, split_of

@@ -1,12 +1,15 @@
 """README tables come from committed benchmark results: the default-model speed table and the
 `make bench` table in README are exactly what bench/speed_default.py and bench/serving.py render
-from the committed bench/speed_default.json and bench/results.json."""
+from the committed bench/speed_default.json and bench/results.json; the accuracy and detector-lever
+tables likewise."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+
+import pytest
 
 from bench.speed_default import markdown
 
@@ -38,12 +41,14 @@ def test_serving_table_is_the_committed_run() -> None:
     assert result["machine"]["git_commit"] != "unknown" and result["decode"]["factors"]
 
 
-def test_accuracy_table_is_the_committed_run() -> None:
+@pytest.mark.parametrize("block, folder", [("accuracy", "bench"), ("accuracy_tta", "bench/tta")])
+def test_accuracy_tables_are_the_committed_runs(block: str, folder: str) -> None:
+    """The main `make bench-accuracy` table and the test-time flips run (``--tta 2 --tta 4``)."""
     from bench.accuracy import markdown_table
 
-    result = json.loads((ROOT / "bench" / "accuracy.json").read_text())
-    assert readme_block("accuracy").strip() == markdown_table(result).strip()
-    assert (ROOT / "bench" / "accuracy.md").read_text().split("\n", 2)[2] == markdown_table(result)
+    result = json.loads((ROOT / folder / "accuracy.json").read_text())
+    assert readme_block(block).strip() == markdown_table(result).strip()
+    assert (ROOT / folder / "accuracy.md").read_text().split("\n", 2)[2] == markdown_table(result)
     assert result["images"] == len(next(iter(result["per_image"].values())))
 
 

@@ -28,21 +28,12 @@ from cellsam_triton.client.pool import ServerPool
 from cellsam_triton.client.slides import Slide, group_tiles, window_for_memory
 from cellsam_triton.client.tiles import tile_grid
 from cellsam_triton.client.types import PipelineResult, SegmentOptions
-from cellsam_triton.server import EmbeddedServer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018"
 STRIDE, TILE, MARGIN = 192, 256, 64  # the default tile grid on a 16,000 px side: starts every 192 px
 BLOCK = 3 * STRIDE + 64  # 640: a block alone is tiled exactly like the slide tiles it (3 x 3 tiles)
 PEAK_LIMIT_MB = 2048  # "under 2 GB plus the label image": the client never holds the label image
 pytestmark = pytest.mark.data
-
-
-@pytest.fixture(scope="module")
-def default_server(default_repository: Path, tmp_path_factory: pytest.TempPathFactory):
-    if not (DATA / "manifest.csv").is_file():
-        pytest.skip(f"DSB2018 data not found at {DATA}")
-    with EmbeddedServer(default_repository, log_path=tmp_path_factory.mktemp("slide") / "triton.log") as server:
-        yield server
 
 
 def dsb_images(count: int) -> list[np.ndarray]:

@@ -35,6 +35,7 @@ const SETTINGS = {
   '--mask-threshold': ['mask_threshold', 'FP32'],
   '--min-cell-area': ['min_cell_area', 'INT32'],
   '--scale': ['scale', 'FP32'],
+  '--tta': ['tta', 'INT32'],
   '--points-per-side': ['points_per_side', 'INT32'],
   '--grid-iou-threshold': ['pred_iou_threshold', 'FP32'],
   '--stability-threshold': ['stability_threshold', 'FP32'],
