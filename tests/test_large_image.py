@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from test_slide_default import (  # noqa: F401  (default_server: the fixture)
+from test_slide_default import (
     BLOCK,
     STRIDE,
     check,
     compare,
-    default_server,
     dsb_images,
     make_block,
     run_measured,
