@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", choices=("gt",), default=None, help="gt: prompt with ground-truth boxes (no detector)")
     parser.add_argument("--prompts", choices=("detector", "grid"), default="detector", help="grid: point-grid prompts (default %(default)s)")
     add_grid_arguments(parser)
+    parser.add_argument("--tta", type=int, choices=(1, 2, 4), default=1, metavar="N",
+                        help="detector views a tile, as `segment --tta` (default model, detector boxes; default %(default)s)")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the result with per-image rows")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default %(default)s)")
 
@@ -100,7 +102,10 @@ def summary(scores: list[ImageScore], **info) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .api import Segmenter
+    from .types import SegmentOptions
 
+    if args.tta != 1 and (args.boxes is not None or args.prompts == "grid"):
+        raise UserError("--tta flips the detector: it does not go with --boxes gt or --prompts grid")
     grid = None
     if args.prompts == "grid":
         from .grid_rules import grid_options
@@ -111,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
     records = select(args.data, args.split, args.limit)
     with Segmenter(args.url, args.model, timeout_s=args.timeout) as segmenter:
         model = args.model or segmenter.family.pipeline_name
-        scores = evaluate(args.data, records, served_predict(segmenter, args.boxes, grid), desc=f"eval {model}")
+        predict = served_predict(segmenter, args.boxes, grid, SegmentOptions(tta=args.tta))
+        scores = evaluate(args.data, records, predict, desc=f"eval {model}")
     prompts = "grid" if grid is not None else args.boxes or "detector"
-    result = summary(scores, model=model, split=args.split, boxes=prompts)
+    result = summary(scores, model=model, split=args.split, boxes=prompts, tta=args.tta)
     print(json.dumps(result))
     if args.out is not None:
         write_json(args.out, {**result, "per_image": [s.as_dict() for s in scores]})

@@ -243,7 +243,7 @@ def test_gt_boxes_are_pixel_extents():
 
 
 def test_eval_reports_missing_data_folder(tmp_path):
-    args = argparse.Namespace(data=tmp_path / "nowhere", split="val", limit=None, url="127.0.0.1:1", model=None, boxes=None, out=None, timeout=1.0, prompts="detector", points_per_side=None, crop_layers=None)
+    args = argparse.Namespace(data=tmp_path / "nowhere", split="val", limit=None, url="127.0.0.1:1", model=None, boxes=None, out=None, timeout=1.0, prompts="detector", points_per_side=None, crop_layers=None, tta=1)
     with pytest.raises(UserError, match="not found"):
         evaluate.run(args)
     (tmp_path / "empty").mkdir()

@@ -156,3 +156,22 @@ def test_cli_and_labels_model_flip_as_the_api_does(default_server: EmbeddedServe
     assert cli(["segment", str(tmp_path / "stained.tif"), "--out", str(tmp_path / "pts"), "--url", default_server.grpc_url, "--tta", "2",
                 "--points", str(points)]) == 2
     assert "--tta flips the detector" in capsys.readouterr().err
+
+
+def test_eval_scores_with_flips_what_segment_gives(default_server: EmbeddedServer, capsys: pytest.CaptureFixture) -> None:
+    """`cellsam-triton eval --tta 2`: per-image F1 of the labels `Segmenter.segment` gives with the same flips."""
+    import json
+
+    from cellsam_triton.client.evaluate import select
+    from cellsam_triton.client.metrics import score_image
+    from cellsam_triton.datasets import load_sample
+
+    (record,) = select(DATA, "val", limit=1)
+    image, truth = load_sample(DATA, record.id)
+    with Segmenter(default_server.grpc_url) as segmenter:
+        want = score_image(truth, segmenter.segment(image, options=SegmentOptions(tta=2)).labels).f1
+    capsys.readouterr()
+    assert cli(["eval", "--data", str(DATA), "--limit", "1", "--url", default_server.grpc_url, "--tta", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tta"] == 2 and result["f1_mean"] == pytest.approx(want)
+    assert cli(["eval", "--data", str(DATA), "--limit", "1", "--url", default_server.grpc_url, "--tta", "2", "--boxes", "gt"]) == 2
