@@ -1,6 +1,7 @@
-"""Label images of two served paths (CLI, API, labels model, Node) compared: the encoder's dynamic
-batcher groups concurrent tile requests differently from run to run, so embeddings and mask logits
-can differ in their last bits, and a pixel that two masks claim almost equally may go either way."""
+"""Label images of two served paths (CLI, API, labels model, Node) compared: the INT8 encoder
+quantises activations per tensor on the fly and its dynamic batcher groups concurrent tile requests
+differently from run to run, so a tile's embedding depends slightly on its batch, and a pixel that
+two masks claim almost equally may go either way."""
 
 from __future__ import annotations
 
