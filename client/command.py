@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from cellsam_triton.errors import UserError
 
 from .autoscale import check_scale
-from .types import SegmentOptions
+from .types import SegmentOptions, check_tta_prompts
 
 if TYPE_CHECKING:
     from .points import PointPrompts
@@ -93,8 +93,8 @@ def _options(args: argparse.Namespace) -> SegmentOptions:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    if args.tta != 1 and (args.boxes is not None or args.points is not None or args.prompts == "grid"):
-        raise UserError("--tta flips the detector: it does not go with --boxes, --points or --prompts grid")
+    given = {"--boxes": args.boxes is not None, "--points": args.points is not None, "--prompts grid": args.prompts == "grid"}
+    check_tta_prompts(args.tta, [flag for flag, on in given.items() if on])  # before any server is contacted
     return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold, None, _scale(args.scale), args.tta)
 
 

@@ -102,10 +102,10 @@ def summary(scores: list[ImageScore], **info) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .api import Segmenter
-    from .types import SegmentOptions
+    from .types import SegmentOptions, check_tta_prompts
 
-    if args.tta != 1 and (args.boxes is not None or args.prompts == "grid"):
-        raise UserError("--tta flips the detector: it does not go with --boxes gt or --prompts grid")
+    given = {"--boxes gt": args.boxes is not None, "--prompts grid": args.prompts == "grid"}
+    check_tta_prompts(args.tta, [flag for flag, on in given.items() if on])  # before any server is contacted
     grid = None
     if args.prompts == "grid":
         from .grid_rules import grid_options

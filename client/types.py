@@ -35,6 +35,13 @@ class PipelineResult:
         )
 
 
+def check_tta_prompts(tta: int | None, given: list[str]) -> None:
+    """UserError when test-time flips (``tta`` other than None/1) come with prompts: ``given`` names
+    them as the caller knows them (CLI flags, or a description)."""
+    if tta not in (None, 1) and given:
+        raise UserError(f"test-time flips (tta) apply to detector boxes only, not to {' or '.join(given)}")
+
+
 @dataclass
 class SegmentOptions:
     """User-facing thresholds; None means the model family's default."""
@@ -55,7 +62,7 @@ class SegmentOptions:
         if family.detector != "cellfinder_lite":
             raise UserError(f"test-time flips (tta) need CellFinder-lite; model {family.name} has detector {family.detector}")
         if not detector_boxes:
-            raise UserError("test-time flips (tta) apply to detector boxes only, not to given boxes, points or grid prompts")
+            check_tta_prompts(self.tta, ["given boxes, points or grid prompts"])
 
     def resolved(self, family: "Family") -> "SegmentOptions":
         """A copy with every None replaced by the model family's default (``scale`` stays automatic)."""

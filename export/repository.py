@@ -42,6 +42,9 @@ MAX_QUEUE_DELAY_US = 2000
 # work with the server's (requests queue at the pipeline).
 PIPELINE_INSTANCES = 1
 CPU_SPINNING = "0"  # ONNX Runtime "session.intra_op.allow_spinning" of the cpu runners
+# cpu runners of batched models run each sample alone: outputs do not depend on the dynamic batch
+# (bit-repeatable labels under any load); batching bought no speed on 2 CPU cores (README, Reliability)
+CPU_SAMPLE_WISE = "1"
 
 # --- gpu target ---------------------------------------------------------------------------------
 PRECISIONS = ("fp32", "fp16")
@@ -133,6 +136,8 @@ def _cpu_runner(config, spec: ModelSpec, threads: int | None) -> None:
     """ONNX model on CPU: the Python-backend ONNX Runtime runner."""
     params = {"onnx_file": ONNX_FILE, "intra_op_threads": 0 if threads is None else threads, "inter_op_threads": 1,
               "allow_spinning": CPU_SPINNING}
+    if spec.max_batch_size > 0:
+        params["sample_wise"] = CPU_SAMPLE_WISE
     config.backend = "python"
     _add_instances(config, "KIND_CPU")
     _set_dynamic_batching(config, spec)

@@ -3,11 +3,16 @@
 Copied by the repository renderer to ``<model>/1/model.py``; self-contained (numpy + onnxruntime).
 Config parameters: ``onnx_file`` (default model.onnx), ``intra_op_threads`` (0 = all cores),
 ``inter_op_threads``, ``allow_spinning`` ("0": idle intra-op threads sleep at once instead of
-spinning, so a model that just ran does not take the cores from the next one in another process). Every request is checked against the model config (names, dtypes, shapes)
+spinning, so a model that just ran does not take the cores from the next one in another process),
+``sample_wise`` ("1": a batched model runs each sample of a batch in its own session call, so a
+sample's output does not depend on what it was batched with; the INT8 encoder quantises its
+activations with one scale per call, and even FP32 kernels round differently by batch size).
+Every request is checked against the model config (names, dtypes, shapes)
 before anything runs, inputs must agree on the axes the ONNX graph names alike (the ROI decoder's
 windows, origins and boxes on "boxes") and no input may be empty (zero prompts); a bad request gets
 a TritonError (INVALID_ARGUMENT) and the others in the batch still run.
-Requests of a dynamically batched model are concatenated on axis 0 and run in one session call.
+Requests of a dynamically batched model are concatenated on axis 0 and run in one session call
+(sample by sample with ``sample_wise``).
 """
 
 import json
@@ -40,6 +45,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.name = config["name"]
         self.max_batch = int(config.get("max_batch_size", 0))
+        self.sample_wise = self.max_batch > 0 and params.get("sample_wise", "0") == "1"
         self.inputs = _tensor_specs(config["input"])
         self.outputs = _tensor_specs(config["output"])
         path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
@@ -109,7 +115,12 @@ class TritonPythonModel:
 
     def _run(self, arrays):
         names = [n for n, _, _, _ in self.outputs]
-        results = self.session.run(names, arrays)
+        batch = next(iter(arrays.values())).shape[0]
+        if self.sample_wise and batch > 1:
+            parts = [self.session.run(names, {k: v[i:i + 1] for k, v in arrays.items()}) for i in range(batch)]
+            results = [np.concatenate(outputs) for outputs in zip(*parts)]
+        else:
+            results = self.session.run(names, arrays)
         return {n: np.ascontiguousarray(r.astype(dtype, copy=False)) for (n, dtype, _, _), r in zip(self.outputs, results)}
 
     def _respond(self, outputs):

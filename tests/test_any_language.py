@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from label_checks import assert_same_cells
+from served_checks import assert_same_cells
 
 from cellsam_triton.cli import main as cli
 from cellsam_triton.contracts import CELL_COLUMNS, LITE

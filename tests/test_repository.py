@@ -47,6 +47,7 @@ def test_every_config_parses_and_matches_its_contract(family: Family, target: st
         elif target == "cpu":
             assert config.parameters["onnx_file"].string_value == "model.onnx"
             assert config.parameters["intra_op_threads"].string_value == "2"
+            assert ("sample_wise" in config.parameters) == (spec.max_batch_size > 0)  # batched: one sample a call
         else:
             assert config.default_model_filename == "model.onnx"
 

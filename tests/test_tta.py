@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tifffile
 import tritonclient.grpc as grpcclient
-from label_checks import assert_same_cells
+from served_checks import assert_same_cells, infer
 
 from cellsam_triton.cli import main as cli
 from cellsam_triton.client.api import Segmenter
 from cellsam_triton.client.tiles import family_tiles, lite_normalize, tile_input
-from cellsam_triton.client.types import SegmentOptions
+from cellsam_triton.client.types import SegmentOptions, check_tta_prompts
 from cellsam_triton.contracts import CELLSAM, LITE, NAMES
 from cellsam_triton.errors import UserError
 from cellsam_triton.model_repository import selection
@@ -63,23 +63,16 @@ def test_tta_is_refused_where_it_means_nothing() -> None:
         SegmentOptions(tta=2).check_tta(CELLSAM, detector_boxes=True)
     with pytest.raises(UserError, match="detector boxes only"):
         SegmentOptions(tta=2).check_tta(LITE, detector_boxes=False)
+    check_tta_prompts(1, ["--boxes"])
+    check_tta_prompts(4, [])
+    with pytest.raises(UserError, match=r"detector boxes only, not to --boxes gt or --prompts grid$"):
+        check_tta_prompts(2, ["--boxes gt", "--prompts grid"])  # the CLI's names, before any server is contacted
     assert NAMES.tta in {t.name for t in LITE.pipeline().inputs}
     assert NAMES.tta in {t.name for t in LITE.labels_model().inputs}
     assert NAMES.tta not in {t.name for t in CELLSAM.pipeline().inputs}
 
 
 # --- served, default export ------------------------------------------------------------------------
-def infer(client, model: str, arrays: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
-    dtypes = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.uint8): "UINT8"}
-    inputs = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), dtypes[array.dtype])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    result = client.infer(model, inputs, client_timeout=120)
-    return [result.as_numpy(name) for name in outputs]
-
-
 def counts(client) -> dict[str, int]:
     names = (LITE.encoder_name, LITE.detector_name)
     return {n: int(client.get_inference_statistics(model_name=n).model_stats[0].inference_count) for n in names}
@@ -156,7 +149,7 @@ def test_cli_and_labels_model_flip_as_the_api_does(default_server: EmbeddedServe
     points.write_text("x,y\n40,40\n")
     assert cli(["segment", str(tmp_path / "stained.tif"), "--out", str(tmp_path / "pts"), "--url", default_server.grpc_url, "--tta", "2",
                 "--points", str(points)]) == 2
-    assert "--tta flips the detector" in capsys.readouterr().err
+    assert "test-time flips (tta) apply to detector boxes only, not to --points\n" in capsys.readouterr().err
 
 
 def test_eval_scores_with_flips_what_segment_gives(default_server: EmbeddedServer, capsys: pytest.CaptureFixture) -> None:

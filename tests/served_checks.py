@@ -1,0 +1,30 @@
+"""Helpers of the tests that talk to a served default export: one raw gRPC request, and the label
+images of two served paths (CLI, API, labels model, Node) compared pixel for pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRITON_DTYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.uint8): "UINT8"}
+
+
+def infer(client, model: str, arrays: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
+    """``outputs`` of one request to ``model`` (a ``tritonclient.grpc`` client)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), TRITON_DTYPES[array.dtype])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer(model, inputs, client_timeout=120)
+    return [result.as_numpy(name) for name in outputs]
+
+
+def assert_same_cells(got: np.ndarray, want: np.ndarray) -> None:
+    """The same label image. Served outputs are bit-repeatable: the cpu runners of batched models run
+    each sample alone (``sample_wise``), so a tile's embedding does not depend on the tiles the
+    dynamic batcher grouped it with (tests/test_repeatable.py)."""
+    assert got.shape == want.shape
+    differing = int(np.count_nonzero(got != want))
+    assert differing == 0, f"{differing} of {got.size} pixels differ; labels {np.unique(got).size} vs {np.unique(want).size}"
