@@ -43,7 +43,7 @@ MAX_QUEUE_DELAY_US = 2000
 PIPELINE_INSTANCES = 1
 CPU_SPINNING = "0"  # ONNX Runtime "session.intra_op.allow_spinning" of the cpu runners
 # cpu runners of batched models run each sample alone: outputs do not depend on the dynamic batch
-# (bit-repeatable labels under any load); batching bought no speed on 2 CPU cores (README, Reliability)
+# (repeatable labels under any load); batching bought no speed on CPU (README, Operations: Repeatable outputs)
 CPU_SAMPLE_WISE = "1"
 
 # --- gpu target ---------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ class TritonPythonModel:
 
     def _run(self, arrays):
         names = [n for n, _, _, _ in self.outputs]
-        batch = next(iter(arrays.values())).shape[0]
-        if self.sample_wise and batch > 1:
+        batch = next(iter(arrays.values())).shape[0] if self.sample_wise else 1
+        if batch > 1:  # sample_wise: one session call a sample
             parts = [self.session.run(names, {k: v[i:i + 1] for k, v in arrays.items()}) for i in range(batch)]
             results = [np.concatenate(outputs) for outputs in zip(*parts)]
         else:
