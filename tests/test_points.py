@@ -22,6 +22,8 @@ import tifffile
 from served_checks import assert_same_cells
 from test_server import REPO_ROOT
 
+from bench.measure import statistics_delta, triton_statistics
+
 from cellsam_triton.cli import main as cli
 from cellsam_triton.client.api import AsyncSegmenter, Segmenter
 from cellsam_triton.client.grid_rules import GridOptions
@@ -282,18 +284,14 @@ def test_default_grid_decodes_points_on_embedding_windows(server: EmbeddedServer
     if not (DATA / "manifest.csv").is_file():
         pytest.skip(f"DSB2018 data not found at {DATA}")
     assert LITE.grid.window > 0 and (default_repository / LITE.roi_point_decoder_name / "config.pbtxt").is_file()
-    names = (LITE.roi_point_decoder_name, LITE.point_decoder_name)
-
-    def requests() -> dict[str, int]:
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            return {n: int(client.get_inference_statistics(model_name=n).model_stats[0].inference_count) for n in names}
-
+    names = [LITE.roi_point_decoder_name, LITE.point_decoder_name]
     image, labels = load_sample(DATA, GRID_VAL_IMAGE)
-    before = requests()
-    with Segmenter(server.grpc_url) as seg:
-        result = seg.segment(image, prompts="grid", options=SegmentOptions(scale=1.0))
-    after = requests()
-    windows, whole = (after[n] - before[n] for n in names)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        before = triton_statistics(client, names)
+        with Segmenter(server.grpc_url) as seg:
+            result = seg.segment(image, prompts="grid", options=SegmentOptions(scale=1.0))
+        delta = statistics_delta(before, triton_statistics(client, names))
+    windows, whole = (delta[n]["requests"] for n in names)
     print(f"window requests {windows}, whole-embedding requests {whole}, F1 {score_image(labels, result.labels).f1:.3f}")
     tiles = len(family_tiles(LITE, *image.shape[:2]))
     assert windows == 8 * tiles  # 256 points a tile, 32 a request (decoder_chunk x embed_size // window)

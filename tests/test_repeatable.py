@@ -17,6 +17,8 @@ import tritonclient.grpc as grpcclient
 from conftest import DSB
 from served_checks import infer
 
+from bench.measure import statistics_delta, triton_statistics
+
 from cellsam_triton.client.api import Segmenter
 from cellsam_triton.client.tiles import family_tiles, lite_normalize, tile_input
 from cellsam_triton.contracts import LITE, NAMES
@@ -35,12 +37,6 @@ def val_images(count: int) -> list[np.ndarray]:
 
 def first_tile(image: np.ndarray) -> np.ndarray:
     return tile_input(lite_normalize(image), family_tiles(LITE, *image.shape[:2])[0])
-
-
-def batching_stats(client) -> tuple[int, int]:
-    """(inferences, executions) of the encoder so far: more inferences than executions = batched."""
-    stats = client.get_inference_statistics(model_name=LITE.encoder_name).model_stats[0]
-    return int(stats.inference_count), int(stats.execution_count)
 
 
 def test_batched_models_answer_each_sample_as_if_it_came_alone(default_server: EmbeddedServer, default_repository: Path) -> None:
@@ -81,19 +77,19 @@ def test_an_image_gets_the_same_labels_alone_and_batched_with_other_traffic(defa
     with Segmenter(url) as seg, grpcclient.InferenceServerClient(url) as client, ThreadPoolExecutor(len(tiles)) as pool:
         want = seg.segment(images[0]).labels
         assert want.max() > 5
-        start = batching_stats(client)
+        start = triton_statistics(client, [LITE.encoder_name])
         load = [pool.submit(traffic, tile) for tile in tiles]
         try:
             for _ in range(MAX_ROUNDS):
                 np.testing.assert_array_equal(seg.segment(images[0]).labels, want)
-                inferences, executions = (now - then for now, then in zip(batching_stats(client), start))
-                if inferences > executions:
+                encoder = statistics_delta(start, triton_statistics(client, [LITE.encoder_name]))[LITE.encoder_name]
+                if encoder["requests"] > encoder["executions"]:  # more requests than executions: batches formed
                     break
         finally:
             stop.set()
             sent = [future.result() for future in load]
     assert min(sent) > 0
-    assert inferences > executions, "the encoder's dynamic batcher never grouped two requests: nothing was tested"
+    assert encoder["requests"] > encoder["executions"], "the encoder's dynamic batcher never grouped two requests: nothing was tested"
 
 
 def test_bench_sample_wise_serves_both_modes_and_reports_them(default_repository: Path, tmp_path: Path) -> None:

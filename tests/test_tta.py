@@ -13,6 +13,8 @@ import tifffile
 import tritonclient.grpc as grpcclient
 from served_checks import assert_same_cells, infer
 
+from bench.measure import statistics_delta, triton_statistics
+
 from cellsam_triton.cli import main as cli
 from cellsam_triton.client.api import Segmenter
 from cellsam_triton.client.tiles import family_tiles, lite_normalize, tile_input
@@ -73,11 +75,6 @@ def test_tta_is_refused_where_it_means_nothing() -> None:
 
 
 # --- served, default export ------------------------------------------------------------------------
-def counts(client) -> dict[str, int]:
-    names = (LITE.encoder_name, LITE.detector_name)
-    return {n: int(client.get_inference_statistics(model_name=n).model_stats[0].inference_count) for n in names}
-
-
 def stained_image() -> np.ndarray:
     from cellsam_triton.datasets import load_manifest, load_sample
 
@@ -105,13 +102,14 @@ def test_served_flips_fuse_the_detections_of_every_view(default_server: Embedded
             manual.append((selection.unflip_boxes(kept, view, LITE.input_size), kept_scores))
         fused, fused_scores = selection.fuse_views(manual)
         want, want_scores = selection.select_lite(fused_scores, fused, LITE.bbox_threshold, LITE.nms_iou, LITE.max_detections)
-        before = counts(client)
+        names = [LITE.encoder_name, LITE.detector_name]
+        before = triton_statistics(client, names)
         request = {NAMES.image: tile, NAMES.iou_threshold: np.array([-1.0], np.float32), NAMES.tta: np.array([views], np.int32)}
         boxes, scores = infer(client, LITE.pipeline_name, request, (NAMES.boxes, NAMES.scores))
-        after = counts(client)
+        requests = {n: d["requests"] for n, d in statistics_delta(before, triton_statistics(client, names)).items()}
         plain_boxes, _ = infer(client, LITE.pipeline_name, {NAMES.image: tile, NAMES.iou_threshold: np.array([-1.0], np.float32)},
                                (NAMES.boxes, NAMES.scores))
-    assert {n: after[n] - before[n] for n in after} == {LITE.encoder_name: views, LITE.detector_name: views}
+    assert requests == {LITE.encoder_name: views, LITE.detector_name: views}
     assert len(want) > 5
     np.testing.assert_allclose(boxes, want, atol=1e-4)
     np.testing.assert_allclose(scores, want_scores, atol=1e-6)
