@@ -94,7 +94,7 @@ def _options(args: argparse.Namespace) -> SegmentOptions:
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     given = {"--boxes": args.boxes is not None, "--points": args.points is not None, "--prompts grid": args.prompts == "grid"}
-    check_tta_prompts(args.tta, [flag for flag, on in given.items() if on])  # before any server is contacted
+    check_tta_prompts(args.tta, given)  # before any server is contacted
     return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold, None, _scale(args.scale), args.tta)
 
 

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from .types import SegmentOptions, check_tta_prompts
 
     given = {"--boxes gt": args.boxes is not None, "--prompts grid": args.prompts == "grid"}
-    check_tta_prompts(args.tta, [flag for flag, on in given.items() if on])  # before any server is contacted
+    check_tta_prompts(args.tta, given)  # before any server is contacted
     grid = None
     if args.prompts == "grid":
         from .grid_rules import grid_options

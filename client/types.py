@@ -35,9 +35,10 @@ class PipelineResult:
         )
 
 
-def check_tta_prompts(tta: int | None, given: list[str]) -> None:
-    """UserError when test-time flips (``tta`` other than None/1) come with prompts: ``given`` names
-    them as the caller knows them (CLI flags, or a description)."""
+def check_tta_prompts(tta: int | None, prompts: dict[str, bool]) -> None:
+    """UserError when test-time flips (``tta`` other than None/1) come with prompts: ``prompts`` maps
+    each kind, named as the caller knows it (CLI flags, or a description), to whether it was given."""
+    given = [name for name, on in prompts.items() if on]
     if tta not in (None, 1) and given:
         raise UserError(f"test-time flips (tta) apply to detector boxes only, not to {' or '.join(given)}")
 
@@ -61,8 +62,7 @@ class SegmentOptions:
             raise UserError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {self.tta}")
         if family.detector != "cellfinder_lite":
             raise UserError(f"test-time flips (tta) need CellFinder-lite; model {family.name} has detector {family.detector}")
-        if not detector_boxes:
-            check_tta_prompts(self.tta, ["given boxes, points or grid prompts"])
+        check_tta_prompts(self.tta, {"given boxes, points or grid prompts": not detector_boxes})
 
     def resolved(self, family: "Family") -> "SegmentOptions":
         """A copy with every None replaced by the model family's default (``scale`` stays automatic)."""

@@ -65,10 +65,10 @@ def test_tta_is_refused_where_it_means_nothing() -> None:
         SegmentOptions(tta=2).check_tta(CELLSAM, detector_boxes=True)
     with pytest.raises(UserError, match="detector boxes only"):
         SegmentOptions(tta=2).check_tta(LITE, detector_boxes=False)
-    check_tta_prompts(1, ["--boxes"])
-    check_tta_prompts(4, [])
+    check_tta_prompts(1, {"--boxes": True})
+    check_tta_prompts(4, {"--boxes": False})
     with pytest.raises(UserError, match=r"detector boxes only, not to --boxes gt or --prompts grid$"):
-        check_tta_prompts(2, ["--boxes gt", "--prompts grid"])  # the CLI's names, before any server is contacted
+        check_tta_prompts(2, {"--boxes gt": True, "--points": False, "--prompts grid": True})  # the CLI's names
     assert NAMES.tta in {t.name for t in LITE.pipeline().inputs}
     assert NAMES.tta in {t.name for t in LITE.labels_model().inputs}
     assert NAMES.tta not in {t.name for t in CELLSAM.pipeline().inputs}
