@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only")
     parser.add_argument("--encoder-onnx", type=Path, default=None, help=argparse.SUPPRESS)  # tests: a stand-in encoder
     parser.add_argument("--out", type=Path, default=HERE, metavar="DIR", help="output folder (default bench/)")
+    parser.add_argument("--previous", type=Path, default=None, metavar="JSON",
+                        help="keep the rows of an earlier run (detector_levers.json) for detectors not given again, "
+                             "if its reference row re-measured here is the same: one table across runs")
     return parser.parse_args(argv)
 
 
@@ -48,6 +51,12 @@ def lever(weights: Path) -> str:
     views = p.get("views", {})
     parts = [f"{'fine-tune' if p.get('init') else 'from scratch'}, {p.get('epochs')} epochs, lr {p.get('lr'):g}",
              f"dihedral views: {','.join(p.get('augment_kinds', [])) or 'none'}"]
+    arch = p.get("architecture") or {}
+    start = ((p.get("init") or {}).get("provenance") or {}).get("architecture") or {}
+    if arch.get("dilations"):
+        blocks = len(arch["dilations"])
+        grown = f" (grown from {len(start['dilations'])})" if start.get("dilations") and len(start["dilations"]) < blocks else ""
+        parts.insert(1, f"width {arch.get('width')}, {blocks} blocks{grown}")
     if views.get("color_kinds"):
         parts.append(f"{views['color_views']} stain/colour views: {','.join(views['color_kinds'])}")
     if views.get("scale_kinds"):
@@ -83,8 +92,29 @@ def measure(args: argparse.Namespace) -> dict:
         rows.append({"name": name, "weights": str(path), "weights_sha256": sha256_file(path), "lever": lever(path),
                      "selection": selection, **row})
         print(f"{name}: val box F1 {row['box_f1_mean']:.3f} {row['by_kind']} at {selection}", file=sys.stderr, flush=True)
+    if args.previous is not None:
+        rows = [rows[0], *carried_rows(rows, args.previous), *rows[1:]]
     verdicts(rows)
     return {"selection_rule": rows[0]["selection"]["rule"], "images": {s: len(v) for s, v in data.split_ids.items()}, "rows": rows}
+
+
+def carried_rows(rows: list[dict], previous: Path) -> list[dict]:
+    """The rows of an earlier run whose detectors are not among ``rows``, each marked with that run's
+    date; refused unless the earlier reference row is the one measured now (same weights, same val
+    box F1 overall and by kind, same selection): only then do the two runs share one yardstick."""
+    try:
+        earlier = json.loads(previous.read_text())
+        ref, now = earlier["rows"][0], rows[0]
+        keys = ("weights_sha256", "box_f1_mean", "by_kind", "precision", "recall")
+        same = all(ref[k] == now[k] for k in keys) and ref["selection"]["score_threshold"] == now["selection"]["score_threshold"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UserError(f"--previous {previous}: not a detector_levers.json ({exc})") from None
+    if not same:
+        raise UserError(f"--previous {previous}: its reference row ({ref['name']}) differs from the one measured now "
+                        "(other weights, data or cache): its rows would not compare")
+    given = {r["weights_sha256"] for r in rows}
+    date = earlier.get("machine", {}).get("date", str(previous))
+    return [{**r, "carried_from": r.get("carried_from", date)} for r in earlier["rows"][1:] if r["weights_sha256"] not in given]
 
 
 def verdicts(rows: list[dict]) -> None:
@@ -104,7 +134,8 @@ def table(result: dict) -> str:
             "train brightfield (seen in training)", "box-level verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        cells = [r["name"], r["lever"], f"{r['selection']['score_threshold']:g} / {r['selection']['nms_iou']:g}", f"{r['box_f1_mean']:.3f}",
+        measured = f" (measured {r['carried_from'][:10]})" if r.get("carried_from") else ""
+        cells = [r["name"] + measured, r["lever"], f"{r['selection']['score_threshold']:g} / {r['selection']['nms_iou']:g}", f"{r['box_f1_mean']:.3f}",
                  *[f"{r['by_kind'].get(k, float('nan')):.3f}" for k in kinds], f"{r['precision']:.3f}", f"{r['recall']:.3f}",
                  f"{r['selection']['train_by_kind'].get('brightfield', float('nan')):.3f}", r["decision"]]
         lines.append("| " + " | ".join(cells) + " |")

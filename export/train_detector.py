@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None,
                         help=f"trunk channels of a new detector (not with --init; default {DetectorConfig.width})")
     parser.add_argument("--dilations", default=None, metavar="D,D,...",
-                        help="one residual block per dilation, for a new detector (not with --init; "
-                             f"default {','.join(map(str, DetectorConfig.dilations))})")
+                        help="one residual block per dilation (default "
+                             f"{','.join(map(str, DetectorConfig.dilations))}); with --init they must extend the "
+                             "starting detector's: the blocks added start as the identity (a deeper fine-tune)")
     parser.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
                         help="start from these CellFinder-lite weights (fine-tuning) instead of random ones")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
@@ -378,18 +379,15 @@ def epoch_items(samples: list[dict], kind_weights: dict[str, int]) -> list[tuple
     return [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"])) for _ in range(kind_weights.get(s.get("kind"), 1))]
 
 
-def train(samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int, init: Path | None = None,
-          config: DetectorConfig = DetectorConfig(), kind_weights: dict[str, int] | None = None):
-    """Train CellFinder-lite on every tile of ``samples`` (from ``init`` weights if given, else a new
-    detector of ``config``; tiles of ``kind_weights`` kinds repeated); eval mode. Channels-last
-    tensors: ~2x faster convolutions on CPU."""
+def train(model, samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int,
+          kind_weights: dict[str, int] | None = None):
+    """Train CellFinder-lite ``model`` (see :func:`starting_detector`) on every tile of ``samples``
+    (tiles of ``kind_weights`` kinds repeated); eval mode. Channels-last tensors: ~2x faster
+    convolutions on CPU."""
     import torch
-
-    from .models.detector_lite import CellFinderLite, load_detector
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = CellFinderLite(config) if init is None else load_detector(init)
     model = model.to(memory_format=torch.channels_last)
     items = epoch_items(samples, kind_weights or {})
     steps = epochs * ((len(items) + batch_size - 1) // batch_size)
@@ -491,19 +489,40 @@ def prepare_training_set(args: argparse.Namespace) -> TrainingSet:
     return TrainingSet(split_ids, augment, views, checksum, encoder_sha, cache_dir, time.perf_counter() - started, kinds, options)
 
 
-def detector_config(width: int | None, dilations: str | None, init: Path | None = None) -> DetectorConfig:
-    """The architecture of a new detector from ``--width`` and ``--dilations`` (None: defaults);
-    with ``--init`` the starting weights fix it, so giving either is a UserError."""
-    if init is not None and (width is not None or dilations is not None):
-        raise UserError("--width/--dilations set a new detector's architecture; --init weights bring their own")
-    width = DetectorConfig.width if width is None else width
+def detector_config(width: int | None, dilations: str | None, init: Path | None = None) -> DetectorConfig | None:
+    """The architecture from ``--width`` and ``--dilations`` (None: defaults). With ``--init`` the
+    starting weights bring theirs: None, or with ``--dilations`` the deeper architecture to grow them
+    to (checked against the weights in :func:`starting_detector`); ``--width`` is a UserError there."""
+    if init is not None and width is not None:
+        raise UserError("--width sets a new detector's architecture; --init weights bring their own")
     try:
-        rates = DetectorConfig.dilations if dilations is None else tuple(int(d) for d in dilations.split(","))
+        rates = None if dilations is None else tuple(int(d) for d in dilations.split(","))
     except ValueError:
         raise UserError(f"--dilations must be comma-separated integers, got {dilations!r}") from None
-    if width < 8 or width % 8 or not rates or min(rates) < 1:
-        raise UserError("--width must be a positive multiple of 8 and every dilation at least 1")
-    return DetectorConfig(width=width, dilations=rates)
+    if rates is not None and (not rates or min(rates) < 1):
+        raise UserError("--dilations: every dilation must be at least 1")
+    if init is not None:
+        return None if rates is None else DetectorConfig(dilations=rates)
+    width = DetectorConfig.width if width is None else width
+    if width < 8 or width % 8:
+        raise UserError("--width must be a positive multiple of 8")
+    return DetectorConfig(width=width, dilations=rates or DetectorConfig.dilations)
+
+
+def starting_detector(config: DetectorConfig | None, init: Path | None):
+    """The detector training starts from: new (``config``), ``init``'s weights, or those weights
+    grown to ``config``'s deeper dilations (new blocks start as the identity)."""
+    from .models.detector_lite import CellFinderLite, grow_detector, load_detector
+
+    if init is None:
+        return CellFinderLite(config)
+    model = load_detector(init)
+    if config is None:
+        return model
+    try:
+        return grow_detector(model, config.dilations)
+    except ValueError as exc:
+        raise UserError(f"--dilations with --init: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -513,7 +532,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
-    config = detector_config(args.width, args.dilations, args.init)
+    torch.manual_seed(args.seed)  # a new detector's random weights
+    model = starting_detector(detector_config(args.width, args.dilations, args.init), args.init)
     torch.set_num_threads(max(1, args.threads))
     data = prepare_training_set(args)
     split_ids, views, cache_dir = data.split_ids, data.views, data.cache_dir
@@ -522,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
     train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False, kinds=kinds)
     val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True, kinds=kinds)
     started = time.perf_counter()
-    model = train(train_set, args.epochs, args.batch_size, args.lr, args.seed, args.init, config, parse_kind_weights(args.kind_weights))
+    model = train(model, train_set, args.epochs, args.batch_size, args.lr, args.seed, parse_kind_weights(args.kind_weights))
     train_seconds = time.perf_counter() - started
     selection = choose_on_train(model, _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=True, kinds=kinds))
     chosen = selection["score_threshold"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_missing_data_folder_is_a_user_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("extra", [["--width", "12"], ["--width", "0"], ["--dilations", "1,x"], ["--dilations", "0,2"],
-                                   ["--width", "64", "--init", "start.pt"], ["--dilations", "1,2", "--init", "start.pt"]])
+                                   ["--width", "64", "--init", "start.pt"]])
 def test_bad_architecture_is_a_user_error(tmp_path: Path, extra: list[str]) -> None:
     from cellsam_triton.export import train_detector
 
@@ -167,6 +168,33 @@ def test_bad_architecture_is_a_user_error(tmp_path: Path, extra: list[str]) -> N
     train_detector.add_arguments(parser)
     with pytest.raises(UserError, match="--width|--dilations"):
         train_detector.run(parser.parse_args(["--data", str(tmp_path), *extra]))
+
+
+def test_init_with_deeper_dilations_grows_the_detector_from_an_identical_start(tmp_path: Path) -> None:
+    import torch
+
+    from cellsam_triton.export.models.detector_lite import CellFinderLite, DetectorConfig, grow_detector, load_detector, save_detector
+
+    torch.manual_seed(0)
+    start = CellFinderLite(DetectorConfig(width=16, dilations=(1, 2))).eval()
+    grown = grow_detector(start, (1, 2, 4, 1)).eval()
+    x = torch.randn(2, 256, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(start(x), grown(x)):
+            assert torch.equal(a, b)  # the new blocks start as the identity
+    for bad in ((1,), (1, 2), (2, 1, 4)):
+        with pytest.raises(ValueError, match="must extend"):
+            grow_detector(start, bad)
+    save_detector(start, tmp_path / "start.pt")
+    with pytest.raises(UserError, match="--dilations"):
+        _tiny_run(tmp_path / "bad", "--augment-kinds", "", "--init", str(tmp_path / "start.pt"), "--dilations", "2,1,4")
+    assert not (tmp_path / "bad" / "cache").exists()  # refused before any embedding is computed
+    out, provenance = _tiny_run(tmp_path / "good", "--augment-kinds", "", "--init", str(tmp_path / "start.pt"), "--dilations", "1,2,4")
+    assert provenance["architecture"]["dilations"] == [1, 2, 4] and provenance["architecture"]["width"] == 16
+    assert provenance["init"]["weights_sha256"] == hashlib.sha256((tmp_path / "start.pt").read_bytes()).hexdigest()
+    trained = load_detector(out)
+    assert not torch.equal(trained.blocks[2].norm.weight, torch.zeros(16))  # the new block trained
+    assert not torch.equal(trained.blocks[0].pointwise.weight, start.blocks[0].pointwise.weight)
 
 
 def test_real_split_has_both_kinds_of_images() -> None:
@@ -295,19 +323,33 @@ def test_levers_table_scores_detectors_on_val_with_train_chosen_selection(tmp_pa
     parser = argparse.ArgumentParser()
     train_detector.add_arguments(parser)
     common = ["--data", str(data), "--workers", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
-              "--encoder-onnx", encoder, "--width", "16", "--dilations", "1"]
-    assert train_detector.run(parser.parse_args([*common, "--epochs", "1", "--out", str(tmp_path / "a.pt")])) == 0
-    assert train_detector.run(parser.parse_args([*common, "--epochs", "2", "--out", str(tmp_path / "b.pt")])) == 0
+              "--encoder-onnx", encoder]
+    assert train_detector.run(parser.parse_args([*common, "--width", "16", "--dilations", "1", "--epochs", "1",
+                                                 "--out", str(tmp_path / "a.pt")])) == 0
+    assert train_detector.run(parser.parse_args([*common, "--init", str(tmp_path / "a.pt"), "--dilations", "1,2",
+                                                 "--epochs", "2", "--out", str(tmp_path / "b.pt")])) == 0
     out = tmp_path / "bench"
     assert levers([f"one={tmp_path / 'a.pt'}", f"two={tmp_path / 'b.pt'}", "--data", str(data), "--out", str(out),
                    "--cache-dir", str(tmp_path / "cache"), "--encoder-onnx", encoder]) == 0
     result = json.loads((out / "detector_levers.json").read_text())
     first, second = result["rows"]
     assert first["decision"] == "reference" and second["decision"] in ("better", "not better")
-    assert "2 epochs" in second["lever"] and "never on val" in result["selection_rule"]
+    assert "from scratch, 1 epochs" in first["lever"] and "width 16, 1 blocks;" in first["lever"]
+    assert "fine-tune, 2 epochs" in second["lever"] and "width 16, 2 blocks (grown from 1)" in second["lever"]
+    assert "never on val" in result["selection_rule"]
     table = (out / "detector_levers.md").read_text()
     assert table.count("\n| ") == 3 and "| one |" in table and "| two |" in table
     assert levers(["one=absent.pt", "--data", str(data), "--out", str(out)]) != 0
+    # a later run keeps the earlier rows it does not re-measure, only against the same reference
+    later = tmp_path / "later"
+    assert levers([f"one={tmp_path / 'a.pt'}", "--data", str(data), "--out", str(later), "--cache-dir", str(tmp_path / "cache"),
+                   "--encoder-onnx", encoder, "--previous", str(out / "detector_levers.json")]) == 0
+    carried = json.loads((later / "detector_levers.json").read_text())["rows"]
+    assert [r["name"] for r in carried] == ["one", "two"] and carried[1]["carried_from"]
+    assert {k: carried[1][k] for k in ("box_f1_mean", "lever")} == {k: second[k] for k in ("box_f1_mean", "lever")}
+    assert "| two (measured " in (later / "detector_levers.md").read_text()
+    assert levers([f"two={tmp_path / 'b.pt'}", "--data", str(data), "--out", str(tmp_path / "refused"), "--cache-dir",
+                   str(tmp_path / "cache"), "--encoder-onnx", encoder, "--previous", str(out / "detector_levers.json")]) != 0
 
 
 def test_export_serves_the_selection_chosen_on_train(tmp_path: Path) -> None:

@@ -100,6 +100,24 @@ class CellFinderLite(nn.Module):
         return scores, self.boxes(dist)
 
 
+def grow_detector(model: CellFinderLite, dilations: tuple[int, ...]) -> CellFinderLite:
+    """A deeper copy of ``model``: its blocks, then new blocks for the rest of ``dilations`` (which
+    must start with the model's own), each new block starting as the identity (its GroupNorm scale
+    and shift zero, so it adds GELU(0) = 0): the grown detector's outputs equal the model's."""
+    old = model.config.dilations
+    if tuple(dilations[: len(old)]) != tuple(old) or len(dilations) <= len(old):
+        raise ValueError(f"dilations {list(dilations)} must extend the starting detector's {list(old)}")
+    config = DetectorConfig.from_dict({**model.config.to_dict(), "dilations": tuple(dilations)})
+    grown = CellFinderLite(config)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("blocks.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in list(grown.blocks)[len(old) :]:
+            block.norm.weight.zero_()
+            block.norm.bias.zero_()
+    return grown
+
+
 def save_detector(model: CellFinderLite, path, meta: dict | None = None) -> None:
     """Weights + architecture in one torch file (``weights_only`` loadable)."""
     torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "meta": meta or {}}, path)
