@@ -489,38 +489,30 @@ def prepare_training_set(args: argparse.Namespace) -> TrainingSet:
     return TrainingSet(split_ids, augment, views, checksum, encoder_sha, cache_dir, time.perf_counter() - started, kinds, options)
 
 
-def detector_config(width: int | None, dilations: str | None, init: Path | None = None) -> DetectorConfig | None:
-    """The architecture from ``--width`` and ``--dilations`` (None: defaults). With ``--init`` the
-    starting weights bring theirs: None, or with ``--dilations`` the deeper architecture to grow them
-    to (checked against the weights in :func:`starting_detector`); ``--width`` is a UserError there."""
-    if init is not None and width is not None:
-        raise UserError("--width sets a new detector's architecture; --init weights bring their own")
+def starting_detector(width: int | None, dilations: str | None, init: Path | None):
+    """The detector training starts from, from ``--width``/``--dilations``/``--init``: a new one (None:
+    defaults), ``init``'s weights, or those grown to deeper ``dilations`` (new blocks start as the
+    identity); ``--width`` with ``--init`` or a bad architecture is a UserError."""
+    from .models.detector_lite import CellFinderLite, grow_detector, load_detector
+
     try:
         rates = None if dilations is None else tuple(int(d) for d in dilations.split(","))
     except ValueError:
         raise UserError(f"--dilations must be comma-separated integers, got {dilations!r}") from None
     if rates is not None and (not rates or min(rates) < 1):
         raise UserError("--dilations: every dilation must be at least 1")
-    if init is not None:
-        return None if rates is None else DetectorConfig(dilations=rates)
-    width = DetectorConfig.width if width is None else width
-    if width < 8 or width % 8:
-        raise UserError("--width must be a positive multiple of 8")
-    return DetectorConfig(width=width, dilations=rates or DetectorConfig.dilations)
-
-
-def starting_detector(config: DetectorConfig | None, init: Path | None):
-    """The detector training starts from: new (``config``), ``init``'s weights, or those weights
-    grown to ``config``'s deeper dilations (new blocks start as the identity)."""
-    from .models.detector_lite import CellFinderLite, grow_detector, load_detector
-
     if init is None:
-        return CellFinderLite(config)
+        width = DetectorConfig.width if width is None else width
+        if width < 8 or width % 8:
+            raise UserError("--width must be a positive multiple of 8")
+        return CellFinderLite(DetectorConfig(width=width, dilations=rates or DetectorConfig.dilations))
+    if width is not None:
+        raise UserError("--width sets a new detector's architecture; --init weights bring their own")
     model = load_detector(init)
-    if config is None:
+    if rates is None:
         return model
     try:
-        return grow_detector(model, config.dilations)
+        return grow_detector(model, rates)
     except ValueError as exc:
         raise UserError(f"--dilations with --init: {exc}") from None
 
@@ -533,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
     torch.manual_seed(args.seed)  # a new detector's random weights
-    model = starting_detector(detector_config(args.width, args.dilations, args.init), args.init)
+    model = starting_detector(args.width, args.dilations, args.init)
     torch.set_num_threads(max(1, args.threads))
     data = prepare_training_set(args)
     split_ids, views, cache_dir = data.split_ids, data.views, data.cache_dir

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -174,6 +173,7 @@ def test_init_with_deeper_dilations_grows_the_detector_from_an_identical_start(t
     import torch
 
     from cellsam_triton.export.models.detector_lite import CellFinderLite, DetectorConfig, grow_detector, load_detector, save_detector
+    from cellsam_triton.export.training import sha256_file
 
     torch.manual_seed(0)
     start = CellFinderLite(DetectorConfig(width=16, dilations=(1, 2))).eval()
@@ -191,7 +191,7 @@ def test_init_with_deeper_dilations_grows_the_detector_from_an_identical_start(t
     assert not (tmp_path / "bad" / "cache").exists()  # refused before any embedding is computed
     out, provenance = _tiny_run(tmp_path / "good", "--augment-kinds", "", "--init", str(tmp_path / "start.pt"), "--dilations", "1,2,4")
     assert provenance["architecture"]["dilations"] == [1, 2, 4] and provenance["architecture"]["width"] == 16
-    assert provenance["init"]["weights_sha256"] == hashlib.sha256((tmp_path / "start.pt").read_bytes()).hexdigest()
+    assert provenance["init"]["weights_sha256"] == sha256_file(tmp_path / "start.pt")
     trained = load_detector(out)
     assert not torch.equal(trained.blocks[2].norm.weight, torch.zeros(16))  # the new block trained
     assert not torch.equal(trained.blocks[0].pointwise.weight, start.blocks[0].pointwise.weight)
