@@ -72,9 +72,10 @@ bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported $(
 	  --roi-fp32 $(BENCH_DEFAULT)/roi_fp32 --data $(DATA) $(BENCH_DEFAULT_ARGS)
 
 # CellSeg1: default model vs grid prompts (the point decoder) without / after one-image fine-tuning
-# (one row per training image kind: fluorescence, stained), full val split (bench/cellseg1.md);
+# (one row per training image kind: fluorescence, stained; each row's step count chosen among 30,45,60
+# on 16 other train images of its kind), full val split (bench/cellseg1.md);
 # CELLSEG1_ARGS="--limit N" for a shorter run, "--training-kinds stained" for one fine-tuned row,
-# "--work bench/cellseg1_run" to reuse the committed adapters and scores.
+# "--epochs 60" for one fixed step count, "--work bench/cellseg1_run" to reuse the committed adapters and scores.
 CELLSEG1_ARGS ?=
 bench-cellseg1: export
 	$(BIN)/python -m bench.cellseg1 --repository $(REPO) --data $(DATA) $(CELLSEG1_ARGS)

@@ -29,6 +29,7 @@ from pathlib import Path
 from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.errors import UserError
 
+from .cellseg1_steps import choose_epochs, epochs_list, selection_sentence, tuned_candidate
 from .report import run_bench
 
 from .accuracy import SPLIT, markdown_table
@@ -72,7 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora", type=Path, default=None, help="use this adapter file instead of fine-tuning (one --training-kinds)")
     parser.add_argument("--scores", type=Path, default=None, metavar="DIR",
                         help="per-image score checkpoints, reused by a rerun (default: <work>/scores)")
-    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: finetune's)")
+    parser.add_argument("--epochs", type=epochs_list, default=[30, 45, 60], metavar="N[,N...]",
+                        help="fine-tuning steps; several: each fine-tuned, the best on --select-images train images of the "
+                             "kind is the row's (bench/cellseg1_steps.py; default 30,45,60)")
+    parser.add_argument("--select-images", type=int, default=16, metavar="K",
+                        help="train images of each kind the step count is chosen on (default %(default)s)")
     parser.add_argument("--prompts", type=int, default=None, help="fine-tuning prompts per step (default: finetune's)")
     parser.add_argument("--encoder-lora", action="store_true", help="fine-tune with encoder LoRA too (slower)")
     parser.add_argument("--training-kinds", type=training_kinds, default=list(TRAINING_SIZES), metavar="K[,K]",
@@ -122,19 +127,25 @@ def calibrate(data: Path, sample_id: str, lora: Path) -> dict:
     return calibrate_grid(encoder, decoder, CELLSEG1_LITE, image, labels)
 
 
-def export(repository: Path, lora: Path | None) -> Path:
-    """``export --model cellseg1 [--lora]`` (LiteMedSAM base, its served grid thresholds) into
-    ``repository``, unless done for these weights and family rules; other thresholds are sent per request."""
+def export_key(lora: Path | None) -> str:
+    """The export stamp of a CellSeg1 repository: its weights' sha256 and the family rules' hash."""
     import hashlib
 
-    from cellsam_triton.cli import main as cli
     from cellsam_triton.contracts import CELLSEG1_LITE
     from cellsam_triton.export.cellseg1_export import base_decoder_weights
     from cellsam_triton.export.training import sha256_file
 
-    stamp = repository / ".cellseg1_exported"
     weights = sha256_file(base_decoder_weights("points") if lora is None else lora)
-    key = f"{'base' if lora is None else 'lora'}:{weights}|{hashlib.sha256(repr(CELLSEG1_LITE).encode()).hexdigest()[:12]}"
+    return f"{'base' if lora is None else 'lora'}:{weights}|{hashlib.sha256(repr(CELLSEG1_LITE).encode()).hexdigest()[:12]}"
+
+
+def export(repository: Path, lora: Path | None) -> Path:
+    """``export --model cellseg1 [--lora]`` (LiteMedSAM base, its served grid thresholds) into
+    ``repository``, unless done for these weights and family rules; other thresholds are sent per request."""
+    from cellsam_triton.cli import main as cli
+
+    stamp = repository / ".cellseg1_exported"
+    key = export_key(lora)
     if stamp.is_file() and stamp.read_text().strip() == key:
         return repository
     argv = ["export", "--model", "cellseg1", "--repository", str(repository), "--target", "cpu"]
@@ -155,11 +166,12 @@ def served_thresholds(repository: Path) -> str:
 
 
 def model_key(repository: Path) -> str:
-    """What identifies an exported repository's models: its export stamp (content or time)."""
+    """What identifies an exported repository's models: its export stamp's content (weights' sha256
+    and family rules, wherever the repository lies), else the folder and the stamp's time."""
     for name in (".cellseg1_exported", ".exported"):
         stamp = repository / name
         if stamp.is_file():
-            return f"{repository}:{stamp.read_text().strip() or stamp.stat().st_mtime_ns}"
+            return stamp.read_text().strip() or f"{repository}:{stamp.stat().st_mtime_ns}"
     return str(repository)
 
 
@@ -220,25 +232,30 @@ def run_method(repository: Path, data: Path, records: list, desc: str, timeout: 
     return [done[r.id] for r in records]
 
 
-def tuned_adapter(args: argparse.Namespace, kind: str, records: list) -> tuple[str, Path, dict]:
-    """(training image id, adapter file, its provenance) of ``kind``'s row: fine-tuned unless the file is there."""
+def tuned_adapter(args: argparse.Namespace, kind: str, records: list, base: Path, grid) -> tuple[str, Path, dict, dict | None]:
+    """(training image id, adapter file, its provenance, the step-count selection or None) of ``kind``'s row:
+    ``--lora``, else the one ``--epochs`` count, else the count chosen on train images (fine-tuned unless there)."""
     from cellsam_triton.export.finetune import provenance_path
 
     sample_id = training_image(args.data, kind)
     if sample_id in {r.id for r in records}:
         raise UserError(f"training image {sample_id} is in the validation split")
-    lora = args.lora or args.work / f"lora_{kind}.pth"
-    if args.lora is None and not lora.is_file():
-        settings = {"epochs": args.epochs, "prompts": args.prompts, "encoder_lora": True if args.encoder_lora else None}
-        provenance = finetune(args.data, sample_id, lora, settings, training_rule(kind))
-    else:
+    selection = None
+    if args.lora is not None:
+        lora = args.lora
         path = provenance_path(lora)
         provenance = json.loads(path.read_text()) if path.is_file() else {"adapter": str(lora)}
+    else:
+        if len(args.epochs) > 1:
+            epochs, selection = choose_epochs(args, kind, sample_id, base, grid)
+        else:
+            epochs = args.epochs[0]
+        lora, provenance = tuned_candidate(args, kind, sample_id, epochs)
     if "grid" not in provenance:  # an adapter trained before finetune calibrated: calibrate it now
         provenance["grid"] = calibrate(args.data, sample_id, lora)
         if provenance_path(lora).is_file():
             provenance_path(lora).write_text(json.dumps(provenance, indent=2) + "\n")
-    return sample_id, lora, provenance
+    return sample_id, lora, provenance, selection
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -262,11 +279,14 @@ def measure(args: argparse.Namespace) -> dict:
     }
     tuned = {}
     for kind in args.training_kinds:
-        sample_id, lora, provenance = tuned_adapter(args, kind, records)
-        repository = export(args.work / f"tuned_{kind}_repository", lora)
-        after = f"grid {side}x{side}, fine-tuned on one {kind} image ({served_thresholds(repository)})"
+        sample_id, lora, provenance, selection = tuned_adapter(args, kind, records, base, grid)
+        steps = provenance.get("config", {}).get("epochs")
+        tag = "" if args.lora is not None else f"_epochs{steps}"  # a given adapter, else the fine-tuned one of that step count
+        repository = export(args.work / f"tuned_{kind}{tag}_repository", lora)
+        after = (f"grid {side}x{side}, fine-tuned on one {kind} image{f', {steps} steps' if steps else ''} "
+                 f"({served_thresholds(repository)})")
         runs[after] = run_method(repository, args.data, records, f"grid tuned ({kind})", args.timeout, grid,
-                                 scores / f"grid_tuned_{kind}.jsonl")
+                                 scores / f"grid_tuned_{kind}{tag}.jsonl")
         if args.extra_iou_threshold is not None:
             loose = GridOptions(points_per_side=args.points_per_side, pred_iou_threshold=args.extra_iou_threshold)
             name = f"grid {side}x{side}, fine-tuned on one {kind} image (pred-IoU >= {args.extra_iou_threshold:g}, --extra-iou-threshold)"
@@ -274,7 +294,7 @@ def measure(args: argparse.Namespace) -> dict:
                                     scores / f"grid_tuned_{kind}_loose.jsonl")
         gain = finetune_gain(summary(runs[before]), summary(runs[after]))
         tuned[kind] = {"training_image": sample_id, "training_rule": training_rule(kind), "finetune": provenance,
-                       "gain": {**gain, "stderr": paired_stderr(runs[before], runs[after])}}
+                       "gain": {**gain, "stderr": paired_stderr(runs[before], runs[after])}, "selection": selection}
     return {
         "split": SPLIT,
         "images": len(records),
@@ -318,7 +338,10 @@ def report(result: dict) -> str:
         seconds = ft.get("seconds")
         lines += ["", f"Fine-tuning image ({kind}): `{row['training_image']}` ({row['training_rule']}); "
                   + (f"{ft['config']['epochs']} epochs in {seconds:.0f} s, loss {ft['loss_first']:.3f} -> {ft['loss_last']:.3f}."
-                     if seconds is not None else "adapter file given."), "", gain_sentence(row["gain"], kind)]
+                     if seconds is not None else "adapter file given.")]
+        if row.get("selection"):
+            lines += ["", selection_sentence(row["selection"])]
+        lines += ["", gain_sentence(row["gain"], kind)]
         grid = ft.get("grid")
         if grid and "training_f1_by_threshold" in grid:
             f1 = ", ".join(f"{t}: {v:.3f}" for t, v in grid["training_f1_by_threshold"].items())

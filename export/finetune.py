@@ -49,7 +49,7 @@ from .training import sha256_file
 class FinetuneConfig:
     """Settings of one fine-tuning run (all recorded in the provenance file)."""
 
-    epochs: int = 60
+    epochs: int = 30  # chosen on train images among 30, 45, 60 (bench/cellseg1_steps.py): 30 for both kinds
     prompts: int = 8  # instance points per step
     background: int = 4  # background points per step (0: CellSeg1's recipe exactly)
     rank: int = 4

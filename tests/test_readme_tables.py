@@ -1,7 +1,7 @@
 """README tables come from committed benchmark results: the default-model speed table and the
 `make bench` table in README are exactly what bench/speed_default.py and bench/serving.py render
-from the committed bench/speed_default.json and bench/results.json; the accuracy and detector-lever
-tables likewise."""
+from the committed bench/speed_default.json and bench/results.json; the accuracy, detector-lever
+and CellSeg1 tables likewise."""
 
 from __future__ import annotations
 
@@ -62,3 +62,10 @@ def test_detector_levers_table_is_the_committed_run() -> None:
     measured = {r["weights_sha256"]: r for r in result["rows"]}
     assert committed["weights_sha256"] in measured  # the committed detector is a measured row
     assert result["rows"][0]["decision"] == "reference" and all(r["decision"] in ("better", "not better") for r in result["rows"][1:])
+
+
+def test_cellseg1_table_is_the_committed_run() -> None:
+    """The CellSeg1 done-when table in README is bench/cellseg1.md's (make bench-cellseg1)."""
+    committed = (ROOT / "bench" / "cellseg1.md").read_text()
+    table = "\n".join(line for line in committed.splitlines() if line.startswith("|"))
+    assert readme_block("cellseg1").strip() == table and table.count("\n") >= 3
