@@ -6,6 +6,7 @@
    thresholds chosen on train for it),
 3. grid prompts after one-image fine-tuning, one row per ``--training-kinds`` kind
    (``cellsam-triton finetune`` on the training image of that kind chosen by :func:`training_image`,
+   its step count chosen among ``--epochs`` on other train images of the kind, bench/cellseg1_steps.py;
    exported with ``export --model cellseg1 --lora``), with the
    grid thresholds `finetune` recorded (export/grid_calibration.py: the base decoder's, kept;
    what ``export --lora`` serves by default); ``--extra-iou-threshold 0.8`` adds CellSeg1's own.
@@ -29,7 +30,7 @@ from pathlib import Path
 from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.errors import UserError
 
-from .cellseg1_steps import choose_epochs, epochs_list, selection_sentence, tuned_candidate
+from .cellseg1_steps import choose_epochs, epochs_list, positive, selection_sentence, tuned_candidate
 from .report import run_bench
 
 from .accuracy import SPLIT, markdown_table
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=epochs_list, default=[30, 45, 60], metavar="N[,N...]",
                         help="fine-tuning steps; several: each fine-tuned, the best on --select-images train images of the "
                              "kind is the row's (bench/cellseg1_steps.py; default 30,45,60)")
-    parser.add_argument("--select-images", type=int, default=16, metavar="K",
+    parser.add_argument("--select-images", type=positive, default=16, metavar="K",
                         help="train images of each kind the step count is chosen on (default %(default)s)")
     parser.add_argument("--prompts", type=int, default=None, help="fine-tuning prompts per step (default: finetune's)")
     parser.add_argument("--encoder-lora", action="store_true", help="fine-tune with encoder LoRA too (slower)")

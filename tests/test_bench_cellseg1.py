@@ -12,8 +12,8 @@ import pytest
 
 from bench.cellseg1 import (TRAINING_SIZES, export_key, finetune_gain, gain_sentence, load_checkpoint, model_key, paired_stderr,
                             report, run_method, training_image, training_kinds, training_rule)
-from bench.cellseg1_steps import (adapter_path, choose, choose_epochs, epochs_list, selection_images, selection_sentence,
-                                  tuned_candidate)
+from bench.cellseg1_steps import (adapter_path, choose, choose_epochs, epochs_list, positive, selection_images,
+                                  selection_sentence, tuned_candidate)
 from cellsam_triton.client.metrics import ImageScore
 from cellsam_triton.errors import UserError
 
@@ -172,3 +172,14 @@ def test_step_count_is_chosen_on_other_train_images(tmp_path):
         tuned_candidate(args, kind, sample_id, 60)
     with pytest.raises(UserError, match="other stained training images"):
         selection_images(DATA, kind, sample_id, 10_000)
+
+
+def test_candidate_trained_with_other_settings_is_refused(tmp_path):
+    args = SimpleNamespace(data=tmp_path, work=tmp_path, prompts=4, encoder_lora=False)
+    _candidate(tmp_path, "stained", "abc", 30)  # provenance without prompts=4
+    with pytest.raises(UserError, match="with these settings"):
+        tuned_candidate(args, "stained", "abc", 30)
+    assert tuned_candidate(SimpleNamespace(**{**vars(args), "prompts": None}), "stained", "abc", 30)[0].is_file()
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive("0")
+    assert positive("16") == 16
