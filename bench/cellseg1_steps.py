@@ -87,8 +87,11 @@ def choose_epochs(args: argparse.Namespace, kind: str, sample_id: str, base: Pat
 
     images = selection_images(args.data, kind, sample_id, args.select_images)
     scores = args.scores or args.work / "scores"
-    run = lambda repository, name: summary(run_method(repository, args.data, images, f"select {name}", args.timeout, grid,  # noqa: E731
-                                                      scores / f"select_{name}.jsonl"))["f1_mean"]
+
+    def run(repository: Path, name: str) -> float:
+        checkpoint = scores / f"select_{name}.jsonl"
+        return summary(run_method(repository, args.data, images, f"select {name}", args.timeout, grid, checkpoint))["f1_mean"]
+
     f1 = {}
     for epochs in args.epochs:
         lora, _ = tuned_candidate(args, kind, sample_id, epochs)
