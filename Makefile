@@ -7,7 +7,7 @@ REPO   ?= build/repository
 DATA   ?= ../shared/data/dsb2018
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench bench-default gpu-wheels gpu-check clean
+.PHONY: setup export demo test test-fast bench-accuracy bench-cellseg1 bench-clicks bench bench-default gpu-wheels gpu-check clean
 
 NODE_CLIENT := clients/node
 
@@ -79,6 +79,12 @@ bench-default: $(BENCH_DEFAULT)/roi/.exported $(BENCH_DEFAULT)/full/.exported $(
 CELLSEG1_ARGS ?=
 bench-cellseg1: export
 	$(BIN)/python -m bench.cellseg1 --repository $(REPO) --data $(DATA) $(CELLSEG1_ARGS)
+
+# Ten clicks on ten nuclei (point prompts) with test-time flips 1 / 2 / 4, served, first 10 fluorescence and
+# stained val images with ten clickable nuclei (bench/clicks.md); CLICKS_ARGS="--images-per-kind 3 --tta 1,4" for less.
+CLICKS_ARGS ?=
+bench-clicks: export
+	$(BIN)/python -m bench.clicks --repository $(REPO) --data $(DATA) $(CLICKS_ARGS)
 
 # Speed: served CellSAM vs in-process PyTorch vs raw ONNX Runtime, one run, bench/results.json + .png.
 # The model is a random-weight ViT-B CellSAM in the official layout (same shapes, same cost).

@@ -30,8 +30,8 @@ from pathlib import Path
 from cellsam_triton.client.evaluate import evaluate, select, served_predict, summary
 from cellsam_triton.errors import UserError
 
-from .cellseg1_steps import choose_epochs, epochs_list, positive, selection_sentence, tuned_candidate
-from .report import run_bench
+from .cellseg1_steps import choose_epochs, epochs_list, selection_sentence, tuned_candidate
+from .report import positive, run_bench
 
 from .accuracy import SPLIT, markdown_table
 
@@ -236,7 +236,7 @@ def run_method(repository: Path, data: Path, records: list, desc: str, timeout: 
 def tuned_adapter(args: argparse.Namespace, kind: str, records: list, base: Path, grid) -> tuple[str, Path, dict, dict | None]:
     """(training image id, adapter file, its provenance, the step-count selection or None) of ``kind``'s row:
     ``--lora``, else the one ``--epochs`` count, else the count chosen on train images (fine-tuned unless there)."""
-    from cellsam_triton.export.finetune import provenance_path
+    from cellsam_triton.export.finetune import provenance_path, read_provenance
 
     sample_id = training_image(args.data, kind)
     if sample_id in {r.id for r in records}:
@@ -244,8 +244,7 @@ def tuned_adapter(args: argparse.Namespace, kind: str, records: list, base: Path
     selection = None
     if args.lora is not None:
         lora = args.lora
-        path = provenance_path(lora)
-        provenance = json.loads(path.read_text()) if path.is_file() else {"adapter": str(lora)}
+        provenance = read_provenance(lora) or {"adapter": str(lora)}
     else:
         if len(args.epochs) > 1:
             epochs, selection = choose_epochs(args, kind, sample_id, base, grid)

@@ -11,19 +11,11 @@ this judge leans towards adapters close to the base (fewer steps), never towards
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from cellsam_triton.errors import UserError
 
 SELECTION_RULE = "train split, same kind, not the training image, first {count} by id (ids are content hashes)"
-
-
-def positive(text: str) -> int:
-    """``--select-images``: a positive count."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images; got {text!r}")
-    return int(text)
 
 
 def epochs_list(text: str) -> list[int]:
@@ -56,7 +48,7 @@ def adapter_path(work: Path, kind: str, epochs: int) -> Path:
 def tuned_candidate(args: argparse.Namespace, kind: str, sample_id: str, epochs: int) -> tuple[Path, dict]:
     """(adapter file, provenance) for ``epochs`` steps: fine-tuned unless the file is there (then its
     provenance must say the same training image, step count and given settings)."""
-    from cellsam_triton.export.finetune import provenance_path
+    from cellsam_triton.export.finetune import provenance_path, read_provenance
 
     from .cellseg1 import finetune, training_rule
 
@@ -64,12 +56,11 @@ def tuned_candidate(args: argparse.Namespace, kind: str, sample_id: str, epochs:
     settings = {"epochs": epochs, "prompts": args.prompts, "encoder_lora": True if args.encoder_lora else None}
     if not lora.is_file():
         return lora, finetune(args.data, sample_id, lora, settings, training_rule(kind))
-    path = provenance_path(lora)
-    provenance = json.loads(path.read_text()) if path.is_file() else {}
+    provenance = read_provenance(lora)
     config = provenance.get("config", {})
     if any(config.get(k) != v for k, v in settings.items() if v is not None) or sample_id not in provenance.get("image", ""):
         raise UserError(f"{lora} is not a {epochs}-step adapter of {sample_id} with these settings "
-                        f"(its provenance {path} says otherwise); remove it")
+                        f"(its provenance {provenance_path(lora)} says otherwise); remove it")
     return lora, provenance
 
 

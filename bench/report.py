@@ -4,6 +4,7 @@ that turns a :class:`UserError` into one line and its exit code."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -16,6 +17,13 @@ from cellsam_triton.client.evaluate import write_json
 from cellsam_triton.errors import UserError
 
 HERE = Path(__file__).resolve().parent
+
+
+def positive(text: str) -> int:
+    """An argparse type: a positive count (of images, steps, ...)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return int(text)
 
 
 def machine() -> dict:

@@ -26,7 +26,8 @@ DECODER_CONTEXTS = ("full", "roi")
 # (export/encoder_int8.py); the gpu target always serves the FP32 graph (TensorRT FP32/FP16).
 ENCODER_PRECISIONS = ("fp32", "int8")
 # Test-time flips of the cellfinder_lite detector (request input ``tta``): 1 = off, 2 = the tile
-# and its left-right mirror, 4 = also its top-bottom mirror and both (model_repository/selection.py).
+# and its left-right mirror, 4 = also its top-bottom mirror and both (model_repository/selection.py);
+# the client decodes point prompts on the same views (client/point_rules.py).
 TTA_VIEWS = (1, 2, 4)
 
 
@@ -348,8 +349,8 @@ class Family:
         channels, so [C, H, W] works too), H * W <= LABELS_MAX_PIXELS. The other inputs are
         optional, absent = the family's default, as the CLI's options: prompt ``boxes`` (xyxy,
         input pixels, x1/y1 exclusive; the detector is skipped), thresholds, ``min_cell_area``,
-        ``scale`` (tiled families; absent or 0 = auto), ``tta`` (detector flips, 1 / 2 / 4; families with
-        CellFinder-lite), point prompts (``point_coords`` [N, P, 2] xy in
+        ``scale`` (tiled families; absent or 0 = auto), ``tta`` (test-time flips, 1 / 2 / 4, of the
+        detector or of point prompts; families with CellFinder-lite), point prompts (``point_coords`` [N, P, 2] xy in
         input pixels, one row per cell, ``point_labels`` [N, P] 1 / 0 / -1 padding; the detector or
         grid is skipped, ``<family>_point_decoder`` decodes them as `segment --points` does) and, for
         detector-free families, the grid settings. Outputs: ``labels`` [H, W] (0 background, 1..N)

@@ -65,7 +65,7 @@ def segment_image(
     [N,2] xy in input pixels, each a positive point of its own cell (client/point_rules.py).
     """
     options = options or SegmentOptions()
-    options.check_tta(family, detector_boxes=points is None and prompts == "detector" and boxes is None)
+    options.check_tta(family, detector_boxes=points is None and prompts == "detector" and boxes is None, points=points is not None)
     if points is not None:
         from .point_rules import segment_points
         from .points import as_point_prompts

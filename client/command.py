@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiled models: resize by FACTOR before segmenting (labels come back at input size); "
                              "auto = native, then 2x when cells are small (default %(default)s)")
     parser.add_argument("--tta", type=int, choices=(1, 2, 4), default=1, metavar="N",
-                        help="default model: detect on N views of each tile (1 off, 2 with its left-right mirror, "
-                             "4 with every flip), boxes fused; N encoder passes a tile (default %(default)s)")
+                        help="test-time flips: detect on N views of each tile (default model; 1 off, 2 with its "
+                             "left-right mirror, 4 with every flip), boxes fused; with --points (any model) decode "
+                             "the points on N views, masks averaged; N encoder passes a tile (default %(default)s)")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png (cell outlines on the image)")
     parser.add_argument("--format", default=None, metavar="LIST",
                         help="outputs, comma-separated: tif (<stem>_labels.tif), csv (<stem>_cells.csv), "
@@ -93,7 +94,7 @@ def _options(args: argparse.Namespace) -> SegmentOptions:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
-    given = {"--boxes": args.boxes is not None, "--points": args.points is not None, "--prompts grid": args.prompts == "grid"}
+    given = {"--boxes": args.boxes is not None, "--prompts grid": args.prompts == "grid"}
     check_tta_prompts(args.tta, given)  # before any server is contacted
     return SegmentOptions(args.bbox_threshold, args.iou_threshold, args.mask_threshold, None, _scale(args.scale), args.tta)
 

@@ -14,10 +14,16 @@ the others). Masks whose predicted IoU is below ``iou_threshold`` are dropped (n
 all) and every cell's score is 1.0, as for given boxes. Overlaps go to the mask with the higher
 logit and each cell keeps the connected part that holds its points (``labels.paint_seeded``):
 a neighbour's mask spilling over a clicked nucleus does not take it.
+
+Test-time flips (``SegmentOptions.tta`` 2 or 4, any family): each frame is also encoded mirrored
+(left-right; with 4 also top-bottom and both, the detector's views), every prompt is decoded on
+each view with its points mirrored, and the views' mask logits (mirrored back) and predicted IoUs
+are averaged; ``tta`` encoder passes and point-decoder calls a frame.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -25,6 +31,7 @@ import numpy as np
 
 from cellsam_triton.contracts import NAMES, Family
 from cellsam_triton.errors import UserError
+from cellsam_triton.model_repository.selection import flip_view, mirror_points
 
 from .autoscale import capped, check_scale, segment_rescaled
 from .grid_rules import sam_frame, sam_upsample
@@ -58,12 +65,35 @@ def decode_prompts(infer: "Infer", family: Family, embeddings: np.ndarray, promp
     return masks, ious
 
 
-def decode_frame(infer: "Infer", family: Family, frame: np.ndarray, prompts: PointPrompts, iou_threshold: float) -> PipelineResult:
-    """Encoder, then the point decoder for ``prompts`` (in the frame's coordinates) on one frame
-    [1,3,s,s]; the kept masks as a pipeline result (low-res logits, prompt extents as boxes)."""
+def embed_views(infer: "Infer", family: Family, frame: np.ndarray, views: int) -> np.ndarray:
+    """Image embeddings [views,D,e,e] of the first ``views`` mirrors of one frame [1,3,s,s]
+    (``selection.flip_view``), at most the encoder's batch a request."""
     encoder = family.encoder()
-    embeddings = infer(encoder.name, {NAMES.image: frame}, encoder)[NAMES.image_embeddings]
-    masks, ious = decode_prompts(infer, family, embeddings, prompts)
+    mirrored = np.concatenate([flip_view(frame, view) for view in range(views)])
+    step = max(1, family.encoder_batch)
+    return np.concatenate([infer(encoder.name, {NAMES.image: mirrored[start:start + step]}, encoder)[NAMES.image_embeddings]
+                           for start in range(0, views, step)])
+
+
+def decode_views(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_prompts`` on each mirrored view's embedding (``embed_views``) with the points mirrored
+    alike; (mask logits mirrored back, predicted IoU), averaged over the views."""
+    size = family.input_size
+    masks, ious = [], []
+    for view, embedding in enumerate(embeddings):
+        seen = prompts if view == 0 else dataclasses.replace(prompts, coords=mirror_points(prompts.coords, view, size))
+        low_res, iou = decode_prompts(infer, family, embedding[None], seen)
+        masks.append(flip_view(low_res, view))
+        ious.append(iou)
+    return np.mean(masks, axis=0, dtype=np.float32), np.mean(ious, axis=0, dtype=np.float32)
+
+
+def decode_frame(infer: "Infer", family: Family, frame: np.ndarray, prompts: PointPrompts, iou_threshold: float,
+                 views: int | None = None) -> PipelineResult:
+    """Encoder, then the point decoder for ``prompts`` (in the frame's coordinates) on one frame
+    [1,3,s,s], on ``views`` mirrors of it (test-time flips; None or 1: the frame alone); the kept
+    masks as a pipeline result (low-res logits, prompt extents as boxes)."""
+    masks, ious = decode_views(infer, family, embed_views(infer, family, frame, views or 1), prompts)
     keep = np.flatnonzero(ious >= iou_threshold) if iou_threshold >= 0 else np.arange(len(ious))
     return PipelineResult(prompts.extents()[keep], np.ones(len(keep), np.float32), ious[keep], masks[keep], keep.astype(np.int32))
 
@@ -84,7 +114,7 @@ def _tiles(image: np.ndarray, infer: "Infer", family: Family, prompts: PointProm
     def one(job) -> PipelineResult:
         tile, indices = job
         local = prompts.frame(offset=(tile.x0, tile.y0), indices=indices)
-        return decode_frame(infer, family, tile_input(norm, tile), local, options.iou_threshold)
+        return decode_frame(infer, family, tile_input(norm, tile), local, options.iou_threshold, options.tta)
 
     with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
         results = list(pool.map(one, jobs))
@@ -114,7 +144,7 @@ def _cellsam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPr
     height, width = image.shape[:2]
     size = family.input_size
     frame = segmenter_input(normalize(image), size)
-    result = decode_frame(infer, family, frame, prompts.frame(scale=(size / width, size / height)), options.iou_threshold)
+    result = decode_frame(infer, family, frame, prompts.frame(scale=(size / width, size / height)), options.iou_threshold, options.tta)
     return paint_frame(result, family, (height, width), options, prompts.seeds(result.prompt_index))
 
 
@@ -123,7 +153,7 @@ def _sam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompt
     height, width = image.shape[:2]
     size, m = family.input_size, family.low_res_size
     frame, (h, w) = sam_frame(image, size)
-    result = decode_frame(infer, family, frame, prompts.frame(scale=(w / width, h / height)), options.iou_threshold)
+    result = decode_frame(infer, family, frame, prompts.frame(scale=(w / width, h / height)), options.iou_threshold, options.tta)
     wy, wx = sam_upsample(m, size, h, height), sam_upsample(m, size, w, width)
     full = (slice(0, height), slice(0, width))
     cut = logit_threshold(options.mask_threshold)

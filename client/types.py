@@ -36,11 +36,12 @@ class PipelineResult:
 
 
 def check_tta_prompts(tta: int | None, prompts: dict[str, bool]) -> None:
-    """UserError when test-time flips (``tta`` other than None/1) come with prompts: ``prompts`` maps
-    each kind, named as the caller knows it (CLI flags, or a description), to whether it was given."""
+    """UserError when test-time flips (``tta`` other than None/1) come with prompts they do not apply
+    to (given boxes, grid prompts): ``prompts`` maps each kind, named as the caller knows it (CLI
+    flags, or a description), to whether it was given."""
     given = [name for name, on in prompts.items() if on]
     if tta not in (None, 1) and given:
-        raise UserError(f"test-time flips (tta) apply to detector boxes only, not to {' or '.join(given)}")
+        raise UserError(f"test-time flips (tta) apply to detector boxes and point prompts only, not to {' or '.join(given)}")
 
 
 @dataclass
@@ -52,17 +53,20 @@ class SegmentOptions:
     mask_threshold: float | None = None  # on sigmoid(logit)
     min_cell_area: int | None = None
     scale: float | None = None  # tiled families: None = automatic (client/autoscale.py), 1.0 = native
-    tta: int | None = None  # CellFinder-lite's test-time flips, one of contracts.TTA_VIEWS; None = 1 (off)
+    tta: int | None = None  # test-time flips, one of contracts.TTA_VIEWS; None = 1 (off)
 
-    def check_tta(self, family: "Family", detector_boxes: bool) -> None:
-        """UserError unless ``tta`` is off, or one of TTA_VIEWS on CellFinder-lite's detector boxes."""
+    def check_tta(self, family: "Family", detector_boxes: bool, points: bool = False) -> None:
+        """UserError unless ``tta`` is off, or one of TTA_VIEWS on CellFinder-lite's detector boxes or
+        with point prompts (any family: the client decodes them on each view)."""
         if self.tta in (None, 1):
             return
         if self.tta not in TTA_VIEWS:
             raise UserError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))}, got {self.tta}")
+        if points:
+            return
         if family.detector != "cellfinder_lite":
             raise UserError(f"test-time flips (tta) need CellFinder-lite; model {family.name} has detector {family.detector}")
-        check_tta_prompts(self.tta, {"given boxes, points or grid prompts": not detector_boxes})
+        check_tta_prompts(self.tta, {"given boxes or grid prompts": not detector_boxes})
 
     def resolved(self, family: "Family") -> "SegmentOptions":
         """A copy with every None replaced by the model family's default (``scale`` stays automatic)."""

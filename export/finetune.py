@@ -212,6 +212,12 @@ def provenance_path(adapter: Path) -> Path:
     return Path(adapter).with_suffix(".json")
 
 
+def read_provenance(adapter: Path) -> dict:
+    """The provenance recorded beside an adapter file ({} when there is none)."""
+    path = provenance_path(adapter)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def write_provenance_fields(config: FinetuneConfig, record: dict, adapter: Path) -> dict:
     """The provenance entries common to the CLI and the benchmark (settings, record, versions, sha256)."""
     import torch

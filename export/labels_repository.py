@@ -41,6 +41,7 @@ RULE_MODULES = (
     "cellsam_triton.client.point_rules",
     "cellsam_triton.model_repository",
     "cellsam_triton.model_repository.raster",
+    "cellsam_triton.model_repository.selection",
 )
 PACKAGE = "cellsam_triton"
 

@@ -6,6 +6,7 @@ Runs inside Triton's Python backend beside pipeline.py, so it imports nothing fr
   cellfinder_lite  score threshold, greedy NMS, at most `max_detections`, sorted by score;
                    with test-time flips (request input ``tta``), each mirrored view's boxes are
                    mirrored back and the views fused (weighted box fusion) before the threshold.
+The same mirrors serve the client's point prompts with ``tta`` (client/point_rules.py).
 """
 
 from __future__ import annotations
@@ -124,6 +125,18 @@ def unflip_boxes(boxes: np.ndarray, view: int, size: int) -> np.ndarray:
         out[:, [0, 2]] = (size - 1) - out[:, [2, 0]]
     if tb:
         out[:, [1, 3]] = (size - 1) - out[:, [3, 1]]
+    return out
+
+
+def mirror_points(coords: np.ndarray, view: int, size: int) -> np.ndarray:
+    """Point prompts (xy pixel coordinates [..., 2]) of a ``size``-square input, on view ``view`` of it
+    (a mirror is its own inverse: the same call maps them back)."""
+    lr, tb = _MIRRORS[view]
+    out = np.array(coords, np.float32)
+    if lr:
+        out[..., 0] = (size - 1) - out[..., 0]
+    if tb:
+        out[..., 1] = (size - 1) - out[..., 1]
     return out
 
 

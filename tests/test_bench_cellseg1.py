@@ -12,8 +12,9 @@ import pytest
 
 from bench.cellseg1 import (TRAINING_SIZES, export_key, finetune_gain, gain_sentence, load_checkpoint, model_key, paired_stderr,
                             report, run_method, training_image, training_kinds, training_rule)
-from bench.cellseg1_steps import (adapter_path, choose, choose_epochs, epochs_list, positive, selection_images,
-                                  selection_sentence, tuned_candidate)
+from bench.cellseg1_steps import (adapter_path, choose, choose_epochs, epochs_list, selection_images, selection_sentence,
+                                  tuned_candidate)
+from bench.report import positive
 from cellsam_triton.client.metrics import ImageScore
 from cellsam_triton.errors import UserError
 

@@ -22,6 +22,7 @@ import tifffile
 from served_checks import assert_same_cells
 from test_server import REPO_ROOT
 
+from bench.clicks import click_points, point_ious
 from bench.measure import statistics_delta, triton_statistics
 
 from cellsam_triton.cli import main as cli
@@ -217,6 +218,68 @@ def test_labels_model_takes_point_prompts_as_segment_does(server: EmbeddedServer
         client.close()
 
 
+def test_mirrored_points_land_on_the_mirrored_pixels() -> None:
+    """`selection.mirror_points` (the point flips of `tta`) moves a point as `flip_view` moves its pixel."""
+    from cellsam_triton.model_repository.selection import flip_view, mirror_points
+
+    size, (x, y) = 16, (3, 11)
+    plane = np.zeros((size, size), np.uint8)
+    plane[y, x] = 1
+    for view in range(4):
+        mx, my = mirror_points(np.float32([[x, y]]), view, size)[0]
+        assert flip_view(plane, view)[int(my), int(mx)] == 1
+        np.testing.assert_array_equal(mirror_points(mirror_points(np.float32([[x + 0.25, y]]), view, size), view, size),
+                                      np.float32([[x + 0.25, y]]))
+
+
+def test_point_flips_average_the_mirrored_views(server: EmbeddedServer, tmp_path: Path) -> None:
+    """``tta`` with point prompts: a frame's masks are the mean of each mirrored view's masks
+    (decoded with mirrored points, mirrored back), checked against the transport's own embed /
+    decode_points calls; Segmenter, CLI and the labels model answer alike."""
+    import tritonclient.grpc as grpcclient
+
+    from cellsam_triton.client.point_rules import decode_frame
+    from cellsam_triton.model_repository.selection import flip_view, mirror_points
+
+    image = discs(256, 256, [(60, 70), (60, 110), (200, 170)], radius=12)
+    image[:, 128:] //= 2  # no mirror of the image is the image
+    xy = np.float32([[70, 60], [170, 200]])
+    frame = tile_input(lite_normalize(image), family_tiles(LITE, 256, 256)[0])
+    with Segmenter(server.grpc_url) as seg:
+        t = seg.transport
+        plain = decode_frame(t.infer, seg.family, frame, point_prompts(xy), -1)
+        flipped = decode_frame(t.infer, seg.family, frame, point_prompts(xy), -1, views=4)
+        masks, ious = [], []
+        for view in range(4):
+            embedding = t.embed(flip_view(frame, view)[0])
+            low_res, iou = t.decode_points(embedding, mirror_points(xy, view, LITE.input_size))
+            masks.append(flip_view(low_res[:, 0], view))
+            ious.append(iou[:, 0])
+        scale = max(1.0, float(np.abs(masks).max()))
+        np.testing.assert_allclose(flipped.masks, np.mean(masks, axis=0), atol=1e-3 * scale)
+        np.testing.assert_allclose(flipped.iou_predictions, np.mean(ious, axis=0), atol=1e-3)
+        np.testing.assert_allclose(plain.masks, masks[0], atol=1e-3 * scale)
+        assert np.abs(flipped.masks - plain.masks).max() > 1e-2  # the views did change the masks
+
+        options = dataclasses.replace(KEEP_ALL, tta=2)
+        api = seg.segment(image, points=xy, options=options)
+    assert api.count == 2
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        arrays = {"image": image[..., None], "point_coords": xy[:, None], "iou_threshold": np.float32([-1]), "tta": np.int32([2])}
+        inputs = []
+        for name, array in arrays.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), {np.uint8: "UINT8", np.int32: "INT32"}.get(array.dtype.type, "FP32"))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        labels = client.infer(LITE.labels_name, inputs, client_timeout=120).as_numpy("labels")
+    assert_same_cells(labels, api.labels)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    points = write_csv(tmp_path / "points.csv", "x,y\n70,60\n170,200\n")
+    assert cli(["segment", str(tmp_path / "cells.tif"), "--points", str(points), "--out", str(tmp_path / "out"),
+                "--url", server.grpc_url, "--iou-threshold", "-1", "--tta", "2"]) == 0
+    assert_same_cells(tifffile.imread(tmp_path / "out" / "cells_labels.tif"), api.labels)
+
+
 def test_segment_points_cli_and_async(server: EmbeddedServer, tmp_path: Path) -> None:
     image = discs(256, 600, CENTRES)
     tifffile.imwrite(tmp_path / "cells.tif", image)
@@ -317,59 +380,35 @@ def test_grid_mode_enlarges_images_of_small_cells_as_the_detector_route_does(ser
         assert auto.count >= native.count
 
 
-def ten_nuclei(labels: np.ndarray, count: int = 10) -> list[tuple[int, int, int]]:
-    """(label, x, y) of the first ``count`` nuclei (label order) of at least 60 px that keep off the
-    image border, each with its most interior pixel (largest distance to the nucleus' outline)."""
-    from scipy import ndimage
-
-    picked = []
-    height, width = labels.shape
-    for value, window in enumerate(ndimage.find_objects(labels), start=1):
-        if window is None:
-            continue
-        (y0, y1), (x0, x1) = ((w.start, w.stop) for w in window)
-        if y0 < 2 or x0 < 2 or y1 > height - 2 or x1 > width - 2:
-            continue
-        own = np.pad(labels[y0:y1, x0:x1] == value, 1)
-        if own.sum() < 60:
-            continue
-        depth = ndimage.distance_transform_edt(own)
-        y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-        picked.append((value, int(x0 + x - 1), int(y0 + y - 1)))
-        if len(picked) == count:
-            break
-    return picked
-
-
 def test_points_on_real_nuclei_give_cells_that_match_them(server: EmbeddedServer) -> None:
     """Ten points on ten nuclei of each of the first three fluorescence val images (held out): each
     gives ten cells, and the share of points whose cell (the label under the point) matches its
     nucleus at mask IoU >= 0.5. The box-trained decoder matched 8 % of one-point prompts. Painted
     in order (later cells win overlaps) this decoder matched 25 of 30 and lost cells; painted by
     logit around each point (``labels.paint_seeded``) it gives 10, 10, 10 cells and 28 of 30
-    matches (the other two masks, IoU 0.47 and 0.39, are the decoder's). Floor with margin: 27."""
+    matches (the other two masks, IoU 0.47 and 0.39, are the decoder's). Floor with margin: 27.
+    With test-time flips (``tta=4``) the same points gave 10, 10, 10 cells and 29 matches."""
     from cellsam_triton.client.evaluate import select
     from cellsam_triton.datasets import load_sample
 
     if not (DATA / "manifest.csv").is_file():
         pytest.skip(f"DSB2018 data not found at {DATA}")
-    ious: list[float] = []
-    counts = []
-    with Segmenter(server.grpc_url) as seg:
-        for record in select(DATA, "val"):
-            if record.kind != "fluorescence" or len(counts) == 3:
-                continue
-            image, labels = load_sample(DATA, record.id)
-            nuclei = ten_nuclei(labels)
-            if len(nuclei) < 10:
-                continue
-            result = seg.segment(image, points=[[x, y] for _, x, y in nuclei], options=KEEP_ALL)
-            assert 1 <= result.count <= 10
-            counts.append(result.count)
-            for value, x, y in nuclei:
-                cell, truth = result.labels == result.labels[y, x], labels == value
-                ious.append(float((cell & truth).sum() / (cell | truth).sum()) if result.labels[y, x] else 0.0)
-    matched = sum(v >= 0.5 for v in ious)
-    print(f"cells per ten points: {counts}; points whose cell matches at IoU >= 0.5: {matched} of {len(ious)}")
-    assert counts == [10, 10, 10], (counts, [round(v, 3) for v in ious])
-    assert len(ious) == 30 and matched >= 27, (counts, [round(v, 3) for v in ious])
+    for options in (KEEP_ALL, dataclasses.replace(KEEP_ALL, tta=4)):
+        ious: list[float] = []
+        counts = []
+        with Segmenter(server.grpc_url) as seg:
+            for record in select(DATA, "val"):
+                if record.kind != "fluorescence" or len(counts) == 3:
+                    continue
+                image, labels = load_sample(DATA, record.id)
+                nuclei = click_points(labels)
+                if len(nuclei) < 10:
+                    continue
+                result = seg.segment(image, points=[[x, y] for _, x, y in nuclei], options=options)
+                assert 1 <= result.count <= 10
+                counts.append(result.count)
+                ious += point_ious(result.labels, labels, nuclei)
+        matched = sum(v >= 0.5 for v in ious)
+        print(f"tta {options.tta or 1}: cells per ten points: {counts}; points whose cell matches at IoU >= 0.5: {matched} of {len(ious)}")
+        assert counts == [10, 10, 10], (options.tta, counts, [round(v, 3) for v in ious])
+        assert len(ious) == 30 and matched >= 27, (options.tta, counts, [round(v, 3) for v in ious])

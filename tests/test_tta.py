@@ -63,12 +63,16 @@ def test_tta_is_refused_where_it_means_nothing() -> None:
         SegmentOptions(tta=3).check_tta(LITE, detector_boxes=True)
     with pytest.raises(UserError, match="need CellFinder-lite; model cellsam"):
         SegmentOptions(tta=2).check_tta(CELLSAM, detector_boxes=True)
-    with pytest.raises(UserError, match="detector boxes only"):
+    with pytest.raises(UserError, match="detector boxes and point prompts only, not to given boxes or grid prompts$"):
         SegmentOptions(tta=2).check_tta(LITE, detector_boxes=False)
+    for family in (LITE, CELLSAM):  # point prompts are flipped by the client: any family
+        SegmentOptions(tta=4).check_tta(family, detector_boxes=False, points=True)
+    with pytest.raises(UserError, match="one of 1, 2, 4, got 3"):
+        SegmentOptions(tta=3).check_tta(CELLSAM, detector_boxes=False, points=True)
     check_tta_prompts(1, {"--boxes": True})
     check_tta_prompts(4, {"--boxes": False})
-    with pytest.raises(UserError, match=r"detector boxes only, not to --boxes gt or --prompts grid$"):
-        check_tta_prompts(2, {"--boxes gt": True, "--points": False, "--prompts grid": True})  # the CLI's names
+    with pytest.raises(UserError, match=r"detector boxes and point prompts only, not to --boxes gt or --prompts grid$"):
+        check_tta_prompts(2, {"--boxes gt": True, "--prompts grid": True})  # the CLI's names
     assert NAMES.tta in {t.name for t in LITE.pipeline().inputs}
     assert NAMES.tta in {t.name for t in LITE.labels_model().inputs}
     assert NAMES.tta not in {t.name for t in CELLSAM.pipeline().inputs}
@@ -143,11 +147,11 @@ def test_cli_and_labels_model_flip_as_the_api_does(default_server: EmbeddedServe
     with pytest.raises(SystemExit) as exit_info:
         cli(["segment", str(tmp_path / "stained.tif"), "--out", str(tmp_path / "bad"), "--url", default_server.grpc_url, "--tta", "3"])
     assert exit_info.value.code == 2
-    points = tmp_path / "points.csv"
-    points.write_text("x,y\n40,40\n")
-    assert cli(["segment", str(tmp_path / "stained.tif"), "--out", str(tmp_path / "pts"), "--url", default_server.grpc_url, "--tta", "2",
-                "--points", str(points)]) == 2
-    assert "test-time flips (tta) apply to detector boxes only, not to --points\n" in capsys.readouterr().err
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("x0,y0,x1,y1\n30,30,50,50\n")
+    assert cli(["segment", str(tmp_path / "stained.tif"), "--out", str(tmp_path / "bad"), "--url", default_server.grpc_url, "--tta", "2",
+                "--boxes", str(boxes)]) == 2
+    assert "test-time flips (tta) apply to detector boxes and point prompts only, not to --boxes\n" in capsys.readouterr().err
 
 
 def test_eval_scores_with_flips_what_segment_gives(default_server: EmbeddedServer, capsys: pytest.CaptureFixture) -> None:
