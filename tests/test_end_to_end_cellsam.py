@@ -239,11 +239,14 @@ CENTRES = np.array([[80, 60], [200, 150], [330, 220], [320, 90], [90, 240]], np.
 
 def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
     """`export --model cellsam` serves cellsam_point_decoder and cellsam_grid; point prompts through
-    them equal SAM's own prompt encoder + mask decoder, one prompt at a time, in PyTorch."""
+    them equal SAM's own prompt encoder + mask decoder, one prompt at a time, in PyTorch, and so do
+    they with test-time flips (each mirror decoded alike, mirrored back, averaged)."""
     from cellsam_triton.client.api import Segmenter
     from cellsam_triton.client.grid_rules import GridOptions
+    from cellsam_triton.client.point_rules import decode_frame
     from cellsam_triton.client.points import point_prompts
     from cellsam_triton.client.types import SegmentOptions
+    from cellsam_triton.model_repository.selection import flip_view, mirror_points
 
     server, modules, root = cellsam
     served = {p.name for p in (root / "repository").iterdir() if (p / "config.pbtxt").is_file()}
@@ -269,5 +272,19 @@ def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
         assert agreement(result.labels, paint_points_reference(expected, (H, W), CENTRES)) >= 0.99
         several = seg.segment(image, points=point_prompts(CENTRES[:3], [1, 1, 0], cells=[0, 0, 0]), options=SegmentOptions(iou_threshold=-1))
         assert several.count <= 1
+        # test-time flips (tta 2): SAM's own modules on the left-right mirror, points mirrored, masks mirrored back, averaged
+        mirrored_points = torch.from_numpy(mirror_points(coords.numpy(), 1, 1024))
+        with torch.no_grad():
+            mirrored_embedding = modules.encoder(torch.from_numpy(flip_view(frame, 1)))
+            on_mirror = []
+            for point in mirrored_points:
+                sparse, dense = pe(points=(point.reshape(1, 1, 2), labels), boxes=None, masks=None)
+                on_mirror.append(md(image_embeddings=mirrored_embedding, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                    dense_prompt_embeddings=dense, multimask_output=False)[0][0].numpy())
+        want = (expected + flip_view(np.stack(on_mirror), 1)) / 2
+        flipped = decode_frame(seg.transport.infer, seg.family, frame, point_prompts(coords.numpy()), -1, views=2)
+        np.testing.assert_allclose(flipped.masks, want[:, 0], atol=1e-3 * max(1.0, float(np.abs(want).max())))
+        assert np.abs(want - expected).max() > 1e-3  # the mirror did change the masks
+        assert seg.segment(image, points=CENTRES, options=SegmentOptions(iou_threshold=-1, tta=2)).labels.shape == (H, W)
         grid = seg.segment(image, prompts="grid", grid=GridOptions(points_per_side=4, pred_iou_threshold=0.0, stability_threshold=0.0))
         assert grid.labels.shape == (H, W)

@@ -129,6 +129,8 @@ def test_grid_pipeline_served(grid_repository: Path, server_factory):
         # point prompts through its point decoder, in CellSeg1's resized frame
         pointed = seg.segment(image, points=[[16, 14], [47, 30]], options=SegmentOptions(iou_threshold=-1, min_cell_area=0))
         assert pointed.labels.shape == image.shape and 1 <= pointed.count <= 2
+        flipped = seg.segment(image, points=[[16, 14], [47, 30]], options=SegmentOptions(iou_threshold=-1, min_cell_area=0, tta=4))
+        assert flipped.labels.shape == image.shape and flipped.count <= 2  # test-time flips: any family's point prompts
         with pytest.raises(UserError, match="outside the image"):
             seg.segment(image, points=[[64, 10]])
         with pytest.raises(Exception, match="points_per_side"):
