@@ -31,7 +31,7 @@ WEIGHTS := export/weights/cellfinder_lite.pt export/weights/lite_decoder.pt expo
 # what an exported repository is made from besides the weights: a change re-exports
 # (`<family>_labels` carries copies of the client's rule modules: export/labels_repository.py RULE_MODULES)
 RULE_SOURCES := $(addprefix client/,api.py transport.py types.py images.py labels.py tiles.py resize.py autoscale.py \
-  lite_rules.py cellsam_rules.py grid_rules.py) cellsam_triton/errors.py
+  lite_rules.py cellsam_rules.py grid_rules.py points.py point_rules.py) cellsam_triton/errors.py
 EXPORT_SOURCES := $(wildcard model_repository/*.py export/*.py export/models/*.py) cellsam_triton/contracts.py $(RULE_SOURCES)
 
 $(REPO)/.exported: $(VENV)/.installed $(WEIGHTS) $(EXPORT_SOURCES)

@@ -3,11 +3,12 @@
 On the validation split, the first ``--images-per-kind`` fluorescence and stained images that have
 ten nuclei of at least 60 px off the image border (``click_points``: the first ten by label, each
 clicked at its most interior pixel) are segmented with those ten points as prompts
-(``Segmenter.segment(points=...)``, every mask kept) once per ``--tta`` value. A point *matches*
+(``Segmenter.segment(points=...)``, default options: every mask kept, a click its point mask misses
+decoded again from boxes) once per ``--tta`` value. A point *matches*
 when the cell under it overlaps its nucleus at IoU >= 0.5. Per value and kind: points matched,
 images that gave ten cells, images whose ten points all matched, mean IoU, seconds an image (client
-wall time) and, from Triton's statistics API, requests and mean ms per request of the encoder and
-the point decoder. Writes ``clicks.json`` and ``clicks.md``.
+wall time) and, from Triton's statistics API, requests and mean ms per request of the encoder, the
+point decoder and the box decoder (the fallback). Writes ``clicks.json`` and ``clicks.md``.
 
     python -m bench.clicks --repository build/repository --data ../shared/data/dsb2018 [--tta 1,2,4]
 """
@@ -65,8 +66,9 @@ def point_ious(cells: np.ndarray, labels: np.ndarray, clicks: list[tuple[int, in
     return out
 
 
-def clicked_images(data: Path, per_kind: int) -> list[tuple[str, str]]:
-    """(kind, id) of the first ``per_kind`` validation images of each kind with CLICKS clickable nuclei."""
+def clicked_images(data: Path, per_kind: int) -> list[tuple[str, str, np.ndarray, np.ndarray, list[tuple[int, int, int]]]]:
+    """(kind, id, image, labels, clicks) of the first ``per_kind`` validation images of each kind with
+    CLICKS clickable nuclei (``click_points``)."""
     from cellsam_triton.client.evaluate import select
     from cellsam_triton.datasets import load_sample
 
@@ -74,8 +76,10 @@ def clicked_images(data: Path, per_kind: int) -> list[tuple[str, str]]:
     for record in select(data, "val"):
         if counts.get(record.kind, per_kind) >= per_kind:
             continue
-        if len(click_points(load_sample(data, record.id)[1])) == CLICKS:
-            chosen.append((record.kind, record.id))
+        image, labels = load_sample(data, record.id)
+        clicks = click_points(labels)
+        if len(clicks) == CLICKS:
+            chosen.append((record.kind, record.id, image, labels, clicks))
             counts[record.kind] += 1
     return chosen
 
@@ -86,7 +90,6 @@ def measure(args: argparse.Namespace) -> dict:
 
     from cellsam_triton.client.api import Segmenter
     from cellsam_triton.client.types import SegmentOptions
-    from cellsam_triton.datasets import load_sample
     from cellsam_triton.server import EmbeddedServer
 
     from .measure import statistics_delta, triton_statistics
@@ -97,15 +100,12 @@ def measure(args: argparse.Namespace) -> dict:
     rows, triton = [], {}
     with EmbeddedServer(args.repository) as server, Segmenter(server.grpc_url, timeout_s=600) as seg, \
             grpcclient.InferenceServerClient(server.grpc_url) as client:
-        models = [seg.family.encoder_name, seg.family.point_decoder_name]
-        image, labels = load_sample(args.data, images[0][1])
-        seg.segment(image, points=[[x, y] for _, x, y in click_points(labels)])  # warm-up, not timed
+        models = [seg.family.encoder_name, seg.family.point_decoder_name, seg.family.decoder_name]
+        seg.segment(images[0][2], points=[[x, y] for _, x, y in images[0][4]])  # warm-up, not timed
         for tta in args.tta:
-            options = SegmentOptions(iou_threshold=-1, tta=tta)
-            before, ious, per_image = triton_statistics(client, models), [], []
-            for kind, sample_id in images:
-                image, labels = load_sample(args.data, sample_id)
-                clicks = click_points(labels)
+            options = SegmentOptions(tta=tta)  # the defaults: every click's mask kept
+            before, per_image = triton_statistics(client, models), []
+            for kind, sample_id, image, labels, clicks in images:
                 started = time.perf_counter()
                 result = seg.segment(image, points=[[x, y] for _, x, y in clicks], options=options)
                 seconds = time.perf_counter() - started

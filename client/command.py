@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="detector boxes, or grid: a point grid through the model's <model>_grid, no detector (default %(default)s)")
     add_grid_arguments(parser)
     parser.add_argument("--bbox-threshold", type=float, default=None, help="detector score threshold (default 0.4)")
-    parser.add_argument("--iou-threshold", type=float, default=None, help="drop masks whose predicted IoU is lower; -1 keeps all (default 0.5)")
+    parser.add_argument("--iou-threshold", type=float, default=None, help="drop masks whose predicted IoU is lower; -1 keeps all (default 0.5; with --points every mask is kept)")
     parser.add_argument("--mask-threshold", type=float, default=None, help="sigmoid threshold of mask logits (default: model's)")
     parser.add_argument("--scale", default="auto", metavar="auto|FACTOR",
                         help="tiled models: resize by FACTOR before segmenting (labels come back at input size); "

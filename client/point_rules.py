@@ -10,15 +10,21 @@ runs once a frame. Frames and masks follow the family's box rules:
   cellsam     CellSAM's 1024 stretch (as cellsam_rules), points scaled as boxes are.
   sam         CellSeg1's resized, zero-padded frame (as grid_rules), points scaled as SAM does.
 Prompts of equal point count are decoded together, unpadded (a prompt's mask does not depend on
-the others). Masks whose predicted IoU is below ``iou_threshold`` are dropped (negative keeps
-all) and every cell's score is 1.0, as for given boxes. Overlaps go to the mask with the higher
-logit and each cell keeps the connected part that holds its points (``labels.paint_seeded``):
+the others). A click says a cell lies under it: a prompt whose mask covers none of its positive
+points (the decoder took the nucleus for background) or is below the minimum cell area is decoded
+again by the family's box decoder on the same embedding, from boxes of ``FALLBACK_SIDES`` input
+pixels centred on its first positive point (negative points play no part there), and takes the
+mask that covers that point with the highest predicted IoU (``box_fallback``; its own mask stays
+where none does). That mask is a second opinion: its logits are capped just above the mask cut, so
+it takes no pixel another click's mask claims. Every mask is kept unless ``iou_threshold`` is given (masks whose predicted IoU
+is below it are then dropped) and every cell's score is 1.0. Overlaps go to the mask with the
+higher logit and each cell keeps the connected part that holds its points (``labels.paint_seeded``):
 a neighbour's mask spilling over a clicked nucleus does not take it.
 
 Test-time flips (``SegmentOptions.tta`` 2 or 4, any family): each frame is also encoded mirrored
 (left-right; with 4 also top-bottom and both, the detector's views), every prompt is decoded on
 each view with its points mirrored, and the views' mask logits (mirrored back) and predicted IoUs
-are averaged; ``tta`` encoder passes and point-decoder calls a frame.
+are averaged (fallback boxes too, mirrored alike); ``tta`` encoder passes and point-decoder calls a frame.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 
 from cellsam_triton.contracts import NAMES, Family
 from cellsam_triton.errors import UserError
-from cellsam_triton.model_repository.selection import flip_view, mirror_points
+from cellsam_triton.model_repository.selection import flip_view, mirror_points, unflip_boxes
 
 from .autoscale import capped, check_scale, segment_rescaled
 from .grid_rules import sam_frame, sam_upsample
@@ -40,13 +46,15 @@ from .labels import cells_table, logit_threshold, paint_cells
 from .lite_rules import assign_boxes, channels_last, paint_tiles
 from .points import PointPrompts
 from .tiles import family_tiles, lite_normalize, tile_input
-from .transport import joined_masks, point_decoder_requests
+from .transport import box_decoder_requests, joined_masks, point_decoder_requests
 from .types import PipelineResult, Segmentation, SegmentOptions
 
 if TYPE_CHECKING:
     from .grid_rules import Infer
 
 MAX_IN_FLIGHT = 2  # tiles decoded at once
+FALLBACK_SIDES = (10.0, 14.0, 20.0, 28.0, 40.0, 56.0)  # input pixels: boxes tried around a click its mask misses
+FALLBACK_MARGIN = 1e-3  # a fallback mask's logits stay this close above the cut: it loses every overlap
 
 
 def decode_prompts(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +86,8 @@ def embed_views(infer: "Infer", family: Family, frame: np.ndarray, views: int) -
 def decode_views(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts) -> tuple[np.ndarray, np.ndarray]:
     """``decode_prompts`` on each mirrored view's embedding (``embed_views``) with the points mirrored
     alike; (mask logits mirrored back, predicted IoU), averaged over the views."""
+    if len(embeddings) == 1:
+        return decode_prompts(infer, family, embeddings, prompts)
     size = family.input_size
     masks, ious = [], []
     for view, embedding in enumerate(embeddings):
@@ -88,13 +98,75 @@ def decode_views(infer: "Infer", family: Family, embeddings: np.ndarray, prompts
     return np.mean(masks, axis=0, dtype=np.float32), np.mean(ious, axis=0, dtype=np.float32)
 
 
-def decode_frame(infer: "Infer", family: Family, frame: np.ndarray, prompts: PointPrompts, iou_threshold: float,
-                 views: int | None = None) -> PipelineResult:
+def decode_boxes(infer: "Infer", family: Family, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The box decoder on each view's embedding with ``boxes`` [N,4] (frame) mirrored alike; (mask
+    logits [N,m,m] mirrored back, predicted IoU [N]), averaged over the views."""
+    spec, m = family.decoder(), family.low_res_size
+    masks, ious = [], []
+    for view, embedding in enumerate(embeddings):
+        requests = box_decoder_requests(embedding[None], unflip_boxes(boxes, view, family.input_size))
+        low_res, iou = joined_masks([infer(spec.name, request, spec) for request in requests], m)
+        masks.append(flip_view(low_res[:, 0], view))
+        ious.append(iou[:, 0])
+    return np.mean(masks, axis=0, dtype=np.float32), np.mean(ious, axis=0, dtype=np.float32)
+
+
+def under_points(masks: np.ndarray, coords: np.ndarray, size: int) -> np.ndarray:
+    """Mask logits [K,P] of masks [K,m,m] at each prompt's points [K,P,2] (xy, a ``size`` frame)."""
+    m = masks.shape[-1]
+    cells = np.clip(np.floor(coords * (m / size)).astype(np.int64), 0, m - 1)
+    return masks[np.arange(len(masks))[:, None], cells[..., 1], cells[..., 0]]
+
+
+def box_fallback(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts, masks: np.ndarray,
+                 ious: np.ndarray, cut: float, sides: np.ndarray, min_pixels: float = 0.0) -> np.ndarray:
+    """In place on ``masks``/``ious``: each prompt whose mask misses its click (logits at most ``cut``
+    under all its positive points, or fewer than ``min_pixels`` mask pixels above it: no cell would be
+    left) takes the box decoder's mask (``decode_boxes``) of the box, among ``sides`` [S,2] (w, h in
+    frame pixels) centred on its first positive point, whose mask covers that point (and has
+    ``min_pixels``) with the highest predicted IoU, its logits capped at ``cut + FALLBACK_MARGIN`` (so
+    it yields every contested pixel to the other masks); it keeps its own mask where no box does.
+    Returns the indices of the prompts that changed."""
+    positive = prompts.labels == 1
+    covered = ((under_points(masks, prompts.coords, family.input_size) > cut) & positive).any(axis=1)
+    missed = np.flatnonzero(~covered | ((masks > cut).sum(axis=(1, 2)) < min_pixels))
+    if not missed.size:
+        return missed
+    centres = prompts.coords[missed, np.argmax(positive[missed], axis=1)]  # [n,2]
+    half = np.asarray(sides, np.float32) / 2
+    boxes = np.concatenate([centres[:, None] - half, centres[:, None] + half], axis=2)  # [n,S,4]
+    low_res, iou = decode_boxes(infer, family, embeddings, boxes.reshape(-1, 4))
+    at_centre = np.repeat(centres, len(sides), axis=0)[:, None]  # [n*S,1,2]
+    covers = (under_points(low_res, at_centre, family.input_size)[:, 0] > cut) & ((low_res > cut).sum(axis=(1, 2)) >= min_pixels)
+    covers = covers.reshape(len(missed), len(sides))
+    iou = iou.reshape(len(missed), len(sides))
+    changed = []
+    for row, k in enumerate(missed):
+        if covers[row].any():
+            best = int(np.argmax(np.where(covers[row], iou[row], -np.inf)))
+            masks[k], ious[k] = np.minimum(low_res[row * len(sides) + best], cut + FALLBACK_MARGIN), iou[row, best]
+            changed.append(k)
+    return np.asarray(changed, np.int64)
+
+
+def fallback_sides(scale: tuple[float, float]) -> np.ndarray:
+    """``FALLBACK_SIDES`` as (w, h) [S,2] in a frame that is ``scale`` (x, y) times the input."""
+    return np.asarray(FALLBACK_SIDES, np.float32)[:, None] * np.float32(scale)
+
+
+def decode_frame(infer: "Infer", family: Family, frame: np.ndarray, prompts: PointPrompts, options: SegmentOptions,
+                 scale: tuple[float, float]) -> PipelineResult:
     """Encoder, then the point decoder for ``prompts`` (in the frame's coordinates) on one frame
-    [1,3,s,s], on ``views`` mirrors of it (test-time flips; None or 1: the frame alone); the kept
-    masks as a pipeline result (low-res logits, prompt extents as boxes)."""
-    masks, ious = decode_views(infer, family, embed_views(infer, family, frame, views or 1), prompts)
-    keep = np.flatnonzero(ious >= iou_threshold) if iou_threshold >= 0 else np.arange(len(ious))
+    [1,3,s,s], on ``options.tta`` mirrors of it (test-time flips; None or 1: the frame alone), then
+    ``box_fallback`` for clicks their masks miss (the frame is ``scale`` (x, y) times the input: box
+    sides and ``min_cell_area`` follow); the kept masks as a pipeline result (low-res logits, prompt
+    extents as boxes)."""
+    embeddings = embed_views(infer, family, frame, options.tta or 1)
+    masks, ious = decode_views(infer, family, embeddings, prompts)
+    per_input_pixel = (family.low_res_size / family.input_size) ** 2 * scale[0] * scale[1]  # low-res pixels
+    box_fallback(infer, family, embeddings, prompts, masks, ious, logit_threshold(options.mask_threshold), fallback_sides(scale),
+                 (options.min_cell_area or 0) * per_input_pixel)
+    keep = np.flatnonzero(ious >= options.iou_threshold) if options.iou_threshold >= 0 else np.arange(len(ious))
     return PipelineResult(prompts.extents()[keep], np.ones(len(keep), np.float32), ious[keep], masks[keep], keep.astype(np.int32))
 
 
@@ -105,7 +177,8 @@ def _checked(prompts: PointPrompts, image: np.ndarray) -> np.ndarray:
 
 
 # --- litemedsam: native-resolution tiles ------------------------------------------------------------
-def _tiles(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions) -> Segmentation:
+def _tiles(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompts, options: SegmentOptions,
+           scale: float = 1.0) -> Segmentation:
     norm = lite_normalize(image)
     height, width = norm.shape[:2]
     tiles = family_tiles(family, height, width)
@@ -114,7 +187,7 @@ def _tiles(image: np.ndarray, infer: "Infer", family: Family, prompts: PointProm
     def one(job) -> PipelineResult:
         tile, indices = job
         local = prompts.frame(offset=(tile.x0, tile.y0), indices=indices)
-        return decode_frame(infer, family, tile_input(norm, tile), local, options.iou_threshold, options.tta)
+        return decode_frame(infer, family, tile_input(norm, tile), local, options, (scale, scale))
 
     with ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT) as pool:
         results = list(pool.map(one, jobs))
@@ -131,7 +204,7 @@ def _lite(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPromp
 
     def native(big: np.ndarray, _boxes: None, inner: SegmentOptions) -> Segmentation:
         scaled = prompts.frame(scale=(big.shape[1] / width, big.shape[0] / height))
-        return _tiles(big, infer, family, scaled, inner)
+        return _tiles(big, infer, family, scaled, inner, big.shape[1] / width)
 
     return segment_rescaled(native, image, factor, None, options)
 
@@ -144,7 +217,8 @@ def _cellsam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPr
     height, width = image.shape[:2]
     size = family.input_size
     frame = segmenter_input(normalize(image), size)
-    result = decode_frame(infer, family, frame, prompts.frame(scale=(size / width, size / height)), options.iou_threshold, options.tta)
+    scale = (size / width, size / height)
+    result = decode_frame(infer, family, frame, prompts.frame(scale=scale), options, scale)
     return paint_frame(result, family, (height, width), options, prompts.seeds(result.prompt_index))
 
 
@@ -153,7 +227,8 @@ def _sam(image: np.ndarray, infer: "Infer", family: Family, prompts: PointPrompt
     height, width = image.shape[:2]
     size, m = family.input_size, family.low_res_size
     frame, (h, w) = sam_frame(image, size)
-    result = decode_frame(infer, family, frame, prompts.frame(scale=(w / width, h / height)), options.iou_threshold, options.tta)
+    scale = (w / width, h / height)
+    result = decode_frame(infer, family, frame, prompts.frame(scale=scale), options, scale)
     wy, wx = sam_upsample(m, size, h, height), sam_upsample(m, size, w, width)
     full = (slice(0, height), slice(0, width))
     cut = logit_threshold(options.mask_threshold)
@@ -176,4 +251,6 @@ def segment_points(image: np.ndarray, infer: "Infer", family: Family, prompts: P
     check_scale(options.scale)
     if family.preprocess != "litemedsam" and options.scale not in (None, 1.0):
         raise UserError(f"--scale applies to tiled models (cellsam_lite); {family.name} resizes every image to its input")
+    if options.iou_threshold is None:  # a click asks for a cell: keep every mask unless a threshold is given
+        options = dataclasses.replace(options, iou_threshold=-1.0)
     return RULES[family.preprocess](validate_image(image, "image"), infer, family, prompts, options.resolved(family))

@@ -190,6 +190,12 @@ def _decoder_inputs(embeddings: np.ndarray, boxes: np.ndarray) -> dict[str, np.n
     }
 
 
+def box_decoder_requests(embeddings: np.ndarray, boxes: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Box decoder requests for [N,4] xyxy boxes (encoder frame) on one embedding, at most DECODER_MAX_BOXES each."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return [_decoder_inputs(embeddings, boxes[start:start + DECODER_MAX_BOXES]) for start in range(0, len(boxes), DECODER_MAX_BOXES)]
+
+
 def point_decoder_requests(embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     """Point decoder requests for N prompts on one embedding, at most DECODER_MAX_BOXES each.
 

@@ -118,14 +118,9 @@ def flip_view(image: np.ndarray, view: int) -> np.ndarray:
 
 def unflip_boxes(boxes: np.ndarray, view: int, size: int) -> np.ndarray:
     """Boxes (xyxy, inclusive pixel corners) found on view ``view`` of a ``size``-square input, in the
-    input's own frame."""
-    lr, tb = _MIRRORS[view]
-    out = np.array(boxes, np.float32).reshape(-1, 4)
-    if lr:
-        out[:, [0, 2]] = (size - 1) - out[:, [2, 0]]
-    if tb:
-        out[:, [1, 3]] = (size - 1) - out[:, [3, 1]]
-    return out
+    input's own frame (and, a mirror being its own inverse, boxes of the input on view ``view``)."""
+    corners = mirror_points(np.asarray(boxes, np.float32).reshape(-1, 2, 2), view, size)
+    return np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
 
 
 def mirror_points(coords: np.ndarray, view: int, size: int) -> np.ndarray:

@@ -243,7 +243,7 @@ def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
     they with test-time flips (each mirror decoded alike, mirrored back, averaged)."""
     from cellsam_triton.client.api import Segmenter
     from cellsam_triton.client.grid_rules import GridOptions
-    from cellsam_triton.client.point_rules import decode_frame
+    from cellsam_triton.client.point_rules import decode_views, embed_views
     from cellsam_triton.client.points import point_prompts
     from cellsam_triton.client.types import SegmentOptions
     from cellsam_triton.model_repository.selection import flip_view, mirror_points
@@ -282,8 +282,9 @@ def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
                 on_mirror.append(md(image_embeddings=mirrored_embedding, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
                                     dense_prompt_embeddings=dense, multimask_output=False)[0][0].numpy())
         want = (expected + flip_view(np.stack(on_mirror), 1)) / 2
-        flipped = decode_frame(seg.transport.infer, seg.family, frame, point_prompts(coords.numpy()), -1, views=2)
-        np.testing.assert_allclose(flipped.masks, want[:, 0], atol=1e-3 * max(1.0, float(np.abs(want).max())))
+        infer = seg.transport.infer
+        flipped, _ = decode_views(infer, seg.family, embed_views(infer, seg.family, frame, 2), point_prompts(coords.numpy()))
+        np.testing.assert_allclose(flipped, want[:, 0], atol=1e-3 * max(1.0, float(np.abs(want).max())))
         assert np.abs(want - expected).max() > 1e-3  # the mirror did change the masks
         assert seg.segment(image, points=CENTRES, options=SegmentOptions(iou_threshold=-1, tta=2)).labels.shape == (H, W)
         grid = seg.segment(image, prompts="grid", grid=GridOptions(points_per_side=4, pred_iou_threshold=0.0, stability_threshold=0.0))

@@ -238,7 +238,7 @@ def test_point_flips_average_the_mirrored_views(server: EmbeddedServer, tmp_path
     decode_points calls; Segmenter, CLI and the labels model answer alike."""
     import tritonclient.grpc as grpcclient
 
-    from cellsam_triton.client.point_rules import decode_frame
+    from cellsam_triton.client.point_rules import decode_views, embed_views
     from cellsam_triton.model_repository.selection import flip_view, mirror_points
 
     image = discs(256, 256, [(60, 70), (60, 110), (200, 170)], radius=12)
@@ -247,8 +247,8 @@ def test_point_flips_average_the_mirrored_views(server: EmbeddedServer, tmp_path
     frame = tile_input(lite_normalize(image), family_tiles(LITE, 256, 256)[0])
     with Segmenter(server.grpc_url) as seg:
         t = seg.transport
-        plain = decode_frame(t.infer, seg.family, frame, point_prompts(xy), -1)
-        flipped = decode_frame(t.infer, seg.family, frame, point_prompts(xy), -1, views=4)
+        plain, _ = decode_views(t.infer, seg.family, embed_views(t.infer, seg.family, frame, 1), point_prompts(xy))
+        flipped, flipped_ious = decode_views(t.infer, seg.family, embed_views(t.infer, seg.family, frame, 4), point_prompts(xy))
         masks, ious = [], []
         for view in range(4):
             embedding = t.embed(flip_view(frame, view)[0])
@@ -256,10 +256,10 @@ def test_point_flips_average_the_mirrored_views(server: EmbeddedServer, tmp_path
             masks.append(flip_view(low_res[:, 0], view))
             ious.append(iou[:, 0])
         scale = max(1.0, float(np.abs(masks).max()))
-        np.testing.assert_allclose(flipped.masks, np.mean(masks, axis=0), atol=1e-3 * scale)
-        np.testing.assert_allclose(flipped.iou_predictions, np.mean(ious, axis=0), atol=1e-3)
-        np.testing.assert_allclose(plain.masks, masks[0], atol=1e-3 * scale)
-        assert np.abs(flipped.masks - plain.masks).max() > 1e-2  # the views did change the masks
+        np.testing.assert_allclose(flipped, np.mean(masks, axis=0), atol=1e-3 * scale)
+        np.testing.assert_allclose(flipped_ious, np.mean(ious, axis=0), atol=1e-3)
+        np.testing.assert_allclose(plain, masks[0], atol=1e-3 * scale)
+        assert np.abs(flipped - plain).max() > 1e-2  # the views did change the masks
 
         options = dataclasses.replace(KEEP_ALL, tta=2)
         api = seg.segment(image, points=xy, options=options)
@@ -380,9 +380,90 @@ def test_grid_mode_enlarges_images_of_small_cells_as_the_detector_route_does(ser
         assert auto.count >= native.count
 
 
+MISSED_VAL_IMAGE = "094afe36759e7daffe12188ab5987581d405b06720f1d5acf3f2614f404df380"  # 256x256 fluorescence (val)
+
+
+def test_box_fallback_takes_the_covering_box_mask_with_the_highest_predicted_iou() -> None:
+    """The rule of ``point_rules.box_fallback`` on hand-made decoder answers (the served path is the
+    next test): only prompts whose mask misses every positive point, or is smaller than the minimum,
+    are redone; among the boxes centred on the first positive point, the mask that covers it and is
+    large enough with the highest predicted IoU wins (not the highest IoU overall); a prompt no box
+    covers keeps its own mask; the chosen mask's logits are capped just above the cut; boxes are sent
+    mirrored on each view, masks mirrored back, averaged."""
+    from cellsam_triton.client.point_rules import FALLBACK_MARGIN, box_fallback
+    from cellsam_triton.model_repository.selection import flip_view, unflip_boxes
+
+    size = m = LITE.input_size
+    xy = np.float32([[40, 40], [100, 60], [200, 200], [9, 9], [150, 60]])
+    prompts = point_prompts(xy, [1, 1, 1, 0, 1], cells=[0, 1, 2, 2, 3])
+    masks = np.full((4, m, m), -5.0, np.float32)
+    masks[0, 35:45, 35:45] = 5.0  # covers its point, 100 pixels: left alone
+    masks[3, 59:62, 149:152] = 5.0  # covers its point but 9 pixels: redone
+    ious = np.float32([0.9, 0.1, 0.2, 0.3])
+    sent: list[np.ndarray] = []
+    box_ious = [0.7, 0.6, 0.4, 0.9]  # per side below; the 40-px box (highest) never covers, the 6-px one is too small
+
+    def infer(name: str, arrays: dict, spec) -> dict:
+        assert name == LITE.decoder_name
+        boxes = arrays["boxes"]
+        sent.append(boxes)
+        view = len(sent) - 1
+        out = np.full((len(boxes), 1, m, m), -5.0, np.float32)
+        for k, (x0, y0, x1, y1) in enumerate(unflip_boxes(boxes, view, size)):  # the boxes in the frame, whatever the view
+            if x1 - x0 < 30 and 60 <= (y0 + y1) / 2 <= 61:  # boxes up to 20 px around prompts 1 and 3 cover their points
+                out[k, 0, int(y0):int(y1) + 1, int(x0):int(x1) + 1] = 5.0
+        out[:, 0] = flip_view(out[:, 0], view)
+        return {"low_res_masks": out, "iou_predictions": np.float32(box_ious * (len(boxes) // 4))[:, None]}
+
+    sides = np.float32([[6, 6], [10, 10], [20, 20], [40, 40]])
+    changed = box_fallback(infer, LITE, np.zeros((2, 1, 1, 1), np.float32), prompts, masks, ious, 0.0, sides, 100)
+    assert changed.tolist() == [1, 3]
+    assert len(sent) == 2 and all(len(b) == 12 for b in sent)  # prompts 1, 2 and 3, four boxes each, two views
+    np.testing.assert_allclose(unflip_boxes(sent[1], 1, size), sent[0], atol=1e-5)
+    for k, (x, y) in ((1, (100, 60)), (3, (150, 60))):  # the 10-px box: covering, 121 pixels, IoU 0.6
+        assert masks[k][y, x] > 0 and (masks[k] > 0).sum() == 11 * 11 and ious[k] == pytest.approx(0.6)
+        assert masks[k].max() == pytest.approx(FALLBACK_MARGIN)  # capped: it yields overlaps to the clicks' own masks
+    assert (masks[0] > 0).sum() == 100 and ious[0] == pytest.approx(0.9)
+    assert (masks[2] < 0).all() and ious[2] == pytest.approx(0.2)
+
+
+def test_a_click_its_point_mask_misses_gets_the_box_decoders_cell(server: EmbeddedServer) -> None:
+    """A click on a real nucleus the point decoder takes for background (held-out val image, the second
+    of ``click_points``: its point mask is empty under the click) is decoded again by the box decoder
+    from boxes of ``FALLBACK_SIDES`` centred on it; the served cell is the mask of the covering box with
+    the highest predicted IoU (checked against the transport's own decode calls) and matches the nucleus.
+    Without the fallback that click gave no cell; as the default keeps every mask of a click, one
+    click gives one cell with the default options."""
+    from cellsam_triton.client.point_rules import FALLBACK_SIDES
+    from cellsam_triton.datasets import load_sample
+
+    if not (DATA / "manifest.csv").is_file():
+        pytest.skip(f"DSB2018 data not found at {DATA}")
+    image, labels = load_sample(DATA, MISSED_VAL_IMAGE)
+    _, x, y = click_points(labels)[1]
+    assert image.shape[:2] == (256, 256)  # one native tile: the frame is the image
+    frame = tile_input(lite_normalize(image), family_tiles(LITE, 256, 256)[0])
+    with Segmenter(server.grpc_url) as seg:
+        t = seg.transport
+        embedding = t.embed(frame[0])
+        own, _ = t.decode_points(embedding, np.float32([[x, y]]))
+        assert own[0, 0, y, x] <= 0  # the point decoder misses this click
+        sides = np.float32(FALLBACK_SIDES)[:, None] / 2
+        boxes = np.concatenate([np.float32([[x, y]]) - sides, np.float32([[x, y]]) + sides], axis=1)
+        low_res, iou = t.decode(embedding, boxes)
+        covers = low_res[:, 0, y, x] > 0
+        assert covers.any()
+        expected = low_res[int(np.argmax(np.where(covers, iou[:, 0], -np.inf))), 0] > 0
+        result = seg.segment(image, points=[[x, y]])
+    assert result.count == 1
+    cell = result.labels == result.labels[y, x]
+    assert result.labels[y, x] > 0 and (cell & expected).sum() / (cell | expected).sum() >= 0.95
+    assert point_ious(result.labels, labels, [click_points(labels)[1]])[0] >= 0.5
+
+
 def test_points_on_real_nuclei_give_cells_that_match_them(server: EmbeddedServer) -> None:
-    """Ten points on ten nuclei of each of the first three fluorescence val images (held out): each
-    gives ten cells, and the share of points whose cell (the label under the point) matches its
+    """Ten points on ten nuclei of each of the first three fluorescence val images (held out), with
+    the default options (as a user clicks): each gives ten cells, and the share of points whose cell (the label under the point) matches its
     nucleus at mask IoU >= 0.5. The box-trained decoder matched 8 % of one-point prompts. Painted
     in order (later cells win overlaps) this decoder matched 25 of 30 and lost cells; painted by
     logit around each point (``labels.paint_seeded``) it gives 10, 10, 10 cells and 28 of 30
@@ -393,7 +474,7 @@ def test_points_on_real_nuclei_give_cells_that_match_them(server: EmbeddedServer
 
     if not (DATA / "manifest.csv").is_file():
         pytest.skip(f"DSB2018 data not found at {DATA}")
-    for options in (KEEP_ALL, dataclasses.replace(KEEP_ALL, tta=4)):
+    for options in (SegmentOptions(), SegmentOptions(tta=4)):  # the defaults: every click's mask kept
         ious: list[float] = []
         counts = []
         with Segmenter(server.grpc_url) as seg:
