@@ -16,15 +16,16 @@ again by the family's box decoder on the same embedding, from boxes of ``FALLBAC
 pixels centred on its first positive point (negative points play no part there), and takes the
 mask that covers that point with the highest predicted IoU (``box_fallback``; its own mask stays
 where none does). That mask is a second opinion: its logits are capped just above the mask cut, so
-it takes no pixel another click's mask claims. Every mask is kept unless ``iou_threshold`` is given (masks whose predicted IoU
-is below it are then dropped) and every cell's score is 1.0. Overlaps go to the mask with the
-higher logit and each cell keeps the connected part that holds its points (``labels.paint_seeded``):
-a neighbour's mask spilling over a clicked nucleus does not take it.
+it takes no pixel another click's mask claims. Every mask is kept unless ``iou_threshold`` is given
+(masks whose predicted IoU is below it are then dropped) and every cell's score is 1.0. Overlaps go
+to the mask with the higher logit and each cell keeps the connected part that holds its points
+(``labels.paint_seeded``): a neighbour's mask spilling over a clicked nucleus does not take it.
 
 Test-time flips (``SegmentOptions.tta`` 2 or 4, any family): each frame is also encoded mirrored
 (left-right; with 4 also top-bottom and both, the detector's views), every prompt is decoded on
 each view with its points mirrored, and the views' mask logits (mirrored back) and predicted IoUs
-are averaged (fallback boxes too, mirrored alike); ``tta`` encoder passes and point-decoder calls a frame.
+are averaged (fallback boxes too, mirrored alike); ``tta`` encoder passes and point-decoder calls
+a frame.
 """
 
 from __future__ import annotations
@@ -137,8 +138,8 @@ def box_fallback(infer: "Infer", family: Family, embeddings: np.ndarray, prompts
     boxes = np.concatenate([centres[:, None] - half, centres[:, None] + half], axis=2)  # [n,S,4]
     low_res, iou = decode_boxes(infer, family, embeddings, boxes.reshape(-1, 4))
     at_centre = np.repeat(centres, len(sides), axis=0)[:, None]  # [n*S,1,2]
-    covers = (under_points(low_res, at_centre, family.input_size)[:, 0] > cut) & ((low_res > cut).sum(axis=(1, 2)) >= min_pixels)
-    covers = covers.reshape(len(missed), len(sides))
+    large = (low_res > cut).sum(axis=(1, 2)) >= min_pixels
+    covers = ((under_points(low_res, at_centre, family.input_size)[:, 0] > cut) & large).reshape(len(missed), len(sides))
     iou = iou.reshape(len(missed), len(sides))
     changed = []
     for row, k in enumerate(missed):
