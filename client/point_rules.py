@@ -84,32 +84,41 @@ def embed_views(infer: "Infer", family: Family, frame: np.ndarray, views: int) -
                            for start in range(0, views, step)])
 
 
-def decode_views(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts) -> tuple[np.ndarray, np.ndarray]:
-    """``decode_prompts`` on each mirrored view's embedding (``embed_views``) with the points mirrored
-    alike; (mask logits mirrored back, predicted IoU), averaged over the views."""
+def mean_over_views(embeddings: np.ndarray, decode) -> tuple[np.ndarray, np.ndarray]:
+    """``decode(view, embedding [1,D,e,e])`` -> (mask logits [N,m,m] on that view, predicted IoU [N])
+    for each mirrored view of ``embeddings`` (``embed_views``); the masks mirrored back, both averaged
+    over the views (one view: as decoded)."""
     if len(embeddings) == 1:
-        return decode_prompts(infer, family, embeddings, prompts)
-    size = family.input_size
+        return decode(0, embeddings[:1])
     masks, ious = [], []
     for view, embedding in enumerate(embeddings):
-        seen = prompts if view == 0 else dataclasses.replace(prompts, coords=mirror_points(prompts.coords, view, size))
-        low_res, iou = decode_prompts(infer, family, embedding[None], seen)
+        low_res, iou = decode(view, embedding[None])
         masks.append(flip_view(low_res, view))
         ious.append(iou)
     return np.mean(masks, axis=0, dtype=np.float32), np.mean(ious, axis=0, dtype=np.float32)
 
 
+def decode_views(infer: "Infer", family: Family, embeddings: np.ndarray, prompts: PointPrompts) -> tuple[np.ndarray, np.ndarray]:
+    """``decode_prompts`` on each mirrored view's embedding with the points mirrored alike, averaged
+    (``mean_over_views``)."""
+    def one(view: int, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        seen = prompts if view == 0 else dataclasses.replace(prompts, coords=mirror_points(prompts.coords, view, family.input_size))
+        return decode_prompts(infer, family, embedding, seen)
+
+    return mean_over_views(embeddings, one)
+
+
 def decode_boxes(infer: "Infer", family: Family, embeddings: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The box decoder on each view's embedding with ``boxes`` [N,4] (frame) mirrored alike; (mask
-    logits [N,m,m] mirrored back, predicted IoU [N]), averaged over the views."""
-    spec, m = family.decoder(), family.low_res_size
-    masks, ious = [], []
-    for view, embedding in enumerate(embeddings):
-        requests = box_decoder_requests(embedding[None], unflip_boxes(boxes, view, family.input_size))
-        low_res, iou = joined_masks([infer(spec.name, request, spec) for request in requests], m)
-        masks.append(flip_view(low_res[:, 0], view))
-        ious.append(iou[:, 0])
-    return np.mean(masks, axis=0, dtype=np.float32), np.mean(ious, axis=0, dtype=np.float32)
+    """The box decoder on each mirrored view's embedding with ``boxes`` [N,4] (frame) mirrored alike,
+    averaged (``mean_over_views``): (mask logits [N,m,m], predicted IoU [N])."""
+    spec = family.decoder()
+
+    def one(view: int, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        requests = box_decoder_requests(embedding, unflip_boxes(boxes, view, family.input_size))
+        low_res, iou = joined_masks([infer(spec.name, request, spec) for request in requests], family.low_res_size)
+        return low_res[:, 0], iou[:, 0]
+
+    return mean_over_views(embeddings, one)
 
 
 def under_points(masks: np.ndarray, coords: np.ndarray, size: int) -> np.ndarray:

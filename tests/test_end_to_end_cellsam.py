@@ -256,14 +256,19 @@ def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
     coords = torch.from_numpy(CENTRES * np.float32([1024 / W, 1024 / H]))
     labels = torch.ones(1, 1)
     pe, md = modules.decoder.prompt_encoder, modules.decoder.mask_decoder
-    with torch.no_grad():
-        embedding = modules.encoder(torch.from_numpy(frame))
-        expected = []
-        for point in coords:
-            sparse, dense = pe(points=(point.reshape(1, 1, 2), labels), boxes=None, masks=None)
-            expected.append(md(image_embeddings=embedding, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
-                               dense_prompt_embeddings=dense, multimask_output=False)[0][0].numpy())
-    expected = np.stack(expected)
+
+    def sam_masks(image_frame: np.ndarray, points: torch.Tensor) -> np.ndarray:
+        """SAM's own encoder, prompt encoder and mask decoder, one point a prompt: [N,1,m,m] logits."""
+        with torch.no_grad():
+            embedding = modules.encoder(torch.from_numpy(image_frame))
+            out = []
+            for point in points:
+                sparse, dense = pe(points=(point.reshape(1, 1, 2), labels), boxes=None, masks=None)
+                out.append(md(image_embeddings=embedding, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                              dense_prompt_embeddings=dense, multimask_output=False)[0][0].numpy())
+        return np.stack(out)
+
+    expected = sam_masks(frame, coords)
     with Segmenter(server.grpc_url, "cellsam") as seg:
         low_res, iou = seg.transport.decode_points(seg.transport.embed(frame), coords.numpy())
         np.testing.assert_allclose(low_res, expected, atol=1e-3 * max(1.0, float(np.abs(expected).max())))
@@ -273,15 +278,8 @@ def test_point_prompts_and_grid_are_served_for_cellsam(cellsam) -> None:
         several = seg.segment(image, points=point_prompts(CENTRES[:3], [1, 1, 0], cells=[0, 0, 0]), options=SegmentOptions(iou_threshold=-1))
         assert several.count <= 1
         # test-time flips (tta 2): SAM's own modules on the left-right mirror, points mirrored, masks mirrored back, averaged
-        mirrored_points = torch.from_numpy(mirror_points(coords.numpy(), 1, 1024))
-        with torch.no_grad():
-            mirrored_embedding = modules.encoder(torch.from_numpy(flip_view(frame, 1)))
-            on_mirror = []
-            for point in mirrored_points:
-                sparse, dense = pe(points=(point.reshape(1, 1, 2), labels), boxes=None, masks=None)
-                on_mirror.append(md(image_embeddings=mirrored_embedding, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
-                                    dense_prompt_embeddings=dense, multimask_output=False)[0][0].numpy())
-        want = (expected + flip_view(np.stack(on_mirror), 1)) / 2
+        on_mirror = sam_masks(flip_view(frame, 1), torch.from_numpy(mirror_points(coords.numpy(), 1, 1024)))
+        want = (expected + flip_view(on_mirror, 1)) / 2
         infer = seg.transport.infer
         flipped, _ = decode_views(infer, seg.family, embed_views(infer, seg.family, frame, 2), point_prompts(coords.numpy()))
         np.testing.assert_allclose(flipped, want[:, 0], atol=1e-3 * max(1.0, float(np.abs(want).max())))
