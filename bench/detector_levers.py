@@ -63,6 +63,8 @@ def lever(weights: Path) -> str:
         parts.append(f"auto-scale views: {','.join(views['scale_kinds'])}")
     if views.get("invert_kinds"):
         parts.append(f"inverted views: {','.join(views['invert_kinds'])}")
+    if p.get("class_loss", "focal") != "focal":
+        parts.append(f"class loss: {p['class_loss']}")
     if p.get("kind_weights"):
         parts.append("tile weights " + ",".join(f"{k}={v}" for k, v in p["kind_weights"].items()))
     return "; ".join(parts)

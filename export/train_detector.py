@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_view_arguments(parser)
     parser.add_argument("--kind-weights", default="", metavar="KIND=W,...",
                         help="sample the tiles of these kinds W times as often per epoch (e.g. stained=2; default: all 1)")
+    parser.add_argument("--class-loss", choices=CLASS_LOSSES, default="focal",
+                        help="focal (target 1 at cells) or quality-focal (target: the predicted box's IoU; default %(default)s)")
     parser.add_argument("--width", type=int, default=None,
                         help=f"trunk channels of a new detector (not with --init; default {DetectorConfig.width})")
     parser.add_argument("--dilations", default=None, metavar="D,D,...",
@@ -215,8 +217,39 @@ def assign(centers: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return index.astype(np.int64), gt[cost[index].argmin(axis=1)]
 
 
-def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarray]]):
-    """Focal class loss + centerness BCE + centerness-weighted GIoU box loss (FCOS), per positive."""
+CLASS_LOSSES = ("focal", "quality-focal")
+
+
+def quality_focal_loss(logits, targets, beta: float = 2.0):
+    """Quality focal loss (GFL, Li et al. 2020), summed: BCE towards soft targets in [0, 1] (the
+    box IoU at positive locations, 0 elsewhere), weighted by |sigmoid(logit) - target| ** beta."""
+    import torch.nn.functional as F
+
+    weight = (logits.sigmoid() - targets).abs().pow(beta)
+    return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
+
+
+def class_targets(cls, batch, loc, predicted, gt, class_loss: str = "focal"):
+    """Targets of the class map ``cls`` [B,L]: 0, and at the positive locations (``batch``, ``loc``)
+    1 (focal) or the IoU of their predicted boxes [P,4] with their ground truth [P,4] (quality-focal,
+    no gradient through the boxes)."""
+    import torch
+
+    targets = torch.zeros_like(cls)
+    if class_loss == "quality-focal":
+        a, b = predicted.detach(), gt
+        inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(dim=1)
+        union = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1) + (b[:, 2:] - b[:, :2]).prod(dim=1) - inter
+        targets[batch, loc] = (inter / union.clamp(min=1e-6)).clamp(0.0, 1.0)  # box by box (torchvision's box_iou)
+    else:
+        targets[batch, loc] = 1.0
+    return targets
+
+
+def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarray]], class_loss: str = "focal"):
+    """Class loss + centerness BCE + centerness-weighted GIoU box loss (FCOS), per positive. The class
+    loss is ``focal`` (target 1 at positives) or ``quality-focal`` (target: the predicted box's IoU
+    with its ground truth, detached, so the score also ranks localisation)."""
     import torch
     import torch.nn.functional as F
     from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
@@ -225,10 +258,11 @@ def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarra
     batch = torch.from_numpy(np.concatenate([np.full(len(i), b) for b, (i, _) in enumerate(assigned)]).astype(np.int64))
     loc = torch.from_numpy(np.concatenate([i for i, _ in assigned]))
     gt = torch.from_numpy(np.concatenate([g for _, g in assigned]))
-    cls_targets = torch.zeros_like(cls)
-    cls_targets[batch, loc] = 1.0
+    predicted = model.boxes(dist)[batch, loc]
+    cls_targets = class_targets(cls, batch, loc, predicted, gt, class_loss)
     norm = max(len(loc), 1)
-    loss_cls = sigmoid_focal_loss(cls, cls_targets, reduction="sum") / norm
+    loss_fn = quality_focal_loss if class_loss == "quality-focal" else lambda x, t: sigmoid_focal_loss(x, t, reduction="sum")
+    loss_cls = loss_fn(cls, cls_targets) / norm
     if len(loc) == 0:
         zero = cls.sum() * 0
         return loss_cls + zero, {"cls": loss_cls.item(), "ctr": 0.0, "box": 0.0}
@@ -237,7 +271,7 @@ def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarra
     tb = torch.stack([p[:, 1] - gt[:, 1], gt[:, 3] - p[:, 1]], -1).clamp(min=0.5)
     centerness = torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
     loss_ctr = F.binary_cross_entropy_with_logits(ctr[batch, loc], centerness)
-    giou = generalized_box_iou_loss(model.boxes(dist)[batch, loc], gt, reduction="none")
+    giou = generalized_box_iou_loss(predicted, gt, reduction="none")
     loss_box = (giou * centerness).sum() / centerness.sum().clamp(min=1e-6)
     loss = loss_cls + loss_ctr + 2.0 * loss_box
     parts = {"cls": loss_cls.item(), "ctr": loss_ctr.item(), "box": loss_box.item()}
@@ -380,9 +414,9 @@ def epoch_items(samples: list[dict], kind_weights: dict[str, int]) -> list[tuple
 
 
 def train(model, samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int,
-          kind_weights: dict[str, int] | None = None):
+          kind_weights: dict[str, int] | None = None, class_loss: str = "focal"):
     """Train CellFinder-lite ``model`` (see :func:`starting_detector`) on every tile of ``samples``
-    (tiles of ``kind_weights`` kinds repeated); eval mode. Channels-last tensors: ~2x faster
+    (tiles of ``kind_weights`` kinds repeated) with ``class_loss`` (``detection_loss``); eval mode. Channels-last tensors: ~2x faster
     convolutions on CPU."""
     import torch
 
@@ -400,7 +434,7 @@ def train(model, samples: list[dict], epochs: int, batch_size: int, lr: float, s
             batch = [items[k] for k in order[b : b + batch_size]]
             x = torch.from_numpy(np.stack([samples[i]["embeddings"][t] for i, t in batch])).float()
             x = x.contiguous(memory_format=torch.channels_last)
-            loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch])
+            loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch], class_loss)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -534,7 +568,8 @@ def run(args: argparse.Namespace) -> int:
     train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False, kinds=kinds)
     val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True, kinds=kinds)
     started = time.perf_counter()
-    model = train(model, train_set, args.epochs, args.batch_size, args.lr, args.seed, parse_kind_weights(args.kind_weights))
+    model = train(model, train_set, args.epochs, args.batch_size, args.lr, args.seed, parse_kind_weights(args.kind_weights),
+                  args.class_loss)
     train_seconds = time.perf_counter() - started
     selection = choose_on_train(model, _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=True, kinds=kinds))
     chosen = selection["score_threshold"]
@@ -554,6 +589,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "kind_weights": parse_kind_weights(args.kind_weights),
+        "class_loss": args.class_loss,
         **data.provenance(),
         "init": None if args.init is None else _init_provenance(args.init),
         "architecture": model.config.to_dict(),

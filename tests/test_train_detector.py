@@ -368,3 +368,42 @@ def test_export_serves_the_selection_chosen_on_train(tmp_path: Path) -> None:
     committed = json.loads(DEFAULT_DETECTOR_WEIGHTS.with_suffix(".json").read_text()).get("selection")
     if committed is not None:  # the committed detector is served with what train chose for it
         assert served_family(None).bbox_threshold == committed["score_threshold"]
+
+
+def test_quality_focal_loss_is_least_where_the_score_equals_its_soft_target() -> None:
+    import torch
+
+    from cellsam_triton.export.train_detector import quality_focal_loss
+
+    logits = torch.linspace(-6, 6, 241)
+    for target in (0.0, 0.3, 0.8, 1.0):
+        losses = torch.stack([quality_focal_loss(x.reshape(1), torch.tensor([target])) for x in logits])
+        best = torch.sigmoid(logits[int(losses.argmin())]).item()
+        assert abs(best - target) < 0.03, (target, best)
+    # the weight |p - t| ** 2 makes a near-right score cost far less than plain BCE's entropy floor
+    assert quality_focal_loss(torch.tensor([0.0]), torch.tensor([0.5])).item() < 1e-6
+
+
+def test_quality_focal_targets_are_the_predicted_boxes_iou_and_train_from_the_cli(tmp_path: Path) -> None:
+    import torch
+
+    from cellsam_triton.export.models.detector_lite import CellFinderLite, DetectorConfig
+    from cellsam_triton.export.train_detector import class_targets, detection_loss
+
+    torch.manual_seed(0)
+    model = CellFinderLite(DetectorConfig(width=16, dilations=(1,)))
+    x = torch.randn(1, 256, 64, 64)
+    loc = np.array([100, 2000])
+    with torch.no_grad():
+        cls, _, dist = model.raw(x)
+        predicted = model.boxes(dist)[0, loc]
+    batch, where = torch.zeros(2, dtype=torch.int64), torch.from_numpy(loc)
+    exact = class_targets(cls, batch, where, predicted, predicted.clone(), "quality-focal")
+    assert torch.allclose(exact[0, where], torch.ones(2), atol=1e-5)
+    shifted = class_targets(cls, batch, where, predicted, predicted + 3.0, "quality-focal")
+    assert ((shifted[0, where] > 0) & (shifted[0, where] < 0.95)).all() and shifted.sum() == shifted[0, where].sum()
+    assert (class_targets(cls, batch, where, predicted, predicted + 3.0)[0, where] == 1).all()  # focal
+    truth = [(loc, (predicted + 3.0).numpy())]
+    assert detection_loss(model, x, truth, "focal")[0].item() != detection_loss(model, x, truth, "quality-focal")[0].item()
+    _, provenance = _tiny_run(tmp_path, "--class-loss", "quality-focal", "--augment-kinds", "", "--width", "16", "--dilations", "1")
+    assert provenance["class_loss"] == "quality-focal"
