@@ -57,6 +57,8 @@ def lever(weights: Path) -> str:
         blocks = len(arch["dilations"])
         grown = f" (grown from {len(start['dilations'])})" if start.get("dilations") and len(start["dilations"]) < blocks else ""
         parts.insert(1, f"width {arch.get('width')}, {blocks} blocks{grown}")
+    if arch.get("pixel_width"):
+        parts.append(f"pixel branch: {arch['pixel_width']} channels on the tile{' (added)' if not start.get('pixel_width') and p.get('init') else ''}")
     if views.get("color_kinds"):
         parts.append(f"{views['color_views']} stain/colour views: {','.join(views['color_kinds'])}")
     if views.get("scale_kinds"):
@@ -84,11 +86,13 @@ def measure(args: argparse.Namespace) -> dict:
     setup = argparse.Namespace(data=args.data, limit=args.limit, augment_kinds="", color_kinds="", color_views=0, scale_kinds="",
                                invert_kinds="", cache_dir=args.cache_dir, encoder_onnx=args.encoder_onnx, workers=2)
     data = prepare_training_set(setup)
-    train = _load_split(args.data, data.split_ids["train"], data.cache_dir, with_image_boxes=True, kinds=data.kinds)
-    val = _load_split(args.data, data.split_ids["val"], data.cache_dir, with_image_boxes=True, kinds=data.kinds)
+    models = {name: load_detector(path) for name, path in named}
+    pixels = any(m.reads_pixels for m in models.values())  # the tiles too, for detectors with a pixel branch
+    train = _load_split(args.data, data.split_ids["train"], data.cache_dir, with_image_boxes=True, kinds=data.kinds, with_pixels=pixels)
+    val = _load_split(args.data, data.split_ids["val"], data.cache_dir, with_image_boxes=True, kinds=data.kinds, with_pixels=pixels)
     rows = []
     for name, path in named:
-        model = load_detector(path)
+        model = models[name]
         selection = choose_on_train(model, train)
         row = at_threshold(evaluate(model, val, selection["nms_iou"]), selection["score_threshold"])
         rows.append({"name": name, "weights": str(path), "weights_sha256": sha256_file(path), "lever": lever(path),

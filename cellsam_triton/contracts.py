@@ -146,7 +146,8 @@ class Family:
 
     ``preprocess`` names the client's pre-processing rule set (see client/preprocess.py);
     ``detector`` is "cellfinder" (CellSAM's Anchor-DETR on its own ViT trunk, reads the image)
-    or "cellfinder_lite" (reads the SAM image embedding).
+    or "cellfinder_lite" (reads the SAM image embedding and, with ``detector_reads_image``, the
+    encoder's input tile too: a pixel branch for detail the embedding blurs).
     """
 
     name: str
@@ -169,6 +170,7 @@ class Family:
     # detector post-processing (cellfinder_lite): greedy NMS IoU and the most detections per tile
     nms_iou: float = 0.5
     max_detections: int = 1000
+    detector_reads_image: bool = False  # cellfinder_lite with a pixel branch: its `image` input too
     tile_overlap: int = TILE_OVERLAP  # whole-image tiling, pixels of the encoder frame
     # auto-scale (client/autoscale.py): images whose median cell size is below ``auto_scale_below``
     # px (0: never) are segmented again, enlarged by the tile-snapped factor in
@@ -216,8 +218,10 @@ class Family:
         if self.detector == "cellfinder":
             inputs = (Tensor(NAMES.image, FP32, (3, s, s)),)
             outputs = (Tensor(NAMES.pred_logits, FP32, (-1, 2)), Tensor(NAMES.pred_boxes, FP32, (-1, 4)))
-        else:  # cellfinder_lite: reads the embedding, dense per-cell outputs
+        else:  # cellfinder_lite: reads the embedding (and the tile), dense per-cell outputs
             inputs = (Tensor(NAMES.image_embeddings, FP32, (self.embed_dim, e, e)),)
+            if self.detector_reads_image:
+                inputs += (Tensor(NAMES.image, FP32, (3, s, s)),)
             outputs = (Tensor(NAMES.pred_scores, FP32, (-1,)), Tensor(NAMES.pred_boxes, FP32, (-1, 4)))
         return ModelSpec(self.detector_name, inputs, outputs, max_batch_size=self.encoder_batch)
 

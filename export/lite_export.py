@@ -44,15 +44,19 @@ def served_mask_threshold(path: Path, default: float) -> float:
 
 
 def detector_selection(path: Path) -> dict:
-    """The score threshold and NMS IoU chosen on train for detector weights (``selection`` in the
-    provenance beside them, see export/train_detector.py); {} when none was recorded."""
+    """The Family fields a detector's weights decide: ``detector_reads_image`` (a pixel branch) and
+    the score threshold and NMS IoU chosen on train (``selection`` in the provenance beside them,
+    see export/train_detector.py; absent when none was recorded)."""
     import json
 
+    from .models.detector_lite import load_detector
+
+    fields = {"detector_reads_image": load_detector(path).reads_pixels} if path.is_file() else {}
     beside = path.with_suffix(".json")
-    if not beside.is_file():
-        return {}
-    selection = json.loads(beside.read_text()).get("selection") or {}
-    return {"bbox_threshold": float(selection["score_threshold"]), "nms_iou": float(selection["nms_iou"])} if selection else {}
+    selection = (json.loads(beside.read_text()).get("selection") or {}) if beside.is_file() else {}
+    if selection:
+        fields.update(bbox_threshold=float(selection["score_threshold"]), nms_iou=float(selection["nms_iou"]))
+    return fields
 
 
 def grid_selection_record(path: Path | None) -> dict:
@@ -205,15 +209,21 @@ def export_lite(
         if encoder_precision == "int8":
             reports.append(quantize_lite_encoder(lite.encoder, path(LITE.encoder()), image(1)))
     if "detector" in parts:
+        detector = load_detector(weights)
+
+        def detector_inputs(batch: int) -> dict:  # the tile image too when the detector has a pixel branch
+            inputs = {NAMES.image_embeddings: embeddings(batch)}
+            return {**inputs, NAMES.image: image(batch)} if detector.reads_pixels else inputs
+
         reports.append(
             export_onnx(
-                load_detector(weights),
-                {NAMES.image_embeddings: embeddings(2)},
+                detector,
+                detector_inputs(2),
                 [NAMES.pred_scores, NAMES.pred_boxes],
-                {NAMES.image_embeddings: {0: "batch"}, NAMES.pred_scores: {0: "batch"}, NAMES.pred_boxes: {0: "batch"}},
+                {**{name: {0: "batch"} for name in detector_inputs(1)}, NAMES.pred_scores: {0: "batch"}, NAMES.pred_boxes: {0: "batch"}},
                 path(LITE.detector_model()),
                 tolerance,
-                check_inputs=[{NAMES.image_embeddings: embeddings(3)}],
+                check_inputs=[detector_inputs(3)],
             )
         )
     if "decoder" in parts:

@@ -8,7 +8,9 @@
    ``--augment-kinds`` (default: stained, the rare kind) are also encoded in their 7 other
    dihedral views (``<id>@d<k>``: rotations and flips of the image, not of the embedding, which
    is not equivariant), so the rare kind weighs ~8x more in training.
-2. Training on the train split (FCOS targets, see :func:`assign`), seeded, on CPU.
+2. Training on the train split (FCOS targets, see :func:`assign`), seeded, on CPU. With
+   ``--pixel-width`` the detector also reads each tile's encoder input (a pixel branch; the tiles
+   are cut again from the images, float16 in memory, ~1.2 GB for the default views).
 3. Validation on the val split, image level: per tile score threshold + greedy NMS (as the
    served pipeline), cells kept by the tile whose core holds their box centre, then box F1@0.5
    against the ground-truth boxes (one-to-one matching), for a range of score thresholds.
@@ -73,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one residual block per dilation (default "
                              f"{','.join(map(str, DetectorConfig.dilations))}); with --init they must extend the "
                              "starting detector's: the blocks added start as the identity (a deeper fine-tune)")
+    parser.add_argument("--pixel-width", type=int, default=None, metavar="C",
+                        help="add a pixel branch of C channels reading the tile image itself (new detector, or added to "
+                             "--init weights starting at zero; default: none)")
     parser.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
                         help="start from these CellFinder-lite weights (fine-tuning) instead of random ones")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each split only (smoke tests)")
@@ -246,15 +251,16 @@ def class_targets(cls, batch, loc, predicted, gt, class_loss: str = "focal"):
     return targets
 
 
-def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarray]], class_loss: str = "focal"):
+def detection_loss(model, embeddings, assigned: list[tuple[np.ndarray, np.ndarray]], class_loss: str = "focal", image=None):
     """Class loss + centerness BCE + centerness-weighted GIoU box loss (FCOS), per positive. The class
     loss is ``focal`` (target 1 at positives) or ``quality-focal`` (target: the predicted box's IoU
-    with its ground truth, detached, so the score also ranks localisation)."""
+    with its ground truth, detached, so the score also ranks localisation). ``image``: the tiles
+    [B,3,256,256], for a detector with a pixel branch."""
     import torch
     import torch.nn.functional as F
     from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-    cls, ctr, dist = model.raw(embeddings)
+    cls, ctr, dist = model.raw(embeddings, image)
     batch = torch.from_numpy(np.concatenate([np.full(len(i), b) for b, (i, _) in enumerate(assigned)]).astype(np.int64))
     loc = torch.from_numpy(np.concatenate([i for i, _ in assigned]))
     gt = torch.from_numpy(np.concatenate([g for _, g in assigned]))
@@ -321,8 +327,11 @@ def detect_all(model, samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]
 
     raw = []
     for s in samples:
+        inputs = [torch.from_numpy(np.array(s["embeddings"])).float()]
+        if "pixels" in s:  # the tiles, for a detector with a pixel branch
+            inputs.append(torch.from_numpy(s["pixels"]).float())
         with torch.no_grad():
-            scores, boxes = model(torch.from_numpy(np.array(s["embeddings"])).float())
+            scores, boxes = model(*inputs)
         raw.append((scores.numpy(), boxes.numpy()))
     return raw
 
@@ -376,15 +385,24 @@ def choose_on_train(model, train_samples: list[dict], nms_candidates=NMS_CANDIDA
 # --- training --------------------------------------------------------------------------------
 
 
-def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: bool, kinds: dict[str, str] | None = None) -> list[dict]:
+def tile_pixels(image: np.ndarray, tiles: list[Tile]) -> np.ndarray:
+    """The encoder inputs of every tile of ``image`` (what a pixel branch reads): float16 [tiles,3,256,256]."""
+    norm = lite_normalize(image)
+    return np.concatenate([tile_input(norm, t) for t in tiles]).astype(np.float16)
+
+
+def _load_split(root: Path, ids: list[str], cache_dir: Path, with_image_boxes: bool, kinds: dict[str, str] | None = None,
+                with_pixels: bool = False) -> list[dict]:
     from .models.detector_lite import DetectorConfig, grid_centers
 
     centers = grid_centers(DetectorConfig())
     samples = []
     for sample_id in ids:
-        _, labels = load_view(root, sample_id)
+        image, labels = load_view(root, sample_id)
         tiles = tile_grid(labels.shape[0], labels.shape[1], TILE, OVERLAP)
         sample = {"id": sample_id, "tiles": tiles, "embeddings": load_embeddings(cache_dir, sample_id)}
+        if with_pixels:
+            sample["pixels"] = tile_pixels(image, tiles)
         if kinds is not None:
             sample["kind"] = kinds[sample_id.partition("@")[0]]
         sample["assigned"] = [assign(centers, tile_targets(labels, t)) for t in tiles]
@@ -434,7 +452,11 @@ def train(model, samples: list[dict], epochs: int, batch_size: int, lr: float, s
             batch = [items[k] for k in order[b : b + batch_size]]
             x = torch.from_numpy(np.stack([samples[i]["embeddings"][t] for i, t in batch])).float()
             x = x.contiguous(memory_format=torch.channels_last)
-            loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch], class_loss)
+            image = None
+            if model.reads_pixels:
+                image = torch.from_numpy(np.stack([samples[i]["pixels"][t] for i, t in batch])).float()
+                image = image.contiguous(memory_format=torch.channels_last)
+            loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch], class_loss, image)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -523,11 +545,15 @@ def prepare_training_set(args: argparse.Namespace) -> TrainingSet:
     return TrainingSet(split_ids, augment, views, checksum, encoder_sha, cache_dir, time.perf_counter() - started, kinds, options)
 
 
-def starting_detector(width: int | None, dilations: str | None, init: Path | None):
-    """The detector training starts from, from ``--width``/``--dilations``/``--init``: a new one (None:
-    defaults), ``init``'s weights, or those grown to deeper ``dilations`` (new blocks start as the
-    identity); ``--width`` with ``--init`` or a bad architecture is a UserError."""
-    from .models.detector_lite import CellFinderLite, grow_detector, load_detector
+def starting_detector(width: int | None, dilations: str | None, init: Path | None, pixel_width: int | None = None):
+    """The detector training starts from, from ``--width``/``--dilations``/``--init``/``--pixel-width``:
+    a new one (None: defaults), ``init``'s weights, or those grown to deeper ``dilations`` (new blocks
+    start as the identity) and/or given a pixel branch (its projection starting at zero); ``--width``
+    with ``--init`` or a bad architecture is a UserError."""
+    from .models.detector_lite import CellFinderLite, add_pixel_branch, grow_detector, load_detector
+
+    if pixel_width is not None and (pixel_width < 8 or pixel_width % 8):
+        raise UserError("--pixel-width must be a positive multiple of 8")
 
     try:
         rates = None if dilations is None else tuple(int(d) for d in dilations.split(","))
@@ -539,16 +565,18 @@ def starting_detector(width: int | None, dilations: str | None, init: Path | Non
         width = DetectorConfig.width if width is None else width
         if width < 8 or width % 8:
             raise UserError("--width must be a positive multiple of 8")
-        return CellFinderLite(DetectorConfig(width=width, dilations=rates or DetectorConfig.dilations))
+        return CellFinderLite(DetectorConfig(width=width, dilations=rates or DetectorConfig.dilations, pixel_width=pixel_width or 0))
     if width is not None:
         raise UserError("--width sets a new detector's architecture; --init weights bring their own")
     model = load_detector(init)
-    if rates is None:
-        return model
     try:
-        return grow_detector(model, rates)
+        model = model if rates is None else grow_detector(model, rates)
     except ValueError as exc:
         raise UserError(f"--dilations with --init: {exc}") from None
+    try:
+        return model if pixel_width is None else add_pixel_branch(model, pixel_width)
+    except ValueError as exc:
+        raise UserError(f"--pixel-width with --init: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -559,19 +587,21 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch-size must be at least 1")
     torch.manual_seed(args.seed)  # a new detector's random weights
-    model = starting_detector(args.width, args.dilations, args.init)
+    model = starting_detector(args.width, args.dilations, args.init, args.pixel_width)
     torch.set_num_threads(max(1, args.threads))
     data = prepare_training_set(args)
     split_ids, views, cache_dir = data.split_ids, data.views, data.cache_dir
 
     kinds = data.kinds
-    train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False, kinds=kinds)
-    val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True, kinds=kinds)
+    pixels = model.reads_pixels
+    train_set = _load_split(args.data, split_ids["train"] + views, cache_dir, with_image_boxes=False, kinds=kinds, with_pixels=pixels)
+    val_set = _load_split(args.data, split_ids["val"], cache_dir, with_image_boxes=True, kinds=kinds, with_pixels=pixels)
     started = time.perf_counter()
     model = train(model, train_set, args.epochs, args.batch_size, args.lr, args.seed, parse_kind_weights(args.kind_weights),
                   args.class_loss)
     train_seconds = time.perf_counter() - started
-    selection = choose_on_train(model, _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=True, kinds=kinds))
+    selection = choose_on_train(
+        model, _load_split(args.data, split_ids["train"], cache_dir, with_image_boxes=True, kinds=kinds, with_pixels=pixels))
     chosen = selection["score_threshold"]
     metrics = evaluate(model, val_set, selection["nms_iou"])
     row = at_threshold(metrics, chosen)

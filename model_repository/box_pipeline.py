@@ -61,26 +61,28 @@ class BoxPipeline:
             logits, boxes = self._call("detector", self.detector, {NAMES.image: image}, (NAMES.pred_logits, NAMES.pred_boxes))
             return selection.select_cellfinder(logits[0], boxes[0], self.image_shape[-1], bbox_threshold)
         if tta == 1:
-            scores, boxes = self._lite_detections(embeddings)
+            scores, boxes = self._lite_detections(embeddings, inputs[NAMES.image])
             return selection.select_lite(scores, boxes, bbox_threshold, self.family.nms_iou, self.family.max_detections)
         views = []
         for view in range(tta):
-            seen = embeddings
+            seen, mirrored = embeddings, inputs[NAMES.image]
             if view:
                 mirrored = selection.flip_view(inputs[NAMES.image], view)
                 (seen,) = self._call("encoder", self.encoder, {NAMES.image: mirrored}, (NAMES.image_embeddings,))
-            scores, boxes = self._lite_detections(seen)
+            scores, boxes = self._lite_detections(seen, mirrored)
             kept, kept_scores = selection.select_lite(
                 scores, boxes, selection.TTA_CANDIDATE_THRESHOLD, self.family.nms_iou, self.family.max_detections)
             views.append((selection.unflip_boxes(kept, view, self.image_shape[-1]), kept_scores))
         fused, fused_scores = selection.fuse_views(views)
         return selection.select_lite(fused_scores, fused, bbox_threshold, self.family.nms_iou, self.family.max_detections)
 
-    def _lite_detections(self, embeddings):
-        """CellFinder-lite's raw (scores [L], boxes [L,4]) on one embedding."""
-        scores, boxes = self._call(
-            "detector", self.detector, {NAMES.image_embeddings: embeddings}, (NAMES.pred_scores, NAMES.pred_boxes)
-        )
+    def _lite_detections(self, embeddings, image):
+        """CellFinder-lite's raw (scores [L], boxes [L,4]) on one embedding (and its tile ``image``
+        when the detector reads it)."""
+        inputs = {NAMES.image_embeddings: embeddings}
+        if self.family.detector_reads_image:
+            inputs[NAMES.image] = image
+        scores, boxes = self._call("detector", self.detector, inputs, (NAMES.pred_scores, NAMES.pred_boxes))
         return scores[0], boxes[0]
 
     def _tta(self, inputs, prompts):

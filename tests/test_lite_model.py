@@ -92,6 +92,19 @@ def test_detector_and_decoder_export_with_contract_names(tmp_path: Path) -> None
             assert error <= 1e-3 * max(1.0, report.output_scale[name])
 
 
+def test_detector_with_a_pixel_branch_exports_with_the_tile_input_the_family_names(tmp_path: Path) -> None:
+    from cellsam_triton.export.lite_export import served_family
+    from cellsam_triton.export.models.detector_lite import add_pixel_branch
+
+    save_detector(add_pixel_branch(CellFinderLite(), 16), tmp_path / "det.pt")
+    (report,) = export_lite(tmp_path / "repo", tmp_path / "det.pt", parts=("detector",))
+    spec = served_family(None, detector_weights=tmp_path / "det.pt").detector_model()
+    assert [t.name for t in spec.inputs] == ["image_embeddings", "image"] and LITE.detector_model().inputs[-1].name != "image"
+    inputs, outputs = _graph_io(report.path)
+    assert inputs == [t.name for t in spec.inputs] and outputs == [t.name for t in spec.outputs]
+    assert report.input_sets >= 2 and all(e <= 1e-3 * max(1.0, report.output_scale[n]) for n, e in report.max_abs_error.items())
+
+
 def test_missing_detector_weights_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="train-detector"):
         export_lite(tmp_path / "repo", tmp_path / "absent.pt", parts=("detector",))

@@ -46,8 +46,13 @@ def test_batched_models_answer_each_sample_as_if_it_came_alone(default_server: E
     with grpcclient.InferenceServerClient(default_server.grpc_url) as client:
         (batched,) = infer(client, LITE.encoder_name, {NAMES.image: tiles}, (NAMES.image_embeddings,))
         alone = [infer(client, LITE.encoder_name, {NAMES.image: tiles[i:i + 1]}, (NAMES.image_embeddings,))[0] for i in range(3)]
-        scores, boxes = infer(client, LITE.detector_name, {NAMES.image_embeddings: batched}, (NAMES.pred_scores, NAMES.pred_boxes))
-        one_scores, one_boxes = infer(client, LITE.detector_name, {NAMES.image_embeddings: batched[1:2]}, (NAMES.pred_scores, NAMES.pred_boxes))
+        reads_image = NAMES.image in [t.name for t in client.get_model_metadata(LITE.detector_name).inputs]  # a pixel branch
+
+        def detector_inputs(rows: slice) -> dict:
+            return {NAMES.image_embeddings: batched[rows], **({NAMES.image: tiles[rows]} if reads_image else {})}
+
+        scores, boxes = infer(client, LITE.detector_name, detector_inputs(slice(0, 3)), (NAMES.pred_scores, NAMES.pred_boxes))
+        one_scores, one_boxes = infer(client, LITE.detector_name, detector_inputs(slice(1, 2)), (NAMES.pred_scores, NAMES.pred_boxes))
     for i in range(3):
         np.testing.assert_array_equal(batched[i], alone[i][0])
     np.testing.assert_array_equal(scores[1], one_scores[0])

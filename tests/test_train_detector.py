@@ -358,10 +358,13 @@ def test_export_serves_the_selection_chosen_on_train(tmp_path: Path) -> None:
     from cellsam_triton.contracts import LITE
     from cellsam_triton.export.lite_export import DEFAULT_DETECTOR_WEIGHTS, served_family
 
+    from cellsam_triton.export.models.detector_lite import CellFinderLite, DetectorConfig, save_detector
+
     weights = tmp_path / "det.pt"
-    weights.write_bytes(b"weights")
+    save_detector(CellFinderLite(DetectorConfig(width=16, dilations=(1,))), weights)
     plain = served_family(None, detector_weights=weights)
     assert (plain.bbox_threshold, plain.nms_iou) == (LITE.bbox_threshold, LITE.nms_iou)
+    assert not plain.detector_reads_image
     weights.with_suffix(".json").write_text(json.dumps({"selection": {"score_threshold": 0.45, "nms_iou": 0.4}}))
     chosen = served_family(None, detector_weights=weights)
     assert (chosen.bbox_threshold, chosen.nms_iou) == (0.45, 0.4)
@@ -407,3 +410,40 @@ def test_quality_focal_targets_are_the_predicted_boxes_iou_and_train_from_the_cl
     assert detection_loss(model, x, truth, "focal")[0].item() != detection_loss(model, x, truth, "quality-focal")[0].item()
     _, provenance = _tiny_run(tmp_path, "--class-loss", "quality-focal", "--augment-kinds", "", "--width", "16", "--dilations", "1")
     assert provenance["class_loss"] == "quality-focal"
+
+
+def test_pixel_branch_starts_at_zero_and_trains_from_the_cli(tmp_path: Path) -> None:
+    """--pixel-width adds a branch on the tile image to --init weights without changing their outputs
+    at the start; training moves it; the export's family then sends the detector the tile too."""
+    import torch
+
+    from cellsam_triton.export.lite_export import served_family
+    from cellsam_triton.export.models.detector_lite import CellFinderLite, DetectorConfig, add_pixel_branch, load_detector, save_detector
+
+    torch.manual_seed(0)
+    start = CellFinderLite(DetectorConfig(width=16, dilations=(1,))).eval()
+    extended = add_pixel_branch(start, 8).eval()
+    x, image = torch.randn(2, 256, 64, 64), torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        for a, b in zip(start(x), extended(x, image)):
+            assert torch.equal(a, b)  # the projection starts at zero
+    with pytest.raises(ValueError, match="tile image"):
+        extended(x)
+    for bad in (0, 12):
+        with pytest.raises(ValueError, match="multiple of 8"):
+            add_pixel_branch(start, bad)
+    with pytest.raises(ValueError, match="already"):
+        add_pixel_branch(extended, 8)
+    save_detector(start, tmp_path / "start.pt")
+    with pytest.raises(UserError, match="--pixel-width"):
+        _tiny_run(tmp_path / "bad", "--augment-kinds", "", "--init", str(tmp_path / "start.pt"), "--pixel-width", "5")
+    out, provenance = _tiny_run(tmp_path / "good", "--augment-kinds", "", "--init", str(tmp_path / "start.pt"), "--pixel-width", "8")
+    assert provenance["architecture"]["pixel_width"] == 8 and provenance["architecture"]["width"] == 16
+    trained = load_detector(out)
+    assert trained.reads_pixels and trained.pixels.project.weight.abs().sum() > 0  # the branch trained
+    with torch.no_grad():  # and the tile now changes the detections
+        assert not torch.equal(trained(x, image)[0], trained(x, torch.zeros_like(image))[0])
+    assert served_family(None, detector_weights=out).detector_reads_image
+    assert not served_family(None, detector_weights=tmp_path / "start.pt").detector_reads_image
+    _, scratch = _tiny_run(tmp_path / "new", "--augment-kinds", "", "--width", "16", "--dilations", "1", "--pixel-width", "16")
+    assert scratch["architecture"]["pixel_width"] == 16

@@ -7,7 +7,8 @@ simple functions of the input, so tests control them exactly:
   detector  one query per grid cell; it fires (score ~1) where channel 0 of that patch is bright,
             so an image with k bright patches gives k detections and a dark image gives none.
             "cellfinder": pred_logits [B,16,2] + sigmoid-style cxcywh boxes; "cellfinder_lite":
-            pred_scores [B,16] + xyxy boxes in the 64 frame.
+            pred_scores [B,16] + xyxy boxes in the 64 frame; with ``detector_reads_image`` (a pixel
+            branch) it also fires where channel 2 of the tile it is sent is bright.
   decoder   mask logit = signed distance (input pixels) to the box edge + mean(embedding);
             predicted IoU = box width / patch side, clipped to [0, 1] (narrow boxes fall below 0.5).
 """
@@ -24,12 +25,12 @@ SIZE, GRID, EMBED_DIM, LOW_RES = 64, 4, 8, 16
 PATCH = SIZE // GRID
 
 
-def tiny_family(detector: str = "cellfinder", decoder_chunk: int = 3) -> Family:
-    name = "tiny" if detector == "cellfinder" else "tiny_lite"
+def tiny_family(detector: str = "cellfinder", decoder_chunk: int = 3, reads_image: bool = False) -> Family:
+    name = "tiny" if detector == "cellfinder" else "tiny_pixels" if reads_image else "tiny_lite"
     return Family(
         name=name, input_size=SIZE, embed_dim=EMBED_DIM, embed_size=GRID, low_res_size=LOW_RES,
         detector=detector, preprocess="cellsam" if detector == "cellfinder" else "litemedsam",
-        encoder_batch=4, decoder_chunk=decoder_chunk, nms_iou=0.5, max_detections=100,
+        encoder_batch=4, decoder_chunk=decoder_chunk, nms_iou=0.5, max_detections=100, detector_reads_image=reads_image,
     )
 
 
@@ -99,9 +100,11 @@ def _modules(family: Family):
             super().__init__()
             self.register_buffer("boxes", boxes)
 
-        def forward(self, image_embeddings):
-            scores = torch.sigmoid(image_embeddings[:, 0].flatten(1) * 20.0 - 10.0)
-            return scores, self.boxes.expand(image_embeddings.shape[0], -1, -1)
+        def forward(self, image_embeddings, image=None):
+            signal = image_embeddings[:, 0].flatten(1)
+            if image is not None:  # the pixel branch: channel 2's patch means
+                signal = signal + torch.nn.functional.avg_pool2d(image[:, 2:3], patch).flatten(1)
+            return torch.sigmoid(signal * 20.0 - 10.0), self.boxes.expand(image_embeddings.shape[0], -1, -1)
 
     class Decoder(nn.Module):
         def forward(self, image_embeddings, boxes):
@@ -126,6 +129,8 @@ def export_onnx(family: Family, repo_dir: Path) -> list[Path]:
     batch = {0: "batch"}
     if family.detector == "cellfinder":
         det = (detector, (image,), ["image"], ["pred_logits", "pred_boxes"])
+    elif family.detector_reads_image:
+        det = (lite_detector, (embeddings, image), ["image_embeddings", "image"], ["pred_scores", "pred_boxes"])
     else:
         det = (lite_detector, (embeddings,), ["image_embeddings"], ["pred_scores", "pred_boxes"])
     jobs = {

@@ -96,7 +96,8 @@ class LiteRunner:
         self._clock("encoder", start)
         start = time.perf_counter()
         with precision(self.run.device, self.prec):
-            scores, boxes = self.models["detector"](embeddings)
+            detector = self.models["detector"]
+            scores, boxes = detector(embeddings, tiles if detector.reads_pixels else None)  # a pixel branch reads the tiles
         self.detections = scores.float().cpu().numpy(), boxes.float().cpu().numpy()
         self._clock("detector", start)
         self.embeddings, embeddings_np = embeddings, embeddings.cpu().numpy()

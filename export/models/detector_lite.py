@@ -32,6 +32,7 @@ class DetectorConfig:
     grid: int = 64
     stride: float = 4.0  # tile pixels per grid cell (256 / 64)
     max_log_distance: float = 6.0  # clamp of the box-distance exponent (exp(6) * 4 ~ 1600 px)
+    pixel_width: int = 0  # channels of the pixel branch on the tile itself (0: embedding only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +65,38 @@ class _Block(nn.Module):
         return x + self.act(self.norm(self.pointwise(self.depthwise(x))))
 
 
+class _PixelBranch(nn.Module):
+    """The tile's own pixels [B,3,256,256] -> features at the embedding grid [B,width,64,64]: two
+    stride-2 3x3 convs and one more 3x3 (receptive field 15 px: nuclear edges and stain colour the
+    SAM embedding may blur), then a 1x1 projection that starts at zero (the detector's outputs are
+    unchanged until training moves it)."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        half = max(8, channels // 2)
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, half, 3, stride=2, padding=1), nn.GroupNorm(4, half), nn.GELU(),
+            nn.Conv2d(half, channels, 3, stride=2, padding=1), nn.GroupNorm(8, channels), nn.GELU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.GELU(),
+        )
+        self.project = nn.Conv2d(channels, width, 1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.project(self.convs(image))
+
+
 class CellFinderLite(nn.Module):
-    """image_embeddings [B,C,64,64] -> raw maps, or with :meth:`forward` the served outputs."""
+    """image_embeddings [B,C,64,64] (and, with a pixel branch, the tile image [B,3,256,256]) -> raw
+    maps, or with :meth:`forward` the served outputs."""
 
     def __init__(self, config: DetectorConfig = DetectorConfig()) -> None:
         super().__init__()
         self.config = config
         w = config.width
         self.stem = nn.Sequential(nn.Conv2d(config.in_channels, w, 1), nn.GroupNorm(8, w), nn.GELU())
+        self.pixels = _PixelBranch(config.pixel_width, w) if config.pixel_width else None
         self.blocks = nn.Sequential(*[_Block(w, d) for d in config.dilations])
         self.head = nn.Conv2d(w, 6, 3, padding=1)  # class, centerness, l, t, r, b
         nn.init.normal_(self.head.weight, std=0.01)
@@ -81,9 +106,19 @@ class CellFinderLite(nn.Module):
             self.head.bias[2:] = 0.5
         self.register_buffer("centers", torch.from_numpy(grid_centers(config)), persistent=False)
 
-    def raw(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    @property
+    def reads_pixels(self) -> bool:
+        """Whether the detector also reads the tile image (``image`` input)."""
+        return self.pixels is not None
+
+    def raw(self, image_embeddings: torch.Tensor, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(class logits [B,Q], centerness logits [B,Q], distances l,t,r,b in pixels [B,Q,4])."""
-        out = self.head(self.blocks(self.stem(image_embeddings)))
+        x = self.stem(image_embeddings)
+        if self.pixels is not None:
+            if image is None:
+                raise ValueError("this CellFinder-lite reads the tile image too: pass image [B,3,256,256]")
+            x = x + self.pixels(image)
+        out = self.head(self.blocks(x))
         out = out.flatten(2).transpose(1, 2)  # [B,Q,6]
         log_dist = out[..., 2:].clamp(max=self.config.max_log_distance)
         return out[..., 0], out[..., 1], torch.exp(log_dist) * self.config.stride
@@ -93,9 +128,9 @@ class CellFinderLite(nn.Module):
         c = self.centers
         return torch.cat([c - distances[..., :2], c + distances[..., 2:]], dim=-1)
 
-    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_embeddings: torch.Tensor, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(pred_scores [B,Q] in [0,1], pred_boxes [B,Q,4] xyxy in the 256 tile frame)."""
-        cls, ctr, dist = self.raw(image_embeddings)
+        cls, ctr, dist = self.raw(image_embeddings, image)
         scores = torch.sqrt(torch.sigmoid(cls) * torch.sigmoid(ctr))
         return scores, self.boxes(dist)
 
@@ -116,6 +151,20 @@ def grow_detector(model: CellFinderLite, dilations: tuple[int, ...]) -> CellFind
             block.norm.weight.zero_()
             block.norm.bias.zero_()
     return grown
+
+
+def add_pixel_branch(model: CellFinderLite, channels: int) -> CellFinderLite:
+    """A copy of ``model`` that also reads the tile image through a new pixel branch of ``channels``
+    whose projection starts at zero: its outputs equal the model's until training moves them."""
+    if model.reads_pixels:
+        raise ValueError("the starting detector already has a pixel branch")
+    if channels < 8 or channels % 8:
+        raise ValueError(f"the pixel branch needs a positive multiple of 8 channels, got {channels}")
+    config = DetectorConfig.from_dict({**model.config.to_dict(), "pixel_width": channels})
+    extended = CellFinderLite(config)
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("pixels.") for k in missing), (missing, unexpected)
+    return extended
 
 
 def save_detector(model: CellFinderLite, path, meta: dict | None = None) -> None:
