@@ -21,6 +21,15 @@ def infer(client, model: str, arrays: dict[str, np.ndarray], outputs: tuple[str,
     return [result.as_numpy(name) for name in outputs]
 
 
+def detector_inputs(client, detector: str, embeddings: np.ndarray, tiles: np.ndarray) -> dict[str, np.ndarray]:
+    """A request to a served detector: the tiles' embeddings, and the tiles themselves when the
+    detector asks for them (a pixel branch: its metadata names an ``image`` input)."""
+    from cellsam_triton.contracts import NAMES
+
+    reads_image = NAMES.image in [t.name for t in client.get_model_metadata(detector).inputs]
+    return {NAMES.image_embeddings: embeddings, **({NAMES.image: tiles} if reads_image else {})}
+
+
 def assert_same_cells(got: np.ndarray, want: np.ndarray) -> None:
     """The same label image. Served outputs are bit-repeatable: the cpu runners of batched models run
     each sample alone (``sample_wise``), so a tile's embedding does not depend on the tiles the

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from conftest import DSB
-from served_checks import infer
+from served_checks import detector_inputs, infer
 
 from bench.measure import statistics_delta, triton_statistics
 
@@ -46,13 +46,10 @@ def test_batched_models_answer_each_sample_as_if_it_came_alone(default_server: E
     with grpcclient.InferenceServerClient(default_server.grpc_url) as client:
         (batched,) = infer(client, LITE.encoder_name, {NAMES.image: tiles}, (NAMES.image_embeddings,))
         alone = [infer(client, LITE.encoder_name, {NAMES.image: tiles[i:i + 1]}, (NAMES.image_embeddings,))[0] for i in range(3)]
-        reads_image = NAMES.image in [t.name for t in client.get_model_metadata(LITE.detector_name).inputs]  # a pixel branch
-
-        def detector_inputs(rows: slice) -> dict:
-            return {NAMES.image_embeddings: batched[rows], **({NAMES.image: tiles[rows]} if reads_image else {})}
-
-        scores, boxes = infer(client, LITE.detector_name, detector_inputs(slice(0, 3)), (NAMES.pred_scores, NAMES.pred_boxes))
-        one_scores, one_boxes = infer(client, LITE.detector_name, detector_inputs(slice(1, 2)), (NAMES.pred_scores, NAMES.pred_boxes))
+        scores, boxes = infer(client, LITE.detector_name, detector_inputs(client, LITE.detector_name, batched, tiles),
+                              (NAMES.pred_scores, NAMES.pred_boxes))
+        one_scores, one_boxes = infer(client, LITE.detector_name, detector_inputs(client, LITE.detector_name, batched[1:2], tiles[1:2]),
+                                      (NAMES.pred_scores, NAMES.pred_boxes))
     for i in range(3):
         np.testing.assert_array_equal(batched[i], alone[i][0])
     np.testing.assert_array_equal(scores[1], one_scores[0])

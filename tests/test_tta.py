@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import tritonclient.grpc as grpcclient
-from served_checks import assert_same_cells, infer
+from served_checks import assert_same_cells, detector_inputs, infer
 
 from bench.measure import statistics_delta, triton_statistics
 
@@ -98,12 +98,11 @@ def test_served_flips_fuse_the_detections_of_every_view(default_server: Embedded
     tile = stained_tile()
     with grpcclient.InferenceServerClient(default_server.grpc_url) as client:
         manual = []
-        reads_image = NAMES.image in [t.name for t in client.get_model_metadata(LITE.detector_name).inputs]  # a pixel branch
         for view in range(views):
             mirrored = selection.flip_view(tile, view)
             (embedding,) = infer(client, LITE.encoder_name, {NAMES.image: mirrored}, (NAMES.image_embeddings,))
-            detector_inputs = {NAMES.image_embeddings: embedding, **({NAMES.image: mirrored} if reads_image else {})}
-            scores, boxes = infer(client, LITE.detector_name, detector_inputs, (NAMES.pred_scores, NAMES.pred_boxes))
+            scores, boxes = infer(client, LITE.detector_name, detector_inputs(client, LITE.detector_name, embedding, mirrored),
+                                  (NAMES.pred_scores, NAMES.pred_boxes))
             kept, kept_scores = selection.select_lite(scores[0], boxes[0], selection.TTA_CANDIDATE_THRESHOLD, LITE.nms_iou,
                                                       LITE.max_detections)
             manual.append((selection.unflip_boxes(kept, view, LITE.input_size), kept_scores))
