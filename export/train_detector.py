@@ -434,6 +434,13 @@ def epoch_items(samples: list[dict], kind_weights: dict[str, int]) -> list[tuple
     return [(i, t) for i, s in enumerate(samples) for t in range(len(s["tiles"])) for _ in range(kind_weights.get(s.get("kind"), 1))]
 
 
+def stacked(samples: list[dict], batch: list[tuple[int, int]], key: str):
+    """The (sample, tile) pairs of ``batch`` taken from each sample's ``key`` array, float32 channels-last."""
+    import torch
+
+    return torch.from_numpy(np.stack([samples[i][key][t] for i, t in batch])).float().contiguous(memory_format=torch.channels_last)
+
+
 def train(model, samples: list[dict], epochs: int, batch_size: int, lr: float, seed: int,
           kind_weights: dict[str, int] | None = None, class_loss: str = "focal"):
     """Train CellFinder-lite ``model`` (see :func:`starting_detector`) on every tile of ``samples``
@@ -453,13 +460,9 @@ def train(model, samples: list[dict], epochs: int, batch_size: int, lr: float, s
         totals, started = [], time.perf_counter()
         for b in range(0, len(order), batch_size):
             batch = [items[k] for k in order[b : b + batch_size]]
-            x = torch.from_numpy(np.stack([samples[i]["embeddings"][t] for i, t in batch])).float()
-            x = x.contiguous(memory_format=torch.channels_last)
-            image = None
-            if model.reads_pixels:
-                image = torch.from_numpy(np.stack([samples[i]["pixels"][t] for i, t in batch])).float()
-                image = image.contiguous(memory_format=torch.channels_last)
-            loss, parts = detection_loss(model, x, [samples[i]["assigned"][t] for i, t in batch], class_loss, image)
+            image = stacked(samples, batch, "pixels") if model.reads_pixels else None
+            loss, parts = detection_loss(model, stacked(samples, batch, "embeddings"), [samples[i]["assigned"][t] for i, t in batch],
+                                         class_loss, image)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
